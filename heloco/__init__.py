@@ -1,0 +1,1 @@
+"""heloco: asynchronous DiLoCo-style training with stale pseudo-gradient correction."""
