@@ -1,0 +1,184 @@
+"""The worker side of DiLoCo: a drop-in context manager around the user's inner optimizer.
+
+The user's training loop does not change. A post-step hook on the inner optimizer counts steps and,
+every ``sync_every`` of them, sends the pseudo-gradient Δ = θ_start − θ_now to the server and loads
+the parameters it answers with. The inner optimizer's state (AdamW moments) stays on the worker and
+is never reset, as in DiLoCo (arXiv 2311.08105).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from heloco.aggregator import Update
+
+
+class Transport(Protocol):
+    """What a worker needs from the server, wherever it runs."""
+
+    def dispatch(self, worker_id: int) -> Update: ...
+
+    def submit(self, worker_id: int, pseudo_grads: list[torch.Tensor], base_version: int) -> Update: ...
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """Accelerate wraps optimizers; hooks must sit on the real torch optimizer, whose step only runs
+    when gradients were really synchronised (gradient accumulation, skipped fp16 steps)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"inner_optimizer must be a torch.optim.Optimizer (or wrap one), got {type(optimizer)}"
+        )
+    return optimizer
+
+
+class DiLoCoWorker:
+    """Turn any inner loop into a DiLoCo worker with one ``with`` line.
+
+    Args:
+        model: the worker's own replica (never wrapped in DDP across workers).
+        inner_optimizer: the optimizer of the user's loop (torch or Accelerate-wrapped).
+        transport: anything with ``dispatch``/``submit`` (``InProcessTransport``, the distributed one).
+        worker_id: this worker's index in ``[0, num_workers)``.
+        sync_every: inner steps per round (H); may be changed between rounds (DyLU).
+        on_sync: optional callback receiving each ``Update`` (for logging).
+        start_device: where to keep θ_start (``"cpu"`` saves accelerator memory for large models).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_optimizer: Any,
+        transport: Transport,
+        worker_id: int,
+        sync_every: int,
+        *,
+        on_sync: Callable[[Update], None] | None = None,
+        start_device: torch.device | str | None = None,
+    ) -> None:
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be an integer >= 1, got {sync_every}")
+        self.model = model
+        self.optimizer = _unwrap_optimizer(inner_optimizer)
+        self.transport = transport
+        self.worker_id = worker_id
+        self.sync_every = int(sync_every)
+        self.on_sync = on_sync
+        self.params = [p for p in model.parameters()]
+        device = start_device
+        self._start = [
+            torch.empty_like(p, device=device if device is not None else p.device) for p in self.params
+        ]
+        self._delta = [torch.empty_like(s) for s in self._start]
+        self.base_version: int | None = None
+        self.local_step = 0
+        self.steps_since_sync = 0
+        self.waiting = False
+        self.last_update: Update | None = None
+        self._hooks: list[Any] = []
+
+    # -- context manager -------------------------------------------------------------------------
+    def __enter__(self) -> DiLoCoWorker:
+        self._hooks = [
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
+        ]
+        if self.base_version is None:
+            self.pull()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.waiting:
+            raise RuntimeError(
+                f"worker {self.worker_id} stepped while its synchronous round is pending; "
+                "call worker.pull() once the round completes"
+            )
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.local_step += 1
+        self.steps_since_sync += 1
+        if self.steps_since_sync >= self.sync_every:
+            self.sync()
+
+    # -- communication ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def pseudo_gradient(self) -> list[torch.Tensor]:
+        """Δ = θ_start − θ_now, in preallocated buffers (a descent direction)."""
+        torch._foreach_copy_(self._delta, self._start)
+        now = [p.detach() for p in self.params]
+        if self._delta[0].device != now[0].device:
+            now = [t.to(self._delta[0].device, non_blocking=True) for t in now]
+        torch._foreach_sub_(self._delta, now)
+        return self._delta
+
+    def sync(self) -> Update:
+        """End the round: submit Δ, load the answer (or wait for a pending quorum)."""
+        if self.base_version is None:
+            raise RuntimeError(
+                "worker has no base parameters yet; use it as a context manager or call pull()"
+            )
+        update = self.transport.submit(self.worker_id, self.pseudo_gradient(), self.base_version)
+        self.steps_since_sync = 0
+        self.last_update = update
+        if update.params is None:
+            self.waiting = True
+        else:
+            self.load(update.params, update.version)
+        if self.on_sync is not None:
+            self.on_sync(update)
+        return update
+
+    def pull(self) -> Update:
+        """Fetch the current global parameters (start, rejoin, or after a pending quorum completes)."""
+        update = self.transport.dispatch(self.worker_id)
+        if update.params is None:
+            raise RuntimeError(f"server sent no parameters to worker {self.worker_id} on dispatch")
+        self.load(update.params, update.version)
+        return update
+
+    @torch.no_grad()
+    def load(self, params: list[torch.Tensor], version: int) -> None:
+        """Load global parameters into the replica and remember them as the round's start point."""
+        if len(params) != len(self.params):
+            raise ValueError(f"server sent {len(params)} tensors, the model has {len(self.params)}")
+        torch._foreach_copy_([p.data for p in self.params], list(params))
+        torch._foreach_copy_(self._start, list(params))
+        self.base_version = int(version)
+        self.waiting = False
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this worker mid-round (the model and optimizer are saved by
+        their owners)."""
+        return {
+            "worker_id": self.worker_id,
+            "sync_every": self.sync_every,
+            "base_version": self.base_version,
+            "local_step": self.local_step,
+            "steps_since_sync": self.steps_since_sync,
+            "waiting": self.waiting,
+            "start": [s.detach().clone() for s in self._start],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["worker_id"] != self.worker_id:
+            raise ValueError(f"state is for worker {state['worker_id']}, this is worker {self.worker_id}")
+        self.sync_every = int(state["sync_every"])
+        self.base_version = state["base_version"]
+        self.local_step = int(state["local_step"])
+        self.steps_since_sync = int(state["steps_since_sync"])
+        self.waiting = bool(state["waiting"])
+        torch._foreach_copy_(self._start, list(state["start"]))
