@@ -1,0 +1,326 @@
+"""HeLoCo's correction of a stale pseudo-gradient against the outer momentum (arXiv 2606.00271).
+
+A stale pseudo-gradient Δ was computed from old parameters; the outer momentum m is the best estimate
+of where optimisation is heading now. Per tensor block b (one parameter tensor), with
+c_b = cos(Δ_b, m_b) and the confidence conf_b = ‖Δ_b‖ / (‖Δ_b‖ + κ‖m_b‖ + ε):
+
+* keep      (c_b ≥ c_ok):      Δ_b is left as it is;
+* shrink    (c_b < 0):         Δ_b − β_b·c_b·‖Δ_b‖·m_b/‖m_b‖ with β_b = min(k_s·(−c_b)·conf_b, β_max),
+  i.e. part of the component that fights the momentum is removed (β_b = 1 is PCGrad's projection,
+  Yu et al. 2020, arXiv 2001.06782);
+* reorient  (0 ≤ c_b < c_ok):  Δ_b is turned towards m_b, ũ = (1−λ_b)·Δ_b/‖Δ_b‖ + λ_b·m_b/‖m_b‖ with
+  λ_b = min(k_d·(1−c_b)·conf_b, 1), then rescaled to keep its norm: ‖Δ_b‖·ũ / max(‖ũ‖, ε).
+
+Blocks where Δ_b or m_b is zero are kept (cosine reported as 0.0). The variant "project" uses β_b = 1
+and never reorients.
+
+Implementation: every corrected block is Δ̂_b = s_b·Δ_b + r_b·m_b for two scalars, so all norms and dot
+products are computed on the device, brought to the host in one transfer, the scalars are computed
+there in float64 (‖ũ‖ follows from c_b in closed form: ‖ũ‖² = (1−λ)² + λ² + 2λ(1−λ)c), and the updates
+are applied with ``torch._foreach_*`` ops grouped by branch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+__all__ = ["CORRECTION_VARIANTS", "CorrectionStats", "correct_pseudo_gradient", "validate_correction_hparams"]
+
+CORRECTION_VARIANTS = ("full", "project")
+
+_KEEP, _SHRINK, _REORIENT = 0, 1, 2
+
+
+@dataclass
+class CorrectionStats:
+    """What one correction did, counted over blocks (= parameter tensors) and over their elements."""
+
+    blocks_kept: int = 0
+    blocks_shrunk: int = 0
+    blocks_reoriented: int = 0
+    elements_kept: int = 0
+    elements_shrunk: int = 0
+    elements_reoriented: int = 0
+    cosines: list[float] = field(default_factory=list)  # cos(Δ_b, m_b) per block, 0.0 where a norm is 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks_kept + self.blocks_shrunk + self.blocks_reoriented
+
+    @property
+    def num_elements(self) -> int:
+        return self.elements_kept + self.elements_shrunk + self.elements_reoriented
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat, JSON-able summary for logging: fractions of blocks/elements per branch, cosine stats."""
+        nb, ne = max(self.num_blocks, 1), max(self.num_elements, 1)
+        cos = self.cosines
+        return {
+            "frac_blocks_kept": self.blocks_kept / nb,
+            "frac_blocks_shrunk": self.blocks_shrunk / nb,
+            "frac_blocks_reoriented": self.blocks_reoriented / nb,
+            "frac_elements_kept": self.elements_kept / ne,
+            "frac_elements_shrunk": self.elements_shrunk / ne,
+            "frac_elements_reoriented": self.elements_reoriented / ne,
+            "mean_cosine": sum(cos) / len(cos) if cos else 0.0,
+            "min_cosine": min(cos) if cos else 0.0,
+        }
+
+    @classmethod
+    def concat(cls, parts: Iterable[CorrectionStats]) -> CorrectionStats:
+        """Combine the statistics of several corrections (e.g. one per parameter group)."""
+        out = cls()
+        for p in parts:
+            out.blocks_kept += p.blocks_kept
+            out.blocks_shrunk += p.blocks_shrunk
+            out.blocks_reoriented += p.blocks_reoriented
+            out.elements_kept += p.elements_kept
+            out.elements_shrunk += p.elements_shrunk
+            out.elements_reoriented += p.elements_reoriented
+            out.cosines.extend(p.cosines)
+        return out
+
+
+def _check_real(
+    name: str, value: object, low: float, high: float | None = None, high_open: bool = False
+) -> None:
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if high is None:
+            rng = f"a finite number >= {low}"
+        else:
+            rng = f"in [{low}, {high})" if high_open else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {rng}, got {value!r}")
+
+
+def validate_correction_hparams(
+    *,
+    keep_threshold: float,
+    shrink_strength: float,
+    shrink_max: float,
+    reorient_strength: float,
+    kappa: float,
+    eps: float,
+    variant: str,
+    variants: Sequence[str] = CORRECTION_VARIANTS,
+) -> None:
+    """Raise ValueError naming the first bad hyperparameter and its accepted values."""
+    if variant not in variants:
+        raise ValueError(f"variant must be one of {list(variants)}, got {variant!r}")
+    _check_real("keep_threshold", keep_threshold, 0.0, 1.0)
+    _check_real("shrink_strength", shrink_strength, 0.0)
+    _check_real("shrink_max", shrink_max, 0.0)
+    _check_real("reorient_strength", reorient_strength, 0.0)
+    _check_real("kappa", kappa, 0.0)
+    _check_real("eps", eps, 0.0)
+
+
+def _check_blocks(deltas: list[Tensor], moms: list[Tensor]) -> None:
+    if len(deltas) != len(moms):
+        raise ValueError(
+            f"pseudo_grads and momentum must have the same number of tensors, got {len(deltas)} and {len(moms)}"
+        )
+    for i, (d, m) in enumerate(zip(deltas, moms, strict=True)):
+        if not isinstance(d, Tensor) or not isinstance(m, Tensor):
+            raise ValueError(f"block {i}: pseudo_grads and momentum must hold tensors")
+        if d.shape != m.shape:
+            raise ValueError(
+                f"block {i}: pseudo-gradient shape {tuple(d.shape)} != momentum shape {tuple(m.shape)}"
+            )
+        if d.dtype != m.dtype or d.device != m.device:
+            raise ValueError(
+                f"block {i}: pseudo-gradient ({d.dtype}, {d.device}) and momentum ({m.dtype}, {m.device}) "
+                "must share dtype and device"
+            )
+        if not d.is_floating_point() or d.layout != torch.strided:
+            raise ValueError(
+                f"block {i}: only dense floating-point tensors are supported, got {d.dtype}/{d.layout}"
+            )
+
+
+def _dot(d: Tensor, m: Tensor) -> Tensor:
+    return torch.dot(d.reshape(-1), m.reshape(-1))
+
+
+def _block_statistics(
+    deltas: list[Tensor], moms: list[Tensor], foreach: bool
+) -> list[tuple[float, float, float]]:
+    """(‖Δ_b‖, ‖m_b‖, ⟨Δ_b, m_b⟩) per block as Python floats: one host transfer per device."""
+    n = len(deltas)
+    if foreach:
+        by_device: dict[torch.device, list[int]] = {}
+        for i, d in enumerate(deltas):
+            by_device.setdefault(d.device, []).append(i)
+        out: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * n
+        for idx in by_device.values():
+            ds, ms = [deltas[i] for i in idx], [moms[i] for i in idx]
+            nd, nm = torch._foreach_norm(ds), torch._foreach_norm(ms)
+            dots = [_dot(d, m) for d, m in zip(ds, ms, strict=True)]
+            host = torch.stack([*nd, *nm, *dots]).to("cpu", torch.float64).tolist()  # the one sync
+            k = len(idx)
+            for j, i in enumerate(idx):
+                out[i] = (host[j], host[k + j], host[2 * k + j])
+    else:
+        out = [
+            (
+                torch.linalg.vector_norm(d).item(),
+                torch.linalg.vector_norm(m).item(),
+                _dot(d, m).item(),
+            )
+            for d, m in zip(deltas, moms, strict=True)
+        ]
+    for i, stat in enumerate(out):
+        small = math.sqrt(torch.finfo(deltas[i].dtype).tiny) * 1e4
+        if not all(math.isfinite(v) for v in stat) or 0.0 < stat[0] < small or 0.0 < stat[1] < small:
+            # Non-finite input, or a reduction that overflowed (huge values) or lost precision to
+            # subnormals (tiny values) in the tensor dtype: redo this block in float64.
+            d, m = deltas[i].double(), moms[i].double()
+            stat = (torch.linalg.vector_norm(d).item(), torch.linalg.vector_norm(m).item(), _dot(d, m).item())
+            if not all(math.isfinite(v) for v in stat):
+                raise ValueError(f"block {i}: pseudo-gradient or momentum contains NaN or Inf")
+            out[i] = stat
+    return out
+
+
+def _plan_block(
+    nd: float,
+    nm: float,
+    dot: float,
+    *,
+    keep_threshold: float,
+    shrink_strength: float,
+    shrink_max: float,
+    reorient_strength: float,
+    kappa: float,
+    eps: float,
+    variant: str,
+) -> tuple[int, float, float, float]:
+    """Branch, cosine and the scalars (s, r) of Δ̂ = s·Δ + r·m for one block, in float64."""
+    if nd == 0.0 or nm == 0.0:
+        return _KEEP, 0.0, 1.0, 0.0
+    c = min(max(dot / (nd * nm), -1.0), 1.0)
+    if c >= keep_threshold:
+        return _KEEP, c, 1.0, 0.0
+    conf = nd / (nd + kappa * nm + eps)
+    if c < 0.0:
+        beta = 1.0 if variant == "project" else min(shrink_strength * (-c) * conf, shrink_max)
+        return _SHRINK, c, 1.0, -beta * c * nd / nm
+    if variant == "project":
+        return _KEEP, c, 1.0, 0.0
+    lam = min(reorient_strength * (1.0 - c) * conf, 1.0)
+    norm_u = math.sqrt(max((1.0 - lam) ** 2 + lam**2 + 2.0 * lam * (1.0 - lam) * c, 0.0))
+    den = max(norm_u, eps)
+    return _REORIENT, c, (1.0 - lam) / den, lam * nd / (nm * den)
+
+
+def _fits(dtype: torch.dtype, nd: float, nm: float, s: float, r: float) -> bool:
+    """Whether s·Δ + r·m can be evaluated in ``dtype`` without overflow (|x_i| ≤ ‖x‖ bounds every term)."""
+    big = torch.finfo(dtype).max / 2
+    return abs(r) <= big and abs(s) * nd + abs(r) * nm <= big
+
+
+def correct_pseudo_gradient(
+    pseudo_grads: Sequence[Tensor],
+    momentum: Sequence[Tensor],
+    *,
+    keep_threshold: float,
+    shrink_strength: float,
+    shrink_max: float,
+    reorient_strength: float,
+    kappa: float,
+    eps: float = 1e-8,
+    variant: str = "full",
+    foreach: bool | None = None,
+) -> CorrectionStats:
+    """Correct ``pseudo_grads`` in place, block by block, against ``momentum``; return what was done.
+
+    ``foreach=None`` uses the ``torch._foreach_*`` path (one host sync for the statistics); ``False``
+    is a plain per-tensor loop that gives bit-identical results on CPU. Raises ValueError, before
+    modifying anything, on bad hyperparameters, mismatched blocks, or NaN/Inf in the inputs.
+    """
+    deltas, moms = list(pseudo_grads), list(momentum)
+    validate_correction_hparams(
+        keep_threshold=keep_threshold,
+        shrink_strength=shrink_strength,
+        shrink_max=shrink_max,
+        reorient_strength=reorient_strength,
+        kappa=kappa,
+        eps=eps,
+        variant=variant,
+    )
+    _check_blocks(deltas, moms)
+    use_foreach = True if foreach is None else bool(foreach)
+
+    stats = CorrectionStats()
+    shrink_idx: list[int] = []
+    shrink_r: list[float] = []
+    reo_idx: list[int] = []
+    reo_s: list[float] = []
+    reo_r: list[float] = []
+    wide: list[tuple[int, float, float]] = []  # blocks whose coefficients would overflow their dtype
+    for i, (nd, nm, dot) in enumerate(_block_statistics(deltas, moms, use_foreach)):
+        branch, c, s, r = _plan_block(
+            nd,
+            nm,
+            dot,
+            keep_threshold=keep_threshold,
+            shrink_strength=shrink_strength,
+            shrink_max=shrink_max,
+            reorient_strength=reorient_strength,
+            kappa=kappa,
+            eps=eps,
+            variant=variant,
+        )
+        is_wide = False
+        if branch != _KEEP and not _fits(deltas[i].dtype, nd, nm, s, r):
+            # Rare (huge Δ or subnormal m): evaluate in float64; keep Δ if the result overflows its dtype.
+            out = (deltas[i].double() * s + moms[i].double() * r).to(deltas[i].dtype)
+            if bool(torch.isfinite(out).all()):
+                wide.append((i, s, r))
+                is_wide = True
+            else:
+                branch = _KEEP
+        stats.cosines.append(c)
+        numel = deltas[i].numel()
+        if branch == _KEEP:
+            stats.blocks_kept += 1
+            stats.elements_kept += numel
+        elif branch == _SHRINK:
+            stats.blocks_shrunk += 1
+            stats.elements_shrunk += numel
+            if not is_wide:
+                shrink_idx.append(i)
+                shrink_r.append(r)
+        else:
+            stats.blocks_reoriented += 1
+            stats.elements_reoriented += numel
+            if not is_wide:
+                reo_idx.append(i)
+                reo_s.append(s)
+                reo_r.append(r)
+
+    # Nothing has been modified so far; apply Δ ← s·Δ + r·m per branch.
+    if use_foreach:
+        if shrink_idx:
+            d_sh = [deltas[i] for i in shrink_idx]
+            torch._foreach_add_(d_sh, torch._foreach_mul([moms[i] for i in shrink_idx], shrink_r))
+        if reo_idx:
+            d_re = [deltas[i] for i in reo_idx]
+            torch._foreach_mul_(d_re, reo_s)
+            torch._foreach_add_(d_re, torch._foreach_mul([moms[i] for i in reo_idx], reo_r))
+    else:
+        for i, r in zip(shrink_idx, shrink_r, strict=True):
+            deltas[i].add_(moms[i].mul(r))
+        for i, s, r in zip(reo_idx, reo_s, reo_r, strict=True):
+            deltas[i].mul_(s).add_(moms[i].mul(r))
+    for i, s, r in wide:
+        deltas[i].copy_(deltas[i].double() * s + moms[i].double() * r)
+    return stats
