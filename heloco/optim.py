@@ -1,0 +1,367 @@
+"""Outer optimizers for DiLoCo-style training, as ordinary ``torch.optim.Optimizer`` subclasses.
+
+The pseudo-gradient Δ = θ_global − θ_local is read from ``p.grad`` (parameters without a grad are
+skipped), so these work wherever a torch optimizer is expected (LR schedulers, checkpointing, other
+DiLoCo wrappers). The outer momentum lives in ``state[p]["momentum_buffer"]`` as in ``torch.optim.SGD``.
+``step`` takes two optional keyword arguments from an asynchronous server: ``staleness`` (τ of the
+submitted Δ, ``None`` = unknown) and ``weight`` (a scalar the update is multiplied by).
+
+``foreach=None`` selects the ``torch._foreach_*`` path on every device: on CPU those ops run the same
+per-tensor kernels in one C++ loop, which saves Python overhead, and on accelerators they are fused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from numbers import Real
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from heloco.correction import CorrectionStats, correct_pseudo_gradient, validate_correction_hparams
+
+__all__ = ["DELAYED_NESTEROV_DEFAULTS", "HELOCO_DEFAULTS", "HELOCO_VARIANTS", "DelayedNesterov", "HeLoCo"]
+
+# The single place where HeLoCo's default hyperparameters live (provisional; chosen by a sweep).
+HELOCO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "lr": 0.175,
+        "momentum": 0.9,
+        "keep_threshold": 0.1,
+        "shrink_strength": 2.0,
+        "shrink_max": 1.0,
+        "reorient_strength": 0.5,
+        "kappa": 1.0,
+        "eps": 1e-8,
+        "correct_fresh": False,
+        "variant": "full",
+    }
+)
+HELOCO_VARIANTS = ("full", "project", "none")
+
+DELAYED_NESTEROV_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {"lr": 0.7, "momentum": 0.9, "buffer_size": 1, "activation": 0.0}
+)
+
+
+def _check_number(
+    name: str, value: object, low: float, high: float | None = None, high_open: bool = True
+) -> None:
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if high is None:
+            rng = f"a finite number >= {low}"
+        else:
+            rng = f"in [{low}, {high})" if high_open else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {rng}, got {value!r}")
+
+
+def _check_foreach(foreach: object) -> None:
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+
+
+def _check_step_args(staleness: int | None, weight: float | None) -> None:
+    if staleness is not None and (
+        not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0
+    ):
+        raise ValueError(f"staleness must be None or an int >= 0, got {staleness!r}")
+    if weight is not None:
+        _check_number("weight", weight, 0.0)
+
+
+def _collect(opt: Optimizer, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+    params, grads = [], []
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise ValueError(f"{type(opt).__name__} does not support sparse gradients")
+        params.append(p)
+        grads.append(p.grad)
+    return params, grads
+
+
+def _momentum_buffers(opt: Optimizer, params: list[Tensor]) -> list[Tensor]:
+    bufs = []
+    for p in params:
+        state = opt.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        bufs.append(state["momentum_buffer"])
+    return bufs
+
+
+class HeLoCo(Optimizer):
+    """EMA-form Nesterov outer step with HeLoCo's stale pseudo-gradient correction (arXiv 2606.00271).
+
+    Per step, with Δ from ``p.grad``: if the update is to be corrected (``variant != "none"`` and the
+    staleness is unknown, positive, or ``correct_fresh``), a copy of Δ is corrected block by block
+    against the current momentum m (see :mod:`heloco.correction`; ``p.grad`` is never modified). Then,
+    with G = weight·Δ̂::
+
+        m ← μ·m + (1 − μ)·G
+        θ ← θ − η·(G + μ·m)
+
+    m starts at zero, so the first update is never corrected. ``last_stats`` holds the
+    :class:`~heloco.correction.CorrectionStats` of the latest step, or None if nothing was corrected.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = HELOCO_DEFAULTS["lr"],
+        momentum: float = HELOCO_DEFAULTS["momentum"],
+        keep_threshold: float = HELOCO_DEFAULTS["keep_threshold"],
+        shrink_strength: float = HELOCO_DEFAULTS["shrink_strength"],
+        shrink_max: float = HELOCO_DEFAULTS["shrink_max"],
+        reorient_strength: float = HELOCO_DEFAULTS["reorient_strength"],
+        kappa: float = HELOCO_DEFAULTS["kappa"],
+        eps: float = HELOCO_DEFAULTS["eps"],
+        correct_fresh: bool = HELOCO_DEFAULTS["correct_fresh"],
+        variant: str = HELOCO_DEFAULTS["variant"],
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "keep_threshold": keep_threshold,
+            "shrink_strength": shrink_strength,
+            "shrink_max": shrink_max,
+            "reorient_strength": reorient_strength,
+            "kappa": kappa,
+            "eps": eps,
+            "correct_fresh": correct_fresh,
+            "variant": variant,
+            "foreach": foreach,
+        }
+        self._validate(defaults)
+        self.last_stats: CorrectionStats | None = None
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _validate(group: Mapping[str, Any]) -> None:
+        _check_number("lr", group["lr"], 0.0)
+        _check_number("momentum", group["momentum"], 0.0, 1.0)
+        validate_correction_hparams(
+            keep_threshold=group["keep_threshold"],
+            shrink_strength=group["shrink_strength"],
+            shrink_max=group["shrink_max"],
+            reorient_strength=group["reorient_strength"],
+            kappa=group["kappa"],
+            eps=group["eps"],
+            variant=group["variant"],
+            variants=HELOCO_VARIANTS,
+        )
+        if not isinstance(group["correct_fresh"], bool):
+            raise ValueError(f"correct_fresh must be True or False, got {group['correct_fresh']!r}")
+        _check_foreach(group["foreach"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate a group's hyperparameters (with the defaults filled in) before adding it."""
+        self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("last_stats", None)
+        for group in self.param_groups:
+            for key, value in HELOCO_DEFAULTS.items():
+                group.setdefault(key, value)
+            group.setdefault("foreach", None)
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        staleness: int | None = None,
+        weight: float | None = None,
+    ) -> float | None:
+        """One outer step. ``staleness=None`` means unknown and is treated as stale."""
+        _check_step_args(staleness, weight)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Phase 1: corrected copies for every group (may raise on NaN/Inf; nothing is modified yet).
+        plans = []
+        all_stats = []
+        for group in self.param_groups:
+            params, grads = _collect(self, group)
+            if not params:
+                continue
+            bufs = _momentum_buffers(self, params)
+            foreach = group["foreach"] is not False
+            correct = group["variant"] != "none" and (
+                staleness is None or staleness > 0 or group["correct_fresh"]
+            )
+            if correct or weight is not None:
+                updates = torch._foreach_clone(grads) if foreach else [g.clone() for g in grads]
+            else:
+                updates = grads  # read only
+            if correct:
+                all_stats.append(
+                    correct_pseudo_gradient(
+                        updates,
+                        bufs,
+                        keep_threshold=group["keep_threshold"],
+                        shrink_strength=group["shrink_strength"],
+                        shrink_max=group["shrink_max"],
+                        reorient_strength=group["reorient_strength"],
+                        kappa=group["kappa"],
+                        eps=group["eps"],
+                        variant=group["variant"],
+                        foreach=foreach,
+                    )
+                )
+            plans.append((group, params, updates, bufs, foreach))
+
+        # Phase 2: G = weight·Δ̂, then the EMA-form Nesterov update.
+        for group, params, updates, bufs, foreach in plans:
+            lr, mu = group["lr"], group["momentum"]
+            if foreach:
+                if weight is not None:
+                    torch._foreach_mul_(updates, weight)
+                torch._foreach_lerp_(bufs, updates, 1.0 - mu)
+                torch._foreach_add_(params, updates, alpha=-lr)
+                torch._foreach_add_(params, bufs, alpha=-lr * mu)
+            else:
+                for p, g, m in zip(params, updates, bufs, strict=True):
+                    if weight is not None:
+                        g.mul_(weight)
+                    m.lerp_(g, 1.0 - mu)
+                    p.add_(g, alpha=-lr)
+                    p.add_(m, alpha=-lr * mu)
+        self.last_stats = CorrectionStats.concat(all_stats) if all_stats else None
+        return loss
+
+
+class DelayedNesterov(Optimizer):
+    """Delayed Nesterov outer optimizer (Liu et al. 2024, arXiv 2401.09135, Algorithm 3).
+
+    Asynchronous arrivals are buffered and the momentum is only updated every N arrivals, so it does
+    not decay N times faster than in synchronous DiLoCo. On each arrival g (``weight``·``p.grad``),
+    with the per-parameter arrival counter t (before this arrival), β = momentum, c = activation::
+
+        D ← D + g
+        if (t + 1) mod N == 0:  m ← β·m + D/N;  θ ← θ − η·[(1 − c·N + c)·β·m + g/N];  D ← 0
+        else:                   θ ← θ − η·[c·β·m + g/N]
+
+    With c = 0, N arrivals of the same g move θ exactly like one torch Nesterov step on g. State per
+    parameter: ``momentum_buffer`` (m), ``delay_buffer`` (D) and ``step`` (the arrival counter, an int).
+    ``staleness`` is accepted for a uniform interface and ignored.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = DELAYED_NESTEROV_DEFAULTS["lr"],
+        momentum: float = DELAYED_NESTEROV_DEFAULTS["momentum"],
+        buffer_size: int = DELAYED_NESTEROV_DEFAULTS["buffer_size"],
+        activation: float = DELAYED_NESTEROV_DEFAULTS["activation"],
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "buffer_size": buffer_size,
+            "activation": activation,
+            "foreach": foreach,
+        }
+        self._validate(defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _validate(group: Mapping[str, Any]) -> None:
+        _check_number("lr", group["lr"], 0.0)
+        _check_number("momentum", group["momentum"], 0.0, 1.0)
+        n = group["buffer_size"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"buffer_size must be an int >= 1, got {n!r}")
+        _check_number("activation", group["activation"], 0.0, 1.0 / n, high_open=False)
+        _check_foreach(group["foreach"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate a group's hyperparameters (with the defaults filled in) before adding it."""
+        self._validate({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in DELAYED_NESTEROV_DEFAULTS.items():
+                group.setdefault(key, value)
+            group.setdefault("foreach", None)
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        staleness: int | None = None,
+        weight: float | None = None,
+    ) -> float | None:
+        """Register one arrival (Δ in ``p.grad``); ``staleness`` is ignored."""
+        _check_step_args(staleness, weight)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params, grads = _collect(self, group)
+            if not params:
+                continue
+            lr, beta, n, c = group["lr"], group["momentum"], group["buffer_size"], group["activation"]
+            foreach = group["foreach"] is not False
+            mbufs = _momentum_buffers(self, params)
+            dbufs, flush = [], []
+            for p in params:
+                state = self.state[p]
+                if "delay_buffer" not in state:
+                    state["delay_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["step"] = 0
+                dbufs.append(state["delay_buffer"])
+                flush.append((state["step"] + 1) % n == 0)
+                state["step"] += 1
+            if weight is not None:
+                grads = torch._foreach_mul(grads, weight) if foreach else [g.mul(weight) for g in grads]
+
+            f_idx = [i for i, f in enumerate(flush) if f]
+            h_idx = [i for i, f in enumerate(flush) if not f]
+            if foreach:
+                torch._foreach_add_(dbufs, grads)
+                if f_idx:
+                    p_f, g_f = [params[i] for i in f_idx], [grads[i] for i in f_idx]
+                    m_f, d_f = [mbufs[i] for i in f_idx], [dbufs[i] for i in f_idx]
+                    torch._foreach_mul_(m_f, beta)
+                    torch._foreach_add_(m_f, d_f, alpha=1.0 / n)
+                    torch._foreach_add_(p_f, m_f, alpha=-lr * (1.0 - c * n + c) * beta)
+                    torch._foreach_add_(p_f, g_f, alpha=-lr / n)
+                    torch._foreach_zero_(d_f)
+                if h_idx:
+                    p_h, g_h = [params[i] for i in h_idx], [grads[i] for i in h_idx]
+                    if c != 0.0:
+                        torch._foreach_add_(p_h, [mbufs[i] for i in h_idx], alpha=-lr * c * beta)
+                    torch._foreach_add_(p_h, g_h, alpha=-lr / n)
+            else:
+                for i, (p, g, m, d) in enumerate(zip(params, grads, mbufs, dbufs, strict=True)):
+                    d.add_(g)
+                    if flush[i]:
+                        m.mul_(beta).add_(d, alpha=1.0 / n)
+                        p.add_(m, alpha=-lr * (1.0 - c * n + c) * beta)
+                        p.add_(g, alpha=-lr / n)
+                        d.zero_()
+                    else:
+                        if c != 0.0:
+                            p.add_(m, alpha=-lr * c * beta)
+                        p.add_(g, alpha=-lr / n)
+        return loss
