@@ -41,9 +41,9 @@ __all__ = ["HubPusher", "ModelCardInfo", "PushRecord", "redact_secrets", "render
 
 # Papers the card cites for the training method (arXiv ids).
 _REFERENCES = (
-    ("DiLoCo: Distributed Low-Communication Training of Language Models", "2311.08105"),
-    ("Asynchronous Local-SGD Training for Language Modeling (Delayed Nesterov, DyLU)", "2401.09135"),
-    ("HeLoCo: stale pseudo-gradient correction for asynchronous DiLoCo", "2606.00271"),
+    ("DiLoCo, Douillard et al. 2023", "2311.08105"),
+    ("Asynchronous Local-SGD with Delayed Nesterov and DyLU, Liu et al. 2024", "2401.09135"),
+    ("HeLoCo, Al Asif et al. 2026", "2606.00271"),
 )
 _HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{16,}")
 _MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?[^)]*\)")
@@ -59,8 +59,9 @@ class ModelCardInfo:
     Attributes:
         model_name: title of the card.
         method: outer method as the recipe names it (e.g. ``"heloco"``, ``"diloco"``, ``"dn"``).
-        hyperparameters: every hyperparameter of the run, name → value. Nested mappings are flattened to
-            dotted names (``{"inner": {"lr": 4e-4}}`` → ``inner.lr``); the order is kept.
+        hyperparameters: every hyperparameter of the run, name → value, or a dataclass instance holding
+            them. Nested mappings are flattened to dotted names (``{"inner": {"lr": 4e-4}}`` → ``inner.lr``);
+            the order is kept.
         num_workers: K, the number of workers.
         worker_speeds: speed of each worker in inner steps per second, ``len == num_workers``.
         partition: how documents were split among workers, e.g. ``"dirichlet(alpha=0.1)"``.
@@ -103,8 +104,12 @@ class ModelCardInfo:
             _require_text(name, getattr(self, name))
         if not isinstance(self.command, str):
             raise ValueError(f"ModelCardInfo.command must be a str, got {type(self.command).__name__}")
+        if dataclasses.is_dataclass(self.hyperparameters) and not isinstance(self.hyperparameters, type):
+            self.hyperparameters = dataclasses.asdict(self.hyperparameters)  # e.g. the recipe's config object
         if not isinstance(self.hyperparameters, Mapping):
-            raise ValueError("ModelCardInfo.hyperparameters must be a mapping of name → value")
+            raise ValueError(
+                "ModelCardInfo.hyperparameters must be a mapping of name → value (or a dataclass)"
+            )
         if (
             isinstance(self.num_workers, bool)
             or not isinstance(self.num_workers, int)

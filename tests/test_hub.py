@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -175,6 +176,25 @@ def test_card_rejects_bad_info_naming_the_field(override, field):
 def test_card_info_dataclass_is_accepted_directly():
     info = ModelCardInfo(**_card_info(step=7))
     assert "Checkpoint at outer step 7" in render_model_card(info).text
+
+
+def test_card_hyperparameters_may_be_a_config_dataclass():
+    @dataclasses.dataclass
+    class Inner:
+        lr: float = 4e-4
+        betas: tuple = (0.9, 0.95)
+
+    @dataclasses.dataclass
+    class Config:
+        method: str = "heloco"
+        inner: Inner = dataclasses.field(default_factory=Inner)
+
+    card = render_model_card(_card_info(hyperparameters=Config()))
+    assert _tables(card.text)[("hyperparameter", "value")] == [
+        ["method", "heloco"],
+        ["inner.lr", "0.0004"],
+        ["inner.betas", "(0.9, 0.95)"],
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- pushing
@@ -431,3 +451,34 @@ def test_datasets_push_to_hub_and_dataset_card_arrive(fake_hub, monkeypatch):  #
     assert {r.authorization for r in writes} == {f"Bearer {FAKE_TOKEN}"}
     # Shard bytes go to the storage URL the LFS batch answer gave, without the Hub token.
     assert [r.authorization for r in fake_hub.requests_of("lfs_upload")] == [None, None]
+
+
+def test_endpoint_comes_from_argument_then_env_then_constants(fake_hub, checkpoint, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(constants, "ENDPOINT", closed_port_url())  # as if HF_ENDPOINT was set after import
+    assert HubPusher(REPO).endpoint == fake_hub.url  # the environment, read when the pusher is made
+    assert HubPusher(REPO, endpoint="http://example.invalid/").endpoint == "http://example.invalid"
+    monkeypatch.delenv("HF_ENDPOINT")
+    assert HubPusher(REPO).endpoint == constants.ENDPOINT
+    with HubPusher(REPO, endpoint=fake_hub.url, retry_backoff=0.01) as pusher:
+        pusher.push(checkpoint, "step 11")
+    assert pusher.history[0]["ok"] and fake_hub.files(REPO) == _local_files(checkpoint)
+
+
+def test_close_with_timeout_does_not_wait_for_a_hung_hub(fake_hub, tmp_path):  # noqa: F811
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.bin").write_bytes(name.encode())
+    fake_hub.pause()  # the Hub accepts connections but never answers
+    pusher = HubPusher(REPO, retry_backoff=0.01, supersede=False)
+    pusher.push(tmp_path / "a", "step a")
+    assert fake_hub.wait_until_blocked()
+    pusher.push(tmp_path / "b", "step b")
+    assert pusher.wait(timeout=0.05) is False
+    assert pusher.close(timeout=0.05) is False
+    history = pusher.history
+    assert history[0]["state"] == "running"
+    assert history[1]["state"] == "failed" and "closed before it started" in history[1]["error"]
+    fake_hub.resume()  # the in-flight upload may still finish in the background
+    pusher._thread.join(timeout=30)
+    assert pusher.history[0]["ok"] and not pusher._staging_root.exists()
+    assert fake_hub.files(REPO) == {"w.bin": b"a"}
