@@ -394,13 +394,17 @@ class HubPusher:
 
     Superseding (``supersede=True``, the default): when a new push arrives while older ones are still
     queued (not yet started), the queued ones are dropped (state ``"superseded"``, snapshot deleted),
-    because the newer folder replaces the same files on the same branch anyway. An upload already in
+    because the newer snapshot overwrites the same files on the same branch anyway. An upload already in
     progress always completes. This bounds staging disk use to two snapshots and keeps the Hub close to
     the newest checkpoint when uploads are slower than checkpointing. With ``supersede=False`` every push
     becomes its own commit.
 
     ``progress_bars=False`` (default) turns off ``huggingface_hub``'s progress bars process-wide so the
     background upload does not draw over the training loop's own output.
+
+    End of training: call ``close(timeout=...)`` (the context manager calls ``close()`` without one).
+    ``huggingface_hub`` sets no HTTP timeout, so a Hub that accepts connections but never answers would
+    otherwise keep ``wait()``/``close()`` blocked; with a timeout, unfinished pushes are recorded as failed.
     """
 
     def __init__(

@@ -25,8 +25,9 @@ disabled (see :func:`use_lfs`), because this fake has no Xet storage.
 
 What arrived is readable back: :meth:`FakeHub.files` (per repo and revision), :meth:`FakeHub.commits`,
 :attr:`FakeHub.requests` (each with the ``Authorization`` header it carried). :meth:`FakeHub.fail_next`
-makes the next N requests of one kind answer an HTTP error; :func:`closed_port_url` gives an endpoint
-that refuses connections (a Hub that is down).
+makes the next N requests of one kind answer an HTTP error; :meth:`FakeHub.pause` holds every request
+until :meth:`FakeHub.resume` (a hung Hub); :func:`closed_port_url` gives an endpoint that refuses
+connections (a Hub that is down).
 """
 
 from __future__ import annotations
