@@ -114,8 +114,10 @@ class AsyncAggregator:
             (any order; this order is the order of every tensor list exchanged with workers). They
             may live on another device than the workers; Δ is converted on arrival.
         outer_optimizer: any ``torch.optim.Optimizer`` reading Δ from ``p.grad``. If its ``step``
-            has ``staleness``/``weight`` keyword parameters they are passed (and Δ is then not
-            pre-scaled by the weight); otherwise Δ is pre-scaled and ``step()`` is called.
+            has a ``staleness`` keyword it gets τ (the largest τ of the round when q > 1). If it
+            has a ``weight`` keyword and q = 1 it gets the staleness weight and Δ is not
+            pre-scaled (``weight`` is omitted when no weighting is configured); otherwise Δ is
+            pre-scaled by its weight before averaging.
         num_workers: K, worker ids are ``0 .. K-1``.
         quorum: q submissions from distinct workers are averaged into one outer step; 1 is
             asynchronous DiLoCo, K is synchronous DiLoCo.
@@ -302,7 +304,8 @@ class AsyncAggregator:
             kwargs: dict[str, Any] = {}
             if self.quorum == 1:
                 if self._step_takes_weight:
-                    kwargs["weight"] = weight
+                    if self.staleness_weighting is not None:  # without weighting w ≡ 1: pass nothing
+                        kwargs["weight"] = weight
                 elif weight != 1.0:
                     torch._foreach_mul_(self._incoming, weight)
             else:

@@ -10,8 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from heloco.aggregator import AsyncAggregator, Update, staleness_weight
+from heloco.optim import DelayedNesterov, HeLoCo
 
 SHAPES = [(2,), (2, 2)]
+HELOCO_KW = {
+    "lr": 0.5,
+    "momentum": 0.9,
+    "keep_threshold": 0.5,
+    "shrink_strength": 2.0,
+    "shrink_max": 1.0,
+    "reorient_strength": 0.5,
+    "kappa": 1.0,
+}
 
 
 def masters(values=(0.0, 0.0)):
@@ -242,6 +252,14 @@ def test_keyword_optimizer_gets_staleness_and_weight_unscaled_and_stats():
         "correction/mean_cosine": -0.25,
     }
     assert all(p.grad is None for p in params)
+
+
+def test_keyword_optimizer_without_weighting_gets_no_weight():
+    params, opt, agg = make(num_workers=2, opt_cls=KeywordSGD)
+    agg.submit(0, delta(0), 0)
+    agg.submit(1, delta(2, 4), 0)  # τ = 1
+    assert (opt.calls[-1]["staleness"], opt.calls[-1]["weight"]) == (1, None)
+    assert_params(params, -2, -4)
 
 
 # ---------------------------------------------------------------------------- quorum
@@ -581,16 +599,25 @@ def _run(agg, script):
     return out
 
 
-def _fresh(values=(9.0, -9.0), **kw):
+OUTER = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, nesterov=True),
+    "heloco": lambda p: HeLoCo(p, **HELOCO_KW),
+    "dn": lambda p: DelayedNesterov(p, lr=0.3, momentum=0.9, buffer_size=2),
+}
+
+
+def _fresh(values=(9.0, -9.0), outer="sgd", **kw):
     params = masters(values)
-    opt = torch.optim.SGD(params, lr=0.3, momentum=0.9, nesterov=True)
+    opt = OUTER[outer](params)
     kw = {"quorum": 2, "staleness_weighting": "poly", "lookahead": True, **kw}
     return params, AsyncAggregator(params, opt, 3, **kw)
 
 
-@pytest.mark.parametrize("through_checkpoint", [False, True])
-def test_state_dict_round_trip_mid_round_continues_identically(tmp_path, through_checkpoint):
-    params_a, agg_a = _fresh((0.0, 0.0))
+@pytest.mark.parametrize(
+    ("outer", "through_checkpoint"), [("sgd", False), ("sgd", True), ("heloco", True), ("dn", True)]
+)
+def test_state_dict_round_trip_mid_round_continues_identically(tmp_path, outer, through_checkpoint):
+    params_a, agg_a = _fresh((0.0, 0.0), outer=outer)
     for w in range(3):
         agg_a.dispatch(w)
     _run(agg_a, [(0, 1.0), (1, 2.0), (2, 3.0), (0, -1.0), (1, 0.5), (2, 4.0), (1, 1.5)])
@@ -601,7 +628,7 @@ def test_state_dict_round_trip_mid_round_continues_identically(tmp_path, through
 
         save_state(tmp_path, "aggregator", sd)
         sd = load_state(tmp_path, "aggregator")
-    params_b, agg_b = _fresh()
+    params_b, agg_b = _fresh(outer=outer)
     agg_b.load_state_dict(sd)
     assert agg_b.version == agg_a.version and agg_b.pending_workers == [1]
     assert agg_b.worker_stats() == agg_a.worker_stats()
@@ -673,3 +700,90 @@ def test_async_bookkeeping_matches_reference_model(arrivals, max_staleness):
     assert [s["base_version"] for s in agg.worker_stats()] == [
         b if arrivals.count(i) else None for i, b in enumerate(base)
     ]
+
+
+# ---------------------------------------------------------------------------- heloco's outer optimizers
+
+
+def test_heloco_through_aggregator_equals_direct_steps_with_staleness_and_weight():
+    """Aggregator + HeLoCo == HeLoCo.step(staleness=τ, weight=w) by hand on the raw Δ, bit for bit."""
+    params = masters()
+    opt = HeLoCo(params, **HELOCO_KW)
+    agg = AsyncAggregator(params, opt, 3, staleness_weighting="poly")
+    ref = masters()
+    ref_opt = HeLoCo(ref, **HELOCO_KW)
+    # (worker, base version, Δ): τ = 0, 1, 2, 1; later Δ disagree with the momentum on some blocks.
+    arrivals = [(0, 0, delta(1, 2)), (1, 0, delta(-1, 0.5)), (2, 0, delta(2, -3)), (0, 2, delta(0.5, -1))]
+    corrected = 0.0
+    for worker, base, d in arrivals:
+        tau = agg.version - base
+        w = (1 + tau) ** -0.5
+        u = agg.submit(worker, d, base)
+        for p, g in zip(ref, d, strict=True):
+            p.grad = g.clone()
+        ref_opt.step(staleness=tau, weight=w)
+        assert_bit_identical(list(params), ref)
+        assert (u.staleness, u.weight) == (tau, w)
+        if tau == 0:
+            assert ref_opt.last_stats is None and not any(k.startswith("correction/") for k in u.stats)
+        else:
+            expected = {f"correction/{k}": v for k, v in ref_opt.last_stats.as_dict().items()}
+            assert {k: v for k, v in u.stats.items() if k.startswith("correction/")} == expected
+            corrected += (
+                expected["correction/frac_blocks_shrunk"] + expected["correction/frac_blocks_reoriented"]
+            )
+    assert corrected > 0  # the correction really acted on some blocks
+
+
+def test_lookahead_with_heloco_ema_momentum_by_hand():
+    params = masters()
+    opt = HeLoCo(params, **{**HELOCO_KW, "variant": "none"})
+    agg = AsyncAggregator(params, opt, 2, lookahead=True)
+    # EMA-Nesterov, η = 0.5, μ = 0.9: m ← 0.9m + 0.1Δ; θ ← θ − 0.5(Δ + 0.9m).
+    agg.submit(0, delta(1), 0)  # m = 0.1, θ = −0.5·1.09 = −0.545
+    u = agg.submit(1, delta(2), 0)  # τ = 1: m = 0.29, θ = −0.545 − 0.5·2.261 = −1.6755
+    torch.testing.assert_close(params[0], torch.full((2,), -1.6755))
+    # τ̂₁ = 1: θ − η·τ̂·μ·m = −1.6755 − 0.5·1·0.9·0.29 = −1.806
+    torch.testing.assert_close(u.params[0], torch.full((2,), -1.806))
+    torch.testing.assert_close(u.params[1], torch.full((2, 2), -1.806))
+
+
+def test_async_delayed_nesterov_matches_sync_quorum_nesterov():
+    """DN with N = K (activation 0) over K arrivals of the same Δ == one sync Nesterov step on it."""
+    eta, beta = 0.7, 0.9
+    p_async = masters((1.0, -1.0))
+    agg_async = AsyncAggregator(p_async, DelayedNesterov(p_async, lr=eta, momentum=beta, buffer_size=3), 3)
+    p_sync = masters((1.0, -1.0))
+    opt_sync = torch.optim.SGD(p_sync, lr=eta, momentum=beta, nesterov=True)
+    agg_sync = AsyncAggregator(p_sync, opt_sync, 3, quorum=3)
+    for r, value in enumerate([1.0, -0.5, 2.0]):
+        for w in range(3):
+            agg_async.submit(w, delta(value, 2 * value), agg_async.version - w)  # τ = w, ignored by DN
+            agg_sync.submit(w, delta(value, 2 * value), r)
+        for a, b in zip(p_async, p_sync, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert agg_async.version == 9 and agg_sync.version == 3
+
+
+class ExplodingDN(DelayedNesterov):
+    def step(self, closure=None, *, staleness=None, weight=None):
+        super().step(staleness=staleness, weight=weight)
+        raise RuntimeError("boom")
+
+
+def test_rollback_restores_delayed_nesterov_counters_and_buffers():
+    params = masters()
+    opt = ExplodingDN(params, lr=0.5, momentum=0.9, buffer_size=2)
+    agg = AsyncAggregator(params, opt, 2, staleness_weighting="hinge", staleness_b=0)
+    good = DelayedNesterov.step
+    opt.step = lambda closure=None, *, staleness=None, weight=None: good(
+        opt, staleness=staleness, weight=weight
+    )
+    agg.submit(0, delta(1), 0)  # state now holds an int counter, m and D
+    del opt.step
+    assert opt.state[params[0]]["step"] == 1
+    before = frozen(agg)
+    with pytest.raises(RuntimeError, match="boom"):
+        agg.submit(1, delta(3), 0)
+    assert_bit_identical(frozen(agg), before)
+    assert opt.state[params[0]]["step"] == 1

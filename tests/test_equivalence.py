@@ -9,8 +9,17 @@ import torch
 from torch import nn
 
 from heloco.aggregator import AsyncAggregator
+from heloco.optim import DelayedNesterov, HeLoCo
 
 K, ROUNDS, INNER_LR = 3, 5, 0.1
+
+# Outer optimizers that reduce to θ ← θ − mean Δ: SGD(lr 1, momentum 0); HeLoCo with μ = 0 (m ← G,
+# θ ← θ − G; τ = 0 in a full quorum, so nothing is corrected); Delayed Nesterov with N = 1, β = 0.
+OUTER = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.0),
+    "heloco": lambda p: HeLoCo(p, lr=1.0, momentum=0.0),
+    "delayed-nesterov": lambda p: DelayedNesterov(p, lr=1.0, momentum=0.0, buffer_size=1),
+}
 
 
 def mlp(seed=0):
@@ -48,14 +57,17 @@ def data_parallel_reference(model, data):
     return history
 
 
-@pytest.mark.parametrize("arrival_order", [(0, 1, 2), (2, 0, 1)])
-def test_sync_diloco_h1_equals_data_parallel_sgd(arrival_order):
+@pytest.mark.parametrize(
+    ("outer", "arrival_order"),
+    [("sgd", (0, 1, 2)), ("sgd", (2, 0, 1)), ("heloco", (1, 2, 0)), ("delayed-nesterov", (2, 1, 0))],
+)
+def test_sync_diloco_h1_equals_data_parallel_sgd(outer, arrival_order):
     base = mlp()
     data = batches()
     reference = data_parallel_reference(copy.deepcopy(base), data)
 
     master = [p.detach().clone() for p in base.parameters()]
-    agg = AsyncAggregator(master, torch.optim.SGD(master, lr=1.0, momentum=0.0), num_workers=K, quorum=K)
+    agg = AsyncAggregator(master, OUTER[outer](master), num_workers=K, quorum=K)
     workers = [copy.deepcopy(base) for _ in range(K)]
     inner = [torch.optim.SGD(w.parameters(), lr=INNER_LR) for w in workers]
     updates = [agg.dispatch(i) for i in range(K)]
