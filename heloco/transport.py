@@ -34,6 +34,7 @@ import ctypes
 import dataclasses
 import datetime
 import enum
+import hashlib
 import json
 import logging
 import math
@@ -100,6 +101,7 @@ class MessageKind(enum.IntEnum):
     ACK = 5  # server → worker: your LEAVE was processed
     ERROR = 6  # server → worker: your request was refused (info["error"])
     STOPPED = 7  # server → worker: the server was stopped, no more rounds
+    HELLO = 8  # worker → server, first message of a connection: my message layout (info)
 
 
 class TransportError(ConnectionError):
@@ -325,6 +327,23 @@ class FlatMessage:
         out = [torch.empty(s, dtype=dtype) for s in self.shapes]
         torch._foreach_copy_(out, self.views)
         return out
+
+    def layout(self) -> dict[str, Any]:
+        """What both ends must agree on before any tensor travels (a larger message than the
+        receiving buffer aborts the receiving process inside gloo, so this is checked first)."""
+        return {
+            "tensors": len(self.shapes),
+            "payload_nbytes": self.payload_nbytes,
+            "wire_dtype": str(self.wire_dtype),
+            "info_capacity": self.info_capacity,
+            "shapes_sha1": hashlib.sha1(repr([tuple(s) for s in self.shapes]).encode()).hexdigest(),
+        }
+
+    def layout_mismatch(self, peer: dict[str, Any]) -> str | None:
+        """``None`` if the peer's ``layout()`` equals ours, else which fields differ."""
+        ours = self.layout()
+        diffs = [f"{k}: peer {peer.get(k)!r}, here {v!r}" for k, v in ours.items() if peer.get(k) != v]
+        return "; ".join(diffs) if diffs else None
 
     def message_nbytes(self, header: MessageHeader) -> int:
         """Size of a received message with this header (for traffic statistics)."""
@@ -742,6 +761,7 @@ class DistributedServer:
         msg = slot.message
         assert msg is not None
         i = slot.worker_id
+        greeted = False
         while True:
             try:
                 pg.recv([msg.buffer], _WORKER, _TAG).wait(self.timeout)
@@ -758,6 +778,21 @@ class DistributedServer:
                 slot.messages_in += 1
                 slot.bytes_in += msg.message_nbytes(header)
                 slot.last_seen = time.time()
+            if not greeted:
+                # Nothing with tensors may flow before both ends agree on the layout.
+                problem = (
+                    msg.layout_mismatch(header.info)
+                    if header.kind == MessageKind.HELLO
+                    else f"expected HELLO first, got {header.kind.name}"
+                )
+                if problem is not None:
+                    error = ValueError(f"message layout mismatch with the server: {problem}")
+                    self._send(slot, pg, self._error_header(i, error))
+                    logger.error("worker %d refused: %s", i, error)
+                    raise _ConnectionLost(f"refused: {error}")
+                self._send(slot, pg, MessageHeader(MessageKind.ACK, i))
+                greeted = True
+                continue
             try:
                 if header.kind == MessageKind.LEAVE:
                     self._send(slot, pg, MessageHeader(MessageKind.ACK, i))
@@ -783,7 +818,7 @@ class DistributedServer:
             self._send(slot, pg, _reply_header(i, update), update.params)
 
     def _error_header(self, worker_id: int, error: BaseException) -> MessageHeader:
-        text = str(error)[: self.info_capacity // 2]
+        text = str(error)[: self.info_capacity // 8]  # JSON may escape a character into 6 bytes
         return MessageHeader(MessageKind.ERROR, worker_id, info={"error": text, "type": type(error).__name__})
 
     def _send(
@@ -893,6 +928,12 @@ class DistributedTransport:
         self.messages = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        hello = MessageHeader(MessageKind.HELLO, worker_id, info=self.send_message.layout())
+        try:
+            self._exchange(self.send_message.pack(hello), "hello")
+        except ValueError:
+            self._pg = None
+            raise
 
     def _check_id(self, worker_id: int) -> None:
         if worker_id != self.worker_id:
