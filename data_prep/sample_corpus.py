@@ -140,17 +140,21 @@ def build_sample_corpus(
     stats = {lang: LanguageStats() for lang in languages}
     files[languages[0]].parent.mkdir(parents=True, exist_ok=True)
     for lang in languages:
+        sources = [(name, roots[name], *_package_files(name, roots[name], lang)) for name in packages[lang]]
+        bar = tqdm(total=sum(len(paths) for *_, paths in sources), desc=f"sample corpus {lang}", unit="file")
         tmp = files[lang].with_suffix(".tmp")
         # mtime=0 keeps the gzip bytes identical across rebuilds.
         with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-            for name in packages[lang]:
-                docs = _package_documents(
-                    name, roots[name], lang, paragraph_filter, seen, stats[lang], max_document_chars
-                )
-                for doc in docs:
-                    gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
-                    stats[lang].documents += 1
-                    stats[lang].bytes += len(doc["text"].encode())
+            for name, root, kind, paths in sources:
+                for path in paths:
+                    for doc in _file_documents(
+                        name, root, path, kind, lang, paragraph_filter, seen, stats[lang], max_document_chars
+                    ):
+                        gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
+                        stats[lang].documents += 1
+                        stats[lang].bytes += len(doc["text"].encode())
+                    bar.update()
+        bar.close()
         os.replace(tmp, files[lang])
     manifest = {"params": params, "stats": {lang: asdict(s) for lang, s in stats.items()}}
     tmp = manifest_path.with_suffix(".tmp")
@@ -228,31 +232,36 @@ def _cached_deb(cache_dir: Path, package: str) -> Path | None:
     return debs[-1] if debs else None
 
 
-def _package_documents(
+def _package_files(package: str, root: Path, lang: str) -> tuple[str, list[Path]]:
+    """(kind, sorted text files) of an unpacked package for one language; symlinks and indexes skipped."""
+    kind, pattern = package_layout(package, lang)
+    paths = sorted(p for p in root.glob(pattern) if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
+    if not paths:
+        raise FileNotFoundError(f"package {package} has no files matching {pattern!r} under {root}")
+    return kind, paths
+
+
+def _file_documents(
     package: str,
     root: Path,
+    path: Path,
+    kind: str,
     lang: str,
     keep: ParagraphFilter,
     seen: set[bytes],
     stats: LanguageStats,
     max_document_chars: int,
 ) -> Iterator[dict[str, str]]:
-    kind, pattern = package_layout(package, lang)
-    paths = sorted(p for p in root.glob(pattern) if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
-    if not paths:
-        raise FileNotFoundError(f"package {package} has no files matching {pattern!r} under {root}")
-    for path in tqdm(paths, desc=f"sample corpus {lang}: {package}", unit="file", leave=False):
-        rel = path.relative_to(root).as_posix()
-        timestamp = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).strftime(
-            "%Y-%m-%dT%H:%M:%SZ"
-        )
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        groups = html_sections(text) if kind == "html" else [[entry] for entry in fortune_entries(text)]
-        for index, group in enumerate(groups):
-            paragraphs = _clean(group, lang, keep, seen, stats)
-            for part, doc in enumerate(_chunk(paragraphs, max_document_chars)):
-                url = f"debian:{package}/{rel}#{index}" + (f".{part}" if part else "")
-                yield {"text": doc, "timestamp": timestamp, "url": url}
+    """C4-style records (text, timestamp, url) of one file: an HTML section or a fortune per group."""
+    rel = path.relative_to(root).as_posix()
+    timestamp = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    groups = html_sections(text) if kind == "html" else [[entry] for entry in fortune_entries(text)]
+    for index, group in enumerate(groups):
+        paragraphs = _clean(group, lang, keep, seen, stats)
+        for part, doc in enumerate(_chunk(paragraphs, max_document_chars)):
+            url = f"debian:{package}/{rel}#{index}" + (f".{part}" if part else "")
+            yield {"text": doc, "timestamp": timestamp, "url": url}
 
 
 def _clean(

@@ -160,12 +160,12 @@ def open_stream(source: C4Source | LocalSource, lang: str) -> datasets.IterableD
 
 
 def iter_texts(source: C4Source | LocalSource, lang: str) -> Iterator[str]:
-    """Non-empty document texts of one language, in file order."""
+    """Non-empty document texts of one language, in file order, without surrounding whitespace."""
     column = source.text_column if isinstance(source, LocalSource) else "text"
     for row in open_stream(source, lang):
         text = _column(row, column, source.path)
         if isinstance(text, str) and text.strip():
-            yield text
+            yield text.strip()
 
 
 def _column(row: dict, column: str, where: object) -> object:
