@@ -87,7 +87,7 @@ class CorrectionStats:
         return out
 
 
-def _check_real(
+def check_number(
     name: str, value: object, low: float, high: float | None = None, high_open: bool = False
 ) -> None:
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= low
@@ -95,9 +95,9 @@ def _check_real(
         ok = value < high if high_open else value <= high
     if not ok:
         if high is None:
-            rng = f"a finite number >= {low}"
+            rng = f"a finite number >= {low:g}"
         else:
-            rng = f"in [{low}, {high})" if high_open else f"in [{low}, {high}]"
+            rng = f"in [{low:g}, {high:g})" if high_open else f"in [{low:g}, {high:g}]"
         raise ValueError(f"{name} must be {rng}, got {value!r}")
 
 
@@ -115,12 +115,12 @@ def validate_correction_hparams(
     """Raise ValueError naming the first bad hyperparameter and its accepted values."""
     if variant not in variants:
         raise ValueError(f"variant must be one of {list(variants)}, got {variant!r}")
-    _check_real("keep_threshold", keep_threshold, 0.0, 1.0)
-    _check_real("shrink_strength", shrink_strength, 0.0)
-    _check_real("shrink_max", shrink_max, 0.0)
-    _check_real("reorient_strength", reorient_strength, 0.0)
-    _check_real("kappa", kappa, 0.0)
-    _check_real("eps", eps, 0.0)
+    check_number("keep_threshold", keep_threshold, 0.0, 1.0)
+    check_number("shrink_strength", shrink_strength, 0.0)
+    check_number("shrink_max", shrink_max, 0.0)
+    check_number("reorient_strength", reorient_strength, 0.0)
+    check_number("kappa", kappa, 0.0)
+    check_number("eps", eps, 0.0)
 
 
 def _check_blocks(deltas: list[Tensor], moms: list[Tensor]) -> None:

@@ -12,9 +12,8 @@ per-tensor kernels in one C++ loop, which saves Python overhead, and on accelera
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from numbers import Real
+from numbers import Integral
 from types import MappingProxyType
 from typing import Any
 
@@ -22,7 +21,12 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from heloco.correction import CorrectionStats, correct_pseudo_gradient, validate_correction_hparams
+from heloco.correction import (
+    CorrectionStats,
+    check_number,
+    correct_pseudo_gradient,
+    validate_correction_hparams,
+)
 
 __all__ = ["DELAYED_NESTEROV_DEFAULTS", "HELOCO_DEFAULTS", "HELOCO_VARIANTS", "DelayedNesterov", "HeLoCo"]
 
@@ -48,20 +52,6 @@ DELAYED_NESTEROV_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 )
 
 
-def _check_number(
-    name: str, value: object, low: float, high: float | None = None, high_open: bool = True
-) -> None:
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        if high is None:
-            rng = f"a finite number >= {low}"
-        else:
-            rng = f"in [{low}, {high})" if high_open else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {rng}, got {value!r}")
-
-
 def _check_foreach(foreach: object) -> None:
     if foreach is not None and not isinstance(foreach, bool):
         raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
@@ -69,11 +59,11 @@ def _check_foreach(foreach: object) -> None:
 
 def _check_step_args(staleness: int | None, weight: float | None) -> None:
     if staleness is not None and (
-        not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0
+        not isinstance(staleness, Integral) or isinstance(staleness, bool) or staleness < 0
     ):
         raise ValueError(f"staleness must be None or an int >= 0, got {staleness!r}")
     if weight is not None:
-        _check_number("weight", weight, 0.0)
+        check_number("weight", weight, 0.0)
 
 
 def _collect(opt: Optimizer, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
@@ -147,8 +137,8 @@ class HeLoCo(Optimizer):
 
     @staticmethod
     def _validate(group: Mapping[str, Any]) -> None:
-        _check_number("lr", group["lr"], 0.0)
-        _check_number("momentum", group["momentum"], 0.0, 1.0)
+        check_number("lr", group["lr"], 0.0)
+        check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         validate_correction_hparams(
             keep_threshold=group["keep_threshold"],
             shrink_strength=group["shrink_strength"],
@@ -281,12 +271,12 @@ class DelayedNesterov(Optimizer):
 
     @staticmethod
     def _validate(group: Mapping[str, Any]) -> None:
-        _check_number("lr", group["lr"], 0.0)
-        _check_number("momentum", group["momentum"], 0.0, 1.0)
+        check_number("lr", group["lr"], 0.0)
+        check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         n = group["buffer_size"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:
             raise ValueError(f"buffer_size must be an int >= 1, got {n!r}")
-        _check_number("activation", group["activation"], 0.0, 1.0 / n, high_open=False)
+        check_number("activation", group["activation"], 0.0, 1.0 / n, high_open=False)
         _check_foreach(group["foreach"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
