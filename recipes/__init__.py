@@ -1,0 +1,1 @@
+"""Training recipes: `accelerate launch recipes/train.py --config recipes/configs/<name>.yaml`."""

@@ -1,0 +1,148 @@
+"""Run a method matrix on the same shards and seeds, then plot and tabulate the comparison.
+
+    python recipes/compare.py --config recipes/configs/demo.yaml [--jobs 2] [--output_dir DIR]
+
+The YAML has a ``base`` mapping (recipes/train.py keys shared by every run), a ``methods`` mapping
+(label → overrides), ``seeds``, and where to put the results. Finished runs (summary.json present) are
+skipped and interrupted ones resume from their latest checkpoint, so a comparison can be stopped and
+restarted. Runs go to subprocesses, ``jobs`` at a time, each with its share of the CPU threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import yaml
+
+from heloco.checkpoint import latest_checkpoint
+from recipes.config import config_from_dict
+from recipes.plots import summarize
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_matrix(path: str | Path) -> dict[str, Any]:
+    spec = yaml.safe_load(Path(path).read_text())
+    for key in ("base", "methods"):
+        if key not in spec:
+            raise ValueError(f"{path}: a comparison config needs a '{key}' mapping")
+    spec.setdefault("seeds", [0])
+    spec.setdefault("jobs", 1)
+    spec.setdefault("reference", "heloco")
+    spec.setdefault("name", Path(path).stem)
+    spec.setdefault("output_dir", f"outputs/{spec['name']}")
+    return spec
+
+
+def run_configs(spec: dict[str, Any]) -> list[tuple[str, int, dict[str, Any]]]:
+    """Every (method label, seed, full train config); validated now, before anything runs."""
+    runs = []
+    for label, overrides in spec["methods"].items():
+        for seed in spec["seeds"]:
+            values = {**spec["base"], **(overrides or {}), "seed": seed}
+            values["output_dir"] = str(Path(spec["output_dir"]) / "runs" / f"{label}-seed{seed}")
+            config_from_dict(values)  # raises with the field name on a bad value
+            runs.append((label, seed, values))
+    return runs
+
+
+def equal_wallclock(base: dict[str, Any], seq_len: int) -> float:
+    """Virtual seconds the async methods need for the token budget: tokens per second is
+    tokens_per_step × Σ speeds whatever H or DyLU (every async worker is always busy)."""
+    tokens_per_step = base.get("batch_size", 8) * seq_len
+    return base["budget_tokens"] / (tokens_per_step * sum(base["worker_speeds"]))
+
+
+def launch(values: dict[str, Any], threads: int, quiet: bool) -> tuple[str, float]:
+    out = Path(values["output_dir"])
+    if (out / "summary.json").exists():
+        return f"{out.name}: done already", 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "run_config.yaml"
+    run_values = dict(values)
+    if latest_checkpoint(out) is not None:
+        run_values["resume_from"] = "latest"
+    config_path.write_text(yaml.safe_dump(run_values, sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    with open(out / "train.log", "a") as log:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "recipes" / "train.py"),
+                "--config",
+                str(config_path),
+                "--progress",
+                "false",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            check=False,
+        )
+    if proc.returncode != 0:
+        tail = (out / "train.log").read_text().splitlines()[-15:]
+        raise RuntimeError(f"run {out} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    return f"{out.name}: {time.perf_counter() - started:.0f} s", time.perf_counter() - started
+
+
+def prepare_shared(spec: dict[str, Any]) -> int:
+    """Build the data and the warm start once, before parallel runs would race for them."""
+    from recipes.train import prepare
+
+    first = run_configs(spec)[0][2]
+    return prepare(config_from_dict({**first, "seed": first["seed"]}), seeds=spec["seeds"])
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the config's)")
+    parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--docs_dir", default=None, help="also copy plots + table here")
+    args = parser.parse_args(argv)
+    spec = load_matrix(args.config)
+    if args.output_dir:
+        spec["output_dir"] = args.output_dir
+    jobs = args.jobs or int(spec["jobs"])
+    runs = run_configs(spec)
+    seq_len = prepare_shared(spec)
+    wallclock = equal_wallclock(spec["base"], seq_len)
+    for _, _, values in runs:
+        values["eval_times"] = [wallclock]
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    print(f"{len(runs)} runs, {jobs} at a time; equal wall-clock = {wallclock:.1f} virtual s", flush=True)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for message, _ in pool.map(lambda r: launch(r[2], threads, True), runs):
+            print(f"  {message}  (total {time.perf_counter() - started:.0f} s)", flush=True)
+    paths: dict[str, dict[int, Path]] = {}
+    for label, seed, values in runs:
+        paths.setdefault(label, {})[seed] = Path(values["output_dir"])
+    out_dir = Path(spec["output_dir"])
+    text = summarize(paths, out_dir, wallclock, spec["reference"], spec.get("title", spec["name"]))
+    docs_dir = args.docs_dir or spec.get("docs_dir")
+    if docs_dir:
+        Path(docs_dir).mkdir(parents=True, exist_ok=True)
+        for name in ("loss_vs_tokens.png", "loss_vs_time.png", "loss_per_language.png", "results.md"):
+            shutil.copy(out_dir / name, Path(docs_dir) / name)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

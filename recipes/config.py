@@ -1,0 +1,275 @@
+"""Recipe configuration: dataclasses parsed by transformers' HfArgumentParser from a YAML file, with
+any key overridable on the command line (``--config recipes/configs/x.yaml --outer_lr 0.3``).
+
+Every value is checked here, before any data is read or a model is built, so a typo fails in a second
+with a message naming the field and the accepted values.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from heloco.optim import HELOCO_DEFAULTS
+
+METHODS = ("sync", "async", "async_dn", "lookahead", "heloco", "heloco_project", "async_ema")
+MODES = ("simulate", "distributed")
+MODEL_SIZES = ("tiny", "small", "150m")
+WEIGHTINGS = ("none", "poly", "hinge")
+REPORTERS = ("none", "tensorboard", "wandb", "trackio")
+PRECISIONS = ("no", "bf16")
+SCHEDULES = ("constant", "cosine")
+
+# Outer learning rates per method. Each method needs its own: naive async Nesterov diverges at the
+# sync value. Chosen by the sweep in docs/results.md.
+DEFAULT_OUTER_LR = {
+    "sync": 0.7,
+    "async": 0.05,
+    "async_dn": 0.35,
+    "lookahead": 0.175,
+    "heloco": HELOCO_DEFAULTS["lr"],
+    "heloco_project": HELOCO_DEFAULTS["lr"],
+    "async_ema": HELOCO_DEFAULTS["lr"],
+}
+
+
+@dataclass
+class ModelArguments:
+    model_size: str = field(default="tiny", metadata={"help": f"Llama size preset: {', '.join(MODEL_SIZES)}"})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A transformers causal-LM checkpoint (name or path) instead of a preset"},
+    )
+    mixed_precision: str = field(default="no", metadata={"help": f"one of {', '.join(PRECISIONS)}"})
+
+
+@dataclass
+class DataArguments:
+    data_dir: str = field(
+        default="data/sample_shards", metadata={"help": "Shards built by `python -m data_prep.build`"}
+    )
+    build_sample_if_missing: bool = field(
+        default=False, metadata={"help": "Build the offline sample shards into data_dir if it does not exist"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per inner step, per worker"})
+    eval_sequences: int = field(default=64, metadata={"help": "Validation sequences per language per eval"})
+
+
+@dataclass
+class DiLoCoArguments:
+    method: str = field(default="heloco", metadata={"help": f"one of {', '.join(METHODS)}"})
+    mode: str = field(default="simulate", metadata={"help": f"one of {', '.join(MODES)}"})
+    num_workers: int = field(default=5, metadata={"help": "K"})
+    worker_speeds: list[float] = field(
+        default_factory=lambda: [1.0, 1.0, 1.0, 0.5, 0.25],
+        metadata={"help": "Inner steps per second, one per worker"},
+    )
+    speed_jitter: float = field(default=0.0, metadata={"help": "Relative spread of each round's duration"})
+    inner_steps: int = field(
+        default=20, metadata={"help": "H: inner steps per round (fastest worker's, with DyLU)"}
+    )
+    dylu: bool = field(
+        default=False, metadata={"help": "Dynamic local updates: slow workers run fewer steps"}
+    )
+    outer_lr: float | None = field(
+        default=None, metadata={"help": "Outer learning rate (method default if unset)"}
+    )
+    outer_momentum: float = field(default=0.9)
+    dn_buffer_size: int | None = field(default=None, metadata={"help": "Delayed Nesterov N (default K)"})
+    dn_activation: float = field(default=0.0, metadata={"help": "Delayed Nesterov c in [0, 1/N]"})
+    keep_threshold: float = field(default=HELOCO_DEFAULTS["keep_threshold"])
+    shrink_strength: float = field(default=HELOCO_DEFAULTS["shrink_strength"])
+    shrink_max: float = field(default=HELOCO_DEFAULTS["shrink_max"])
+    reorient_strength: float = field(default=HELOCO_DEFAULTS["reorient_strength"])
+    kappa: float = field(default=HELOCO_DEFAULTS["kappa"])
+    correct_fresh: bool = field(default=False, metadata={"help": "Also correct updates with staleness 0"})
+    staleness_weighting: str = field(default="none", metadata={"help": f"one of {', '.join(WEIGHTINGS)}"})
+    staleness_a: float = field(default=0.5)
+    staleness_b: float = field(default=4.0)
+    max_staleness: int | None = field(
+        default=None, metadata={"help": "Drop pseudo-gradients staler than this"}
+    )
+    offload_idle_workers: bool = field(
+        default=False, metadata={"help": "Keep idle simulated workers on CPU so many large ones fit one GPU"}
+    )
+    wire_dtype: str = field(
+        default="float32", metadata={"help": "distributed: float32 or bfloat16 on the wire"}
+    )
+    comm_timeout_s: float = field(
+        default=600.0, metadata={"help": "distributed: timeout of every gloo operation"}
+    )
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="outputs/run")
+    seed: int = field(default=0)
+    inner_lr: float = field(default=2e-3)
+    inner_weight_decay: float = field(default=0.1)
+    inner_beta2: float = field(default=0.95)
+    grad_clip: float = field(default=1.0)
+    lr_schedule: str = field(default="constant", metadata={"help": f"inner lr over the budget: {SCHEDULES}"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, as a fraction of inner_lr"})
+    pretrain_steps: int = field(
+        default=300, metadata={"help": "Ordinary training steps before the DiLoCo phase (shared, cached)"}
+    )
+    pretrain_warmup_steps: int = field(default=50)
+    pretrain_cache_dir: str | None = field(
+        default="outputs/pretrain_cache", metadata={"help": "Reuse identical warm starts across runs"}
+    )
+    budget_tokens: int | None = field(default=400_000, metadata={"help": "DiLoCo-phase tokens, all workers"})
+    budget_time: float | None = field(default=None, metadata={"help": "DiLoCo-phase virtual seconds"})
+    eval_every: int = field(default=10, metadata={"help": "Evaluate every N outer updates"})
+    eval_times: list[float] = field(
+        default_factory=list, metadata={"help": "Also evaluate at these virtual times (for equal wall-clock)"}
+    )
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N arrivals (0: only at the end)"})
+    keep_checkpoints: int = field(default=2)
+    resume_from: str | None = field(default=None, metadata={"help": "A checkpoint dir, or 'latest'"})
+    stop_after_arrivals: int | None = field(
+        default=None, metadata={"help": "Stop early as if interrupted (tests of resume)"}
+    )
+    report_to: str = field(default="tensorboard", metadata={"help": f"one of {', '.join(REPORTERS)}"})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar"})
+    push_to_hub: bool = field(default=False)
+    hub_model_id: str | None = field(default=None)
+    hub_private: bool = field(default=False)
+    hub_revision: str | None = field(default=None)
+
+
+CONFIG_CLASSES = (ModelArguments, DataArguments, DiLoCoArguments, TrainArguments)
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelArguments
+    data: DataArguments
+    diloco: DiLoCoArguments
+    train: TrainArguments
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat dict (the YAML's shape), for trackers, metadata and model cards."""
+        out: dict[str, Any] = {}
+        for part in (self.model, self.data, self.diloco, self.train):
+            out.update(asdict(part))
+        return out
+
+    @property
+    def outer_lr(self) -> float:
+        d = self.diloco
+        return d.outer_lr if d.outer_lr is not None else DEFAULT_OUTER_LR[d.method]
+
+
+def _all_field_names() -> set[str]:
+    return {f for cls in CONFIG_CLASSES for f in cls.__dataclass_fields__}
+
+
+def parse_config(argv: list[str] | None = None) -> RecipeConfig:
+    """``--config file.yaml`` sets defaults; every other ``--key value`` overrides them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(CONFIG_CLASSES)
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    if config_path is not None:
+        values = load_yaml(config_path)
+        parser.set_defaults(**values)
+    model, data, diloco, train, extra = parser.parse_args_into_dataclasses(
+        argv, return_remaining_strings=True
+    )
+    if extra:
+        raise ValueError(f"unknown command-line arguments: {extra}")
+    config = RecipeConfig(model, data, diloco, train)
+    validate(config)
+    return config
+
+
+def config_from_dict(values: dict[str, Any]) -> RecipeConfig:
+    """Build and validate a config from a flat dict (what compare.py and tests use)."""
+    unknown = set(values) - _all_field_names()
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    parts = HfArgumentParser(CONFIG_CLASSES).parse_dict(values)
+    config = RecipeConfig(*parts)
+    validate(config)
+    return config
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a recipe config must be a mapping of key: value")
+    unknown = set(values) - _all_field_names()
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
+    return values
+
+
+def _one_of(name: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
+
+
+def validate(config: RecipeConfig) -> None:
+    """Check every value that a run would otherwise trip over later."""
+    m, d, o, t = config.model, config.data, config.diloco, config.train
+    _one_of("model_size", m.model_size, MODEL_SIZES)
+    _one_of("mixed_precision", m.mixed_precision, PRECISIONS)
+    _one_of("method", o.method, METHODS)
+    _one_of("mode", o.mode, MODES)
+    _one_of("staleness_weighting", o.staleness_weighting, WEIGHTINGS)
+    _one_of("report_to", t.report_to, REPORTERS)
+    _one_of("lr_schedule", t.lr_schedule, SCHEDULES)
+    _one_of("wire_dtype", o.wire_dtype, ("float32", "bfloat16"))
+    if o.num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {o.num_workers}")
+    if len(o.worker_speeds) != o.num_workers:
+        raise ValueError(
+            f"worker_speeds has {len(o.worker_speeds)} entries but num_workers is {o.num_workers}; "
+            "give one speed (inner steps per second) per worker"
+        )
+    for i, v in enumerate(o.worker_speeds):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"worker_speeds[{i}] must be a positive number, got {v}")
+    positive_ints = {
+        "inner_steps": o.inner_steps,
+        "batch_size": d.batch_size,
+        "eval_sequences": d.eval_sequences,
+        "eval_every": t.eval_every,
+    }
+    for name, value in positive_ints.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if t.budget_tokens is None and t.budget_time is None:
+        raise ValueError("set budget_tokens or budget_time (or both: the run stops at the first reached)")
+    if t.budget_tokens is not None and t.budget_tokens <= 0:
+        raise ValueError(f"budget_tokens must be > 0, got {t.budget_tokens}")
+    if t.budget_time is not None and t.budget_time <= 0:
+        raise ValueError(f"budget_time must be > 0 virtual seconds, got {t.budget_time}")
+    if not (0.0 <= o.speed_jitter < 1.0):
+        raise ValueError(f"speed_jitter must be in [0, 1), got {o.speed_jitter}")
+    if config.outer_lr <= 0:
+        raise ValueError(f"outer_lr must be > 0, got {config.outer_lr}")
+    if not (0.0 <= o.outer_momentum < 1.0):
+        raise ValueError(f"outer_momentum must be in [0, 1), got {o.outer_momentum}")
+    if o.max_staleness is not None and o.max_staleness < 0:
+        raise ValueError(f"max_staleness must be >= 0 or unset, got {o.max_staleness}")
+    if t.pretrain_steps < 0 or t.save_every < 0:
+        raise ValueError("pretrain_steps and save_every must be >= 0")
+    if t.inner_lr <= 0:
+        raise ValueError(f"inner_lr must be > 0, got {t.inner_lr}")
+    if t.push_to_hub and not t.hub_model_id:
+        raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/heloco-tiny')")
