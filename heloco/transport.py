@@ -59,6 +59,7 @@ __all__ = [
     "InProcessTransport",
     "MessageHeader",
     "MessageKind",
+    "QuorumUnreachable",
     "ServerStopped",
     "TransportError",
     "setup_transport",
@@ -110,6 +111,10 @@ class TransportError(ConnectionError):
 
 class ServerStopped(TransportError):
     """The server was stopped (``DistributedServer.stop()``); it serves no more rounds."""
+
+
+class QuorumUnreachable(TransportError):
+    """A synchronous round cannot complete: fewer workers remain than the quorum needs."""
 
 
 def _as_timedelta(value: float | datetime.timedelta, name: str) -> datetime.timedelta:
@@ -384,7 +389,7 @@ class _Slot:
     """The server's view of one worker: connection state and traffic counters."""
 
     worker_id: int
-    state: str = "connecting"  # connecting | alive | left | dead | missing | local | stopped
+    state: str = "connecting"  # connecting | alive | rejoining | left | dead | missing | local | stopped
     incarnation: int = 0
     messages_in: int = 0
     messages_out: int = 0
@@ -657,10 +662,17 @@ class DistributedServer:
         if update.params is not None:
             return update
         deadline = time.monotonic() + self.timeout.total_seconds()
+        quorum = int(getattr(self.aggregator, "quorum", 1))
         with self._cond:
             while self._releases[worker_id] == 0:
                 if self._stopped:
                     raise ServerStopped("the heloco server was stopped while a quorum was pending")
+                gone = [s.worker_id for s in self._slots if s.state in ("left", "dead", "missing")]
+                if self.num_workers - len(gone) < quorum:
+                    raise QuorumUnreachable(
+                        f"worker {worker_id}'s synchronous round cannot complete: quorum {quorum}, "
+                        f"but workers {gone} left or died"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(
@@ -744,9 +756,10 @@ class DistributedServer:
                 with self._cond:
                     slot.departures += 1
                 logger.warning("worker %d left: connection lost (%s); serving the others", i, e)
-                self._set_state(slot, "dead", str(e))
                 if self.rejoin_timeout <= 0 or self._stopped:
+                    self._set_state(slot, "dead", str(e))
                     return
+                self._set_state(slot, "rejoining", str(e))  # not finished: join() keeps waiting
                 wait_s = self.rejoin_timeout
                 continue
             finally:
@@ -807,7 +820,7 @@ class DistributedServer:
             except ServerStopped:
                 self._send(slot, pg, MessageHeader(MessageKind.STOPPED, i))
                 return False
-            except (ValueError, TimeoutError) as e:
+            except (ValueError, TimeoutError, QuorumUnreachable) as e:
                 self._send(slot, pg, self._error_header(i, e))
                 continue
             if update.params is None:  # only a misbehaving aggregator gets here
@@ -959,9 +972,12 @@ class DistributedTransport:
         self.bytes_received += self.recv_message.message_nbytes(header)
         if header.kind == MessageKind.ERROR:
             text = f"heloco server refused worker {self.worker_id}'s {what}: {header.info.get('error')}"
-            if header.info.get("type") == "ValueError":
-                raise ValueError(text)
-            raise TransportError(text)
+            kinds = {
+                "ValueError": ValueError,
+                "TimeoutError": TimeoutError,
+                "QuorumUnreachable": QuorumUnreachable,
+            }
+            raise kinds.get(header.info.get("type"), TransportError)(text)
         if header.kind == MessageKind.STOPPED:
             self._pg = None
             raise ServerStopped(f"the heloco server was stopped; worker {self.worker_id} must end")

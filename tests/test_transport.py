@@ -23,6 +23,7 @@ from heloco.transport import (
     InProcessTransport,
     MessageHeader,
     MessageKind,
+    QuorumUnreachable,
     ServerStopped,
     TransportError,
 )
@@ -399,6 +400,32 @@ def test_stopped_server_answers_stopped_to_the_next_message():
         t.submit(1, delta(1.0), u.version)
     assert agg.version == 0 and not t.connected
     assert server.worker_stats()[1]["state"] == "stopped"
+
+
+def test_pending_quorum_fails_fast_when_too_few_workers_remain():
+    _, agg = sgd_aggregator(num_workers=2, quorum=2)
+    store = tcp_store()
+    server = DistributedServer(agg, store, timeout=60, prefix="t8").start()
+    remote = DistributedTransport(1, masters(), store, timeout=60, prefix="t8")
+    errors = []
+
+    def local_round():  # the server rank's own worker, waiting for worker 1's Δ
+        try:
+            server.submit(0, delta(1.0), 0)
+        except QuorumUnreachable as e:
+            errors.append(str(e))
+
+    th = threading.Thread(target=local_round)
+    th.start()
+    deadline = time.monotonic() + 10
+    while agg.pending_workers != [0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start = time.monotonic()
+    remote.leave()  # worker 1 quits instead of submitting: the round can never complete
+    th.join(10)
+    assert errors and "quorum 2, but workers [1] left or died" in errors[0]
+    assert time.monotonic() - start < 5  # not the 60 s timeout
+    server.join(timeout=10)
 
 
 def test_layout_mismatch_is_refused_at_connection(caplog):
