@@ -254,6 +254,12 @@ class AsyncAggregator:
             self._workers[worker_id].base_version = self._version
             return Update(params=self._params_for(worker_id), version=self._version)
 
+    def snapshot(self) -> tuple[list[Tensor], int]:
+        """Copies of the current global parameters (never extrapolated) and their version, taken under
+        the lock: safe for evaluation or export while other threads submit."""
+        with self._lock, torch.no_grad():
+            return [p.detach().clone() for p in self.global_params], self._version
+
     def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int) -> Update:
         """Take worker ``worker_id``'s Δ computed from parameters of version ``base_version``.
 

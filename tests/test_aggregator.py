@@ -787,3 +787,18 @@ def test_rollback_restores_delayed_nesterov_counters_and_buffers():
         agg.submit(1, delta(3), 0)
     assert_bit_identical(frozen(agg), before)
     assert opt.state[params[0]]["step"] == 1
+
+
+def test_snapshot_is_a_copy_of_the_current_globals():
+    import torch
+
+    from heloco.aggregator import AsyncAggregator
+
+    params = [torch.zeros(2)]
+    agg = AsyncAggregator(params, torch.optim.SGD(params, lr=1.0), num_workers=1)
+    agg.dispatch(0)
+    agg.submit(0, [torch.tensor([1.0, -2.0])], 0)
+    copies, version = agg.snapshot()
+    assert version == 1 and torch.equal(copies[0], torch.tensor([-1.0, 2.0]))
+    copies[0].add_(5.0)
+    assert torch.equal(agg.global_params[0], torch.tensor([-1.0, 2.0]))
