@@ -291,3 +291,38 @@ def test_hub_card_and_splits(built):
     assert f"| worker_2 | {row} | {total:,} |" in text
     assert "| partition | dominant |" in text and "| p | 0.8 |" in text
     assert str(built) not in text  # no local paths in a public card
+
+
+def test_push_to_hub_uses_the_standard_api_and_never_prints_the_token(built, monkeypatch, capsys):
+    """No Hub here: record the huggingface_hub / datasets calls instead of sending them."""
+    from datasets import DatasetDict
+    from huggingface_hub import DatasetCard, HfApi
+
+    from data_prep.hub import push_shards_to_hub
+
+    calls = []
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or "u"
+    )
+    monkeypatch.setattr(
+        DatasetCard, "push_to_hub", lambda self, repo_id, **kw: calls.append(("card", str(self), kw))
+    )
+    monkeypatch.setattr(
+        DatasetDict, "push_to_hub", lambda self, repo_id, **kw: calls.append(("data", sorted(self), kw))
+    )
+    monkeypatch.setattr(
+        HfApi, "upload_folder", lambda self, **kw: calls.append(("folder", kw["path_in_repo"], kw))
+    )
+    monkeypatch.setattr(
+        HfApi, "upload_file", lambda self, **kw: calls.append(("file", kw["path_in_repo"], kw))
+    )
+    push_shards_to_hub(built, "me/shards", private=True, token="hf_secret_token")
+    assert [c[0] for c in calls] == ["create", "card", "data", "folder", "file"]  # card before data
+    assert calls[0][2]["repo_type"] == "dataset" and calls[0][2]["private"] is True
+    assert calls[2][1] == sorted([f"train_worker_{k}" for k in range(4)] + [f"validation_{x}" for x in LANGS])
+    assert calls[2][2]["token"] == "hf_secret_token"
+    uploaded = json.loads(calls[4][2]["path_or_fileobj"])
+    assert uploaded["num_workers"] == 4 and "tokenizer_path" not in uploaded
+    assert str(built) not in json.dumps(uploaded["tokenizer"])
+    out = capsys.readouterr()
+    assert "hf_secret_token" not in out.out + out.err
