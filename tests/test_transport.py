@@ -448,6 +448,19 @@ def test_server_context_manager_joins_on_normal_exit():
     assert server.worker_stats()[1]["state"] == "missing"
 
 
+def test_interrupt_inside_the_with_block_stops_the_server_for_a_final_checkpoint():
+    _, agg = sgd_aggregator(num_workers=2)
+    server = DistributedServer(agg, tcp_store(), connect_timeout=30, prefix="t9")
+    with pytest.raises(KeyboardInterrupt), server:
+        server.submit(0, delta(1.0), 0)
+        raise KeyboardInterrupt  # Ctrl-C during training on the server rank
+    assert server.stopped
+    with pytest.raises(ServerStopped):
+        server.submit(0, delta(1.0), 1)
+    state = agg.state_dict()  # nothing touches the aggregator any more: safe to save
+    assert state["version"] == 1
+
+
 def test_server_without_workers_raises_timeout(caplog):
     _, agg = sgd_aggregator(num_workers=3)
     server = DistributedServer(agg, tcp_store(), connect_timeout=0.5, prefix="t5").start()
