@@ -223,8 +223,12 @@ def ensure_sample_shards(out_dir: str | Path, **overrides: Any) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    build_shards(config)
+    """CLI entry point; a user mistake prints one line naming the field instead of a traceback."""
+    try:
+        build_shards(parse_args(argv))
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"python -m data_prep.build: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

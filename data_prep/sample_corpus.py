@@ -308,3 +308,26 @@ def corpus_digest(corpus_dir: str | Path, languages: Sequence[str]) -> str:
         h.update(lang.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m data_prep.sample_corpus [--corpus_dir DIR] [--cache_dir DIR] [--force]`: build and report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m data_prep.sample_corpus", description=main.__doc__)
+    parser.add_argument(
+        "--corpus_dir", default=str(Path(DEFAULT_CACHE_DIR).expanduser().parent / "sample_c4")
+    )
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--languages", default=",".join(SAMPLE_LANGUAGES))
+    parser.add_argument("--force", action="store_true", help="rebuild even if a matching corpus exists")
+    args = parser.parse_args(argv)
+    stats = build_sample_corpus(
+        args.corpus_dir, args.languages.split(","), cache_dir=args.cache_dir, force=args.force
+    )
+    print(format_stats(stats))
+    print(f"written in C4 layout under {Path(args.corpus_dir).expanduser()}/multilingual/")
+
+
+if __name__ == "__main__":
+    main()

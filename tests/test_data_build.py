@@ -326,3 +326,11 @@ def test_push_to_hub_uses_the_standard_api_and_never_prints_the_token(built, mon
     assert str(built) not in json.dumps(uploaded["tokenizer"])
     out = capsys.readouterr()
     assert "hf_secret_token" not in out.out + out.err
+
+
+def test_cli_prints_one_line_errors(capsys):
+    assert build_module.main(["--config", "data_prep/configs/sample.yaml", "--p", "2"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.strip() == "python -m data_prep.build: error: p must be in [0, 1] for partition 'dominant', got 2"
+    )
