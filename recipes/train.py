@@ -318,6 +318,12 @@ def run(config: RecipeConfig, command: str | None = None) -> dict[str, Any]:
             "use mode=distributed for one worker per process"
         )
     device = accelerator.device
+    if not t.progress:  # subprocess runs of compare.py: keep their logs readable
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     np.random.seed(t.seed)
