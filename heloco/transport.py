@@ -17,13 +17,24 @@ store, the way parameter servers on torch.distributed do), a worker process that
 own sockets: the server thread serving it gets "connection closed" at once, logs the departure and the
 other threads keep serving. A restarted worker takes a new *incarnation* number from the store, which
 names a fresh pair group; the server (with ``rejoin_timeout > 0``) connects to it and the worker
-resumes from the latest global parameters with ``dispatch``.
+resumes from the latest global parameters with ``dispatch``. This only helps under a launcher that
+does not tear the whole job down when one rank fails (torchrun's agent does: it stops every local
+rank); start ranks independently (plain ``python`` with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or
+srun without kill-on-bad-exit). The job's store lives on the rank that created it (rank 0 with
+``env://``), so that rank, usually the server rank, must not die.
+
+Synchronous DiLoCo (aggregator quorum = K) uses the same machinery: a worker whose Δ waits in an open
+round is answered when the round completes (the completing call's ``Update.released`` names the
+waiting workers, which then get fresh parameters from ``dispatch``). If workers leave or die so that
+the quorum can no longer be met, the waiting ones get ``QuorumUnreachable`` at once.
 
 Wire format: one flat CPU byte buffer per message, preallocated once and reused: a 64-byte binary
 header (kind, worker id, version, staleness, weight, flags, payload size, wire dtype), a bounded JSON
 region for the statistics or an error text, then the tensors back to back in the wire dtype (the
 parameters' own dtype, or e.g. ``torch.bfloat16`` to halve the bytes). Messages without tensors send
-only the header. Each gloo operation has a timeout; in gloo a timeout closes the connection, so the
+only the header. A connection starts with a HELLO carrying the worker's layout: gloo aborts the
+receiving process when a message exceeds its buffer, so layouts are compared before any tensor
+travels. Each gloo operation has a timeout; in gloo a timeout closes the connection, so the
 operation timeout is the longest a worker may stay silent (one round) and the longest a worker may wait
 for its reply (a synchronous round), not a polling interval.
 """
@@ -248,7 +259,8 @@ class FlatMessage:
     ) -> Tensor:
         """Write ``header`` (and ``tensors``, converted to the wire dtype); return the bytes to send.
 
-        ``payload=True`` without tensors sends the payload as it stands (already written in place).
+        Tensors that are this buffer's own ``views`` are not copied; ``payload=True`` without tensors
+        also sends the payload as it stands.
         """
         if payload is None:
             payload = tensors is not None
@@ -259,7 +271,7 @@ class FlatMessage:
             raise ValueError(
                 f"message info is {len(info)} bytes, more than info_capacity={self.info_capacity}"
             )
-        if tensors is not None:
+        if tensors is not None and not self.holds(tensors):
             if len(tensors) != len(self.views):
                 raise ValueError(f"got {len(tensors)} tensors, the message layout has {len(self.views)}")
             for i, (t, v) in enumerate(zip(tensors, self.views, strict=True)):
@@ -717,6 +729,13 @@ class DistributedServer:
         return None
 
     def _serve_slot(self, slot: _Slot) -> None:
+        try:
+            self._serve_slot_until_gone(slot)
+        except BaseException as e:  # a bug must not leave join() waiting for a thread that is gone
+            logger.exception("heloco server thread for worker %d failed", slot.worker_id)
+            self._set_state(slot, "dead", f"server thread failed: {e!r}")
+
+    def _serve_slot_until_gone(self, slot: _Slot) -> None:
         i = slot.worker_id
         # One store connection per thread: a pair-group rendezvous blocked in the store must not
         # hold up the other threads' store calls.
@@ -820,7 +839,9 @@ class DistributedServer:
             except ServerStopped:
                 self._send(slot, pg, MessageHeader(MessageKind.STOPPED, i))
                 return False
-            except (ValueError, TimeoutError, QuorumUnreachable) as e:
+            except Exception as e:  # refused or failed: the worker raises it, the server goes on
+                if not isinstance(e, ValueError | TimeoutError | QuorumUnreachable):
+                    logger.exception("worker %d's %s failed on the server", i, header.kind.name)
                 self._send(slot, pg, self._error_header(i, e))
                 continue
             if update.params is None:  # only a misbehaving aggregator gets here
@@ -877,7 +898,7 @@ class DistributedTransport:
     Args:
         worker_id: this worker's id (= its rank).
         params_like: tensors shaped like the global parameters (e.g. the model's parameters); their
-            dtype is the dtype of the parameters returned.
+            dtype is the wire dtype when ``wire_dtype`` is None.
         store: the job's store (the one the server uses).
         server_rank: the server's rank, for messages only (the pair group has its own ranks).
         wire_dtype, timeout, connect_timeout, prefix, info_capacity: as for ``DistributedServer``;
@@ -888,8 +909,10 @@ class DistributedTransport:
     this transport receives its reply. ``DiLoCoWorker`` copies them into the model at once; clone them
     to keep them longer. ``Update.released`` is always empty (a remote worker is answered only once
     its own round completed). Errors: ``ValueError`` when the server refused a
-    request (bad Δ, protocol mismatch), ``ServerStopped`` after ``server.stop()``, ``TransportError``
-    when the connection is lost or times out. ``leave()`` (or leaving the ``with`` block) ends the
+    request (bad Δ, layout mismatch), ``QuorumUnreachable`` when a synchronous round can no longer
+    complete, ``RuntimeError`` when the aggregator failed on the server (which keeps serving),
+    ``ServerStopped`` after ``server.stop()``, ``TransportError`` when the connection is lost or
+    times out. ``leave()`` (or leaving the ``with`` block) ends the
     session cleanly.
     """
 
@@ -977,7 +1000,7 @@ class DistributedTransport:
                 "TimeoutError": TimeoutError,
                 "QuorumUnreachable": QuorumUnreachable,
             }
-            raise kinds.get(header.info.get("type"), TransportError)(text)
+            raise kinds.get(header.info.get("type"), RuntimeError)(text)
         if header.kind == MessageKind.STOPPED:
             self._pg = None
             raise ServerStopped(f"the heloco server was stopped; worker {self.worker_id} must end")
@@ -1015,9 +1038,7 @@ class DistributedTransport:
         if isinstance(base_version, bool) or not isinstance(base_version, int) or base_version < 0:
             raise ValueError(f"base_version must be an int >= 0, got {base_version!r}")
         header = MessageHeader(MessageKind.SUBMIT, worker_id, version=base_version)
-        grads = list(pseudo_grads)
-        in_place = self.send_message.holds(grads)
-        data = self.send_message.pack(header, None if in_place else grads, payload=True)
+        data = self.send_message.pack(header, list(pseudo_grads))  # no copy if written in place
         return self._update(self._exchange(data, "submit"))
 
     def leave(self, worker_id: int | None = None) -> None:

@@ -402,6 +402,46 @@ def test_stopped_server_answers_stopped_to_the_next_message():
     assert server.worker_stats()[1]["state"] == "stopped"
 
 
+class FlakyServer:
+    """Stand-in aggregator whose outer step fails once (e.g. out of memory), then works."""
+
+    num_workers = 2
+
+    def __init__(self):
+        self.global_params = masters()
+        self.version = 0
+        self.failed = False
+
+    def dispatch(self, worker_id):
+        return Update(params=[p.clone() for p in self.global_params], version=self.version)
+
+    def submit(self, worker_id, pseudo_grads, base_version):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("outer step failed")
+        torch._foreach_sub_(self.global_params, list(pseudo_grads))
+        self.version += 1
+        return Update(params=[p.clone() for p in self.global_params], version=self.version, applied=True)
+
+
+def test_aggregator_failure_reaches_the_worker_and_the_server_goes_on(caplog):
+    agg = FlakyServer()
+    store = tcp_store()
+    server = DistributedServer(agg, store, timeout=30, prefix="t10").start()
+    t = DistributedTransport(1, masters(), store, timeout=30, prefix="t10")
+    with (
+        caplog.at_level(logging.ERROR, logger="heloco.transport"),
+        pytest.raises(RuntimeError, match="outer step failed"),
+    ):
+        t.submit(1, delta(1.0), 0)
+    assert "worker 1's SUBMIT failed on the server" in caplog.text
+    u = t.submit(1, delta(2.0), 0)
+    assert u.version == 1 and torch.equal(u.params[0], torch.full((3,), -2.0))
+    t.leave()
+    server.join(timeout=30)
+    assert server.worker_stats()[1]["state"] == "left"
+
+
 def test_pending_quorum_fails_fast_when_too_few_workers_remain():
     _, agg = sgd_aggregator(num_workers=2, quorum=2)
     store = tcp_store()
