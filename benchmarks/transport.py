@@ -3,17 +3,19 @@
 Two processes on 127.0.0.1 (gloo, ``OMP_NUM_THREADS=1``). One round trip = the worker sends a
 pseudo-gradient the size of the model and receives new parameters of the same size:
 
-- heloco: ``DistributedTransport.submit`` → server thread → ``InProcessTransport``-free trivial
-  aggregator (no math: it returns its preallocated parameters) → reply → fresh tensors on the worker.
-  So the measured cost is the transport's own: packing Δ into the flat buffer (and converting to
-  bf16), header parsing, packing the parameters, unpacking them into new tensors.
+- heloco: ``DistributedTransport.submit`` → the server thread of a ``DistributedServer`` → a trivial
+  aggregator (no math: it answers with its preallocated parameters) → reply. The cost measured is
+  the transport's own: packing Δ into the flat buffer (converting to bf16 on the bf16 lines), header
+  and JSON handling, the server packing the parameters into its reply buffer.
+- "Δ in place": the same, but Δ was written straight into ``transport.pseudo_grad_buffers()`` (as a
+  worker computing Δ = start − now into them would), so the worker-side copy disappears.
 - raw: the same number of payload bytes sent and sent back with plain ``send``/``recv`` on a second
   pair group between the same two processes.
 
-Both are measured in the same run, alternating blocks of round trips; each line reports the median
-over blocks of bytes moved (both directions) per second, and their ratio.
+All are measured in the same run, alternating blocks of round trips; each line reports the median
+over blocks of payload bytes moved (both directions) per second, and the ratio to raw.
 
-    python benchmarks/transport.py [--rounds 4] [--per-block 4]
+    python benchmarks/transport.py [--rounds 5] [--per-block 4]
 """
 
 from __future__ import annotations

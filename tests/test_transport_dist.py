@@ -89,6 +89,7 @@ def _rank_main(rank, world, port, scenario, queue):
     transport, server = setup_transport(
         params_like, build, timeout=TIMEOUT, connect_timeout=TIMEOUT, rejoin_timeout=rejoin
     )
+    dist.barrier()  # everyone connected: the rounds start together, whatever the start-up skew
     result = {"rank": rank}
     if scenario == "async":
         rounds, delay = (5, 0.15) if rank == 2 else (15, 0.05)
