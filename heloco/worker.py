@@ -29,7 +29,8 @@ class Transport(Protocol):
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """Accelerate wraps optimizers; hooks must sit on the real torch optimizer, whose step only runs
     when gradients were really synchronised (gradient accumulation, skipped fp16 steps)."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+    # AcceleratedOptimizer is itself an Optimizer subclass that wraps the real one in `.optimizer`.
+    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
