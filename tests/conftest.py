@@ -63,3 +63,6 @@ def build_tiny_shards(tmp: Path, num_workers: int, **overrides) -> Path:
 def tiny_shards(tmp_path_factory) -> Path:
     """Shards for K=3 workers over four synthetic languages (seq_len 32, vocab 384)."""
     return build_tiny_shards(tmp_path_factory.mktemp("data"), num_workers=3)
+
+
+from tests.fake_hub import fake_hub  # noqa: E402, F401  (a fake Hugging Face Hub for any test)
