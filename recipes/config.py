@@ -104,6 +104,10 @@ class DiLoCoArguments:
     comm_timeout_s: float = field(
         default=600.0, metadata={"help": "distributed: timeout of every gloo operation"}
     )
+    rejoin_timeout_s: float = field(
+        default=0.0,
+        metadata={"help": "distributed: seconds the server waits for a dead worker to restart (0: never)"},
+    )
 
 
 @dataclass
@@ -265,6 +269,11 @@ def validate(config: RecipeConfig) -> None:
         raise ValueError(f"outer_lr must be > 0, got {config.outer_lr}")
     if not (0.0 <= o.outer_momentum < 1.0):
         raise ValueError(f"outer_momentum must be in [0, 1), got {o.outer_momentum}")
+    if o.comm_timeout_s <= 0 or o.rejoin_timeout_s < 0:
+        raise ValueError(
+            f"comm_timeout_s must be > 0 and rejoin_timeout_s >= 0 seconds, "
+            f"got {o.comm_timeout_s} and {o.rejoin_timeout_s}"
+        )
     if o.max_staleness is not None and o.max_staleness < 0:
         raise ValueError(f"max_staleness must be >= 0 or unset, got {o.max_staleness}")
     if t.pretrain_steps < 0 or t.save_every < 0:

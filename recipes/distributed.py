@@ -1,0 +1,907 @@
+"""mode=distributed: one DiLoCo worker per process, the aggregator in a server thread on rank 0.
+
+    accelerate launch --num_processes 4 recipes/train.py --config cfg.yaml --mode distributed --num_workers 4
+    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --config_file accelerate_configs/cpu.yaml \
+        recipes/train.py --config cfg.yaml --mode distributed --num_workers 3     # CPU processes, gloo
+    python recipes/train.py --mode distributed --num_workers 1 ...                # one process, no launcher
+
+Each process is one worker with its own full replica (never wrapped in DDP): worker id = rank, data =
+shard ``worker_{rank}``, inner AdamW state of its own. Setup is the only collective phase: the warm
+start is computed once (rank 0 fills the cache, the others load it), all ranks check they hold
+identical parameters, exchange measured speeds (DyLU) and wait at one barrier. From then on nothing
+uses the job's process group: rank 0 serves the aggregator over one gloo pair group per worker
+(``heloco.transport``), so a worker that dies takes down only its own connection.
+
+Heterogeneity on equal hardware: rank r sleeps ``(slowdown_r − 1) ×`` the measured compute time after
+each inner step (``slowdown_r = max(worker_speeds) / worker_speeds[r]``), before the round's Δ is sent.
+
+Budget and stopping (the server decides): rank 0 wraps the aggregator in a ``_Gate`` that counts
+every arrival's tokens (``H_w × batch × seq_len``, H known to all ranks after the speed exchange) and
+the real wall-clock time since the barrier. The arrival that reaches ``budget_tokens`` is applied and
+its reply carries ``stats["stop"] = 1``, so that worker ends at once; an arrival after
+``budget_time`` seconds, or any arrival once the budget is spent, is refused with ``ServerStopped``
+(the other workers learn it at their next submission, i.e. they may compute one round for nothing).
+A synchronous round that is open when the token budget is reached is completed first, as in the
+simulator. Every rank then reports its busy/idle times through the job's store and exits; rank 0
+stops the server, evaluates, writes the final checkpoint and ``summary.json``.
+
+Outputs (``output_dir``): ``metrics.jsonl`` (rank 0: every arrival as the server saw it and the
+evaluations, in the simulator's format; ``time`` is real seconds since the start), one
+``metrics-rank{r}.jsonl`` per rank (its rounds: compute, emulated sleep, time blocked in the server
+call, loss, staleness, correction statistics), ``checkpoint-<arrivals>/`` written by rank 0 only
+(``model/``: global model + tokenizer, the aggregator state, ``run.json``, ``config.json``; the
+workers' inner optimizer state and data position are not saved), ``summary.json``.
+
+Faults: a worker that dies (connection closed) is logged by the server; the others go on and rank 0
+still writes a valid final checkpoint. Under ``accelerate launch``/torchrun the launcher's agent stops
+every local rank when one fails (SIGTERM, 30 s grace): rank 0 treats SIGTERM like Ctrl-C (stop the
+server, write a final checkpoint). Rank 0 hosts the aggregator (and, outside torchrun, the job's
+store): it must not die. See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import hashlib
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from transformers import AutoTokenizer
+
+from heloco import DiLoCoWorker
+from heloco.checkpoint import atomic_directory, prune_checkpoints, save_state
+from heloco.simulation import dylu_steps
+from heloco.transport import QuorumUnreachable, ServerStopped, TransportError, setup_transport
+from recipes.config import RecipeConfig
+from recipes.data import TokenStream, evaluate
+from recipes.methods import build_aggregator
+from recipes.model import count_parameters
+from recipes.train import (
+    MetricsLog,
+    inner_lr_factor,
+    inner_step,
+    load_data,
+    make_inner_optimizer,
+    make_model,
+    warm_start,
+)
+
+logger = logging.getLogger(__name__)
+
+_REPORT_KEY = "heloco-run/report/{rank}"  # a rank's end-of-run report (JSON) in the job's store
+_MAX_PENDING_EVALS = 4  # evaluation snapshots waiting for the evaluation thread (each one model copy)
+
+# ---------------------------------------------------------------------------------------------------
+# checks and small helpers
+
+
+def check_world_size(world_size: int, num_workers: int, launched: int | None = None) -> None:
+    """One worker per process: the number of processes must equal ``num_workers``."""
+    if world_size == num_workers:
+        return
+    hint = ""
+    if launched is not None and launched != world_size:
+        hint = (
+            f" The launcher started {launched} processes but Accelerate sees {world_size}: on a machine "
+            "without GPUs export ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu.yaml)."
+        )
+    raise ValueError(
+        f"mode=distributed runs one worker per process, so the number of processes must equal "
+        f"num_workers: {world_size} process(es) launched, num_workers={num_workers}. Launch with "
+        f"`accelerate launch --num_processes {num_workers} ...`, or set num_workers={world_size} "
+        f"(with {world_size} worker_speeds).{hint}"
+    )
+
+
+def check_distributed_options(config: RecipeConfig) -> None:
+    """Options that only make sense in the simulator are refused before anything runs."""
+    o, t = config.diloco, config.train
+    if t.resume_from is not None:
+        raise ValueError(
+            "resume_from is not supported in mode=distributed (a restarted worker rejoins instead: "
+            "set rejoin_timeout_s > 0); use mode=simulate to resume a run"
+        )
+    if t.stop_after_arrivals is not None:
+        raise ValueError("stop_after_arrivals is a simulate-mode test option; unset it for mode=distributed")
+    if o.speed_jitter != 0.0:
+        raise ValueError(
+            f"speed_jitter={o.speed_jitter} is a simulate-mode option (real rounds have their own "
+            "jitter); set it to 0 for mode=distributed"
+        )
+    if o.comm_timeout_s <= 0:
+        raise ValueError(f"comm_timeout_s must be > 0 seconds, got {o.comm_timeout_s}")
+
+
+def slowdown_factors(speeds: list[float]) -> list[float]:
+    """How many times slower than the fastest worker each rank must appear: max(speeds) / speed."""
+    fastest = max(speeds)
+    return [fastest / v for v in speeds]
+
+
+def parameter_checksum(model: torch.nn.Module) -> int:
+    """48 bits of a SHA-256 over every parameter's bytes: equal on two ranks iff (up to collisions)
+    they hold bit-identical parameters; 48 bits travel exactly in a float64."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest()[:6], "big")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def emulate_slowdown(compute_s: float, slowdown: float) -> float:
+    """Sleep so that a step which computed for ``compute_s`` seconds lasts ``slowdown`` times as long;
+    returns the seconds slept."""
+    extra = (slowdown - 1.0) * compute_s
+    if extra > 0:
+        time.sleep(extra)
+        return extra
+    return 0.0
+
+
+def measure_speed(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    accelerator: Accelerator,
+    slowdown: float,
+    repeats: int = 3,
+) -> float:
+    """Inner steps per second of this rank, emulated slowdown included: forward + backward on one
+    batch, ``repeats`` times after one warm-up, gradients discarded (the model is unchanged)."""
+    device = batch.device
+    times = []
+    for i in range(repeats + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        with accelerator.autocast():
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        _synchronize(device)
+        emulate_slowdown(time.perf_counter() - start, slowdown)
+        if i > 0:
+            times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return len(times) / sum(times)
+
+
+def _job_store() -> dist.Store:
+    """The TCPStore underneath the default group's store (the one the transport uses as well)."""
+    store = dist.distributed_c10d._get_default_store()
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return store
+
+
+class _JsonLines:
+    """A rank's own append-only JSONL file (no trackers: those belong to rank 0's metrics.jsonl)."""
+
+    def __init__(self, path: Path, fresh: bool) -> None:
+        self._file = open(path, "w" if fresh else "a")  # noqa: SIM115 - held open for the whole run
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _LockedLog:
+    """``MetricsLog`` shared by the server threads and the evaluation thread."""
+
+    def __init__(self, log: MetricsLog) -> None:
+        self.log = log
+        self._lock = threading.Lock()
+
+    def write(self, record: dict[str, Any], step: int) -> None:
+        with self._lock:
+            self.log.write(record, step=step)
+
+    def close(self) -> None:
+        with self._lock:
+            self.log.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# rank 0: the gate in front of the aggregator, and the evaluation/checkpoint thread
+
+
+class _Gate:
+    """What the ``DistributedServer`` serves on rank 0: the aggregator plus the run's bookkeeping.
+
+    Every submission passes here (from the server threads, and rank 0's worker in process), one at a
+    time: it is refused once the budget is spent, counted (tokens = H_w × batch × seq_len), logged to
+    metrics.jsonl, and schedules evaluations (every ``eval_every`` outer updates, and at the
+    ``eval_times`` in seconds) and checkpoints (every ``save_every`` arrivals) from consistent
+    snapshots taken here; the work itself runs in the ``_Background`` thread.
+    """
+
+    def __init__(
+        self,
+        aggregator: Any,
+        config: RecipeConfig,
+        steps: list[int],
+        tokens_per_step: int,
+        log: _LockedLog,
+        background: _Background,
+    ) -> None:
+        t = config.train
+        self.aggregator = aggregator
+        self.num_workers = aggregator.num_workers
+        self.quorum = aggregator.quorum
+        self.steps = steps
+        self.tokens_per_step = tokens_per_step
+        self.budget_tokens = t.budget_tokens
+        self.budget_time = t.budget_time
+        self.eval_every = t.eval_every
+        self.save_every = t.save_every
+        self.pending_eval_times = sorted(t.eval_times)
+        self.log = log
+        self.background = background
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.stop_reason: str | None = None
+        self.close_time: float | None = None
+        self.arrivals = 0
+        self.tokens = 0
+        self.evals_skipped = 0
+        self._start: float | None = None
+
+    # -- clock and state ---------------------------------------------------------------------------
+    def start(self, start: float) -> None:
+        self._start = start
+        with self.lock:
+            self._eval(0.0, "start")
+
+    def now(self) -> float:
+        assert self._start is not None, "the gate was not started"
+        return time.monotonic() - self._start
+
+    def close(self, reason: str) -> None:
+        """End the run (budget, interrupt, error): every later submission is refused."""
+        with self.lock:
+            self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.stop_reason = reason
+            self.close_time = self.now()
+            self.closed.set()
+
+    # -- the aggregator's interface ------------------------------------------------------------------
+    def dispatch(self, worker_id: int) -> Any:
+        update = self.aggregator.dispatch(worker_id)
+        # A (re)joining worker learns its round length and the run's progress from its first reply.
+        update.stats = {
+            **update.stats,
+            "inner_steps": float(self.steps[worker_id]),
+            "tokens": float(self.tokens),
+        }
+        return update
+
+    def submit(self, worker_id: int, pseudo_grads: Any, base_version: int) -> Any:
+        with self.lock:
+            if self.closed.is_set():
+                raise ServerStopped(f"the run is over ({self.stop_reason}); no more rounds")
+            now = self.now()
+            while self.pending_eval_times and self.pending_eval_times[0] < now:
+                self._eval(self.pending_eval_times.pop(0), "time")  # the model as it was at that time
+            if self.budget_time is not None and now > self.budget_time:
+                self._close("budget_time")  # arrivals after the deadline do not count (as simulated)
+                raise ServerStopped(f"the time budget of {self.budget_time} s is spent")
+            update = self.aggregator.submit(worker_id, pseudo_grads, base_version)
+            self.arrivals += 1
+            self.tokens += self.steps[worker_id] * self.tokens_per_step
+            version = self.aggregator.version
+            record = {
+                "event": "arrival",
+                "arrival": self.arrivals,
+                "time": now,
+                "tokens": self.tokens,
+                "worker": worker_id,
+                "inner_steps": self.steps[worker_id],
+                "staleness": update.staleness,
+                "weight": update.weight,
+                "applied": update.applied,
+                "dropped": update.dropped,
+                "version": version,
+                **{k: v for k, v in update.stats.items() if k not in ("staleness", "weight")},
+            }
+            self.log.write(record, step=self.arrivals)
+            if update.applied and version % self.eval_every == 0:
+                self._eval(now, "updates")
+            if self.save_every and self.arrivals % self.save_every == 0:
+                self.background.put_checkpoint(self._run_info(now), self.aggregator.state_dict())
+            if (
+                self.budget_tokens is not None
+                and self.tokens >= self.budget_tokens
+                and not self.aggregator.pending_workers  # an open synchronous round completes first
+            ):
+                self._close("budget_tokens")
+            update.stats = {**update.stats, "tokens": float(self.tokens)}
+            if self.closed.is_set():
+                update.stats["stop"] = 1.0
+            return update
+
+    # -- snapshots for the background thread -------------------------------------------------------
+    def _run_info(self, now: float) -> dict[str, Any]:
+        return {"arrival": self.arrivals, "time": now, "tokens": self.tokens}
+
+    def _eval(self, at: float, reason: str) -> None:
+        if self.background.pending_evals >= _MAX_PENDING_EVALS:
+            self.evals_skipped += 1
+            if self.evals_skipped == 1:
+                logger.warning("evaluation falls behind training; skipping evaluations (see summary.json)")
+            return
+        params, version = self.aggregator.snapshot()
+        info = {**self._run_info(at), "version": version}
+        self.background.put_eval(reason, info, params)
+
+
+class _Background(threading.Thread):
+    """Rank 0's evaluations and periodic checkpoints, off the serving path: training never waits
+    for them. Jobs run in order; ``finish(cancel=True)`` drops those not started yet."""
+
+    def __init__(self, run_eval: Any, run_checkpoint: Any) -> None:
+        super().__init__(name="heloco-eval", daemon=True)
+        self.run_eval = run_eval
+        self.run_checkpoint = run_checkpoint
+        self.jobs: queue.Queue = queue.Queue()
+        self.pending_evals = 0
+        self.error: BaseException | None = None
+        self._cancel = False
+
+    def put_eval(self, reason: str, info: dict[str, Any], params: list[torch.Tensor]) -> None:
+        self.pending_evals += 1
+        self.jobs.put(("eval", reason, info, params))
+
+    def put_checkpoint(self, info: dict[str, Any], aggregator_state: dict[str, Any]) -> None:
+        self.jobs.put(("checkpoint", None, info, aggregator_state))
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            kind, reason, info, payload = job
+            if kind == "eval":
+                self.pending_evals -= 1
+            if self._cancel or self.error is not None:
+                continue
+            try:
+                if kind == "eval":
+                    self.run_eval(reason, info, payload)
+                else:
+                    self.run_checkpoint(info, payload)
+            except BaseException as e:  # reported by finish(); training goes on
+                logger.exception("rank 0's %s job failed", kind)
+                self.error = e
+
+    def finish(self, cancel: bool = False) -> None:
+        self._cancel = cancel
+        self.jobs.put(None)
+        self.join()
+
+
+# ---------------------------------------------------------------------------------------------------
+# every rank: the worker
+
+
+class _RoundTimer:
+    """Per-step compute time, emulated slowdown and time blocked in the server call, via two post-step
+    hooks on the inner optimizer around DiLoCoWorker's own (hooks run in registration order)."""
+
+    def __init__(self, slowdown: float, device: torch.device) -> None:
+        self.slowdown = slowdown
+        self.device = device
+        self.compute = self.sleep = self.idle = 0.0
+        self.round = {"compute_s": 0.0, "sleep_s": 0.0, "idle_s": 0.0}
+        self._step_start = 0.0
+        self._sync_start = 0.0
+
+    def begin_step(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def after_step(self, *_: Any) -> None:  # registered before the worker's hook: runs before a submit
+        _synchronize(self.device)
+        compute = time.perf_counter() - self._step_start
+        slept = emulate_slowdown(compute, self.slowdown)
+        self.compute += compute
+        self.sleep += slept
+        self.round["compute_s"] += compute
+        self.round["sleep_s"] += slept
+        self._sync_start = time.perf_counter()
+
+    def after_sync(self, worker: DiLoCoWorker) -> Any:  # registered after the worker's hook
+        def hook(*_: Any) -> None:
+            if worker.steps_since_sync == 0:  # the worker's hook just submitted and loaded the reply
+                blocked = time.perf_counter() - self._sync_start
+                self.idle += blocked
+                self.round["idle_s"] += blocked
+
+        return hook
+
+    def new_round(self) -> None:
+        self.round = {"compute_s": 0.0, "sleep_s": 0.0, "idle_s": 0.0}
+
+
+def _train_worker(
+    *,
+    config: RecipeConfig,
+    rank: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    transport: Any,
+    stream: TokenStream,
+    steps: int,
+    slowdown: float,
+    accelerator: Accelerator,
+    start: float,
+    rank_log: _JsonLines,
+    gate: _Gate | None,
+) -> dict[str, Any]:
+    """Rounds of ``steps`` inner steps until the server says stop; returns this rank's report."""
+    t = config.train
+    device = accelerator.device
+    timer = _RoundTimer(slowdown, device)
+    worker = DiLoCoWorker(model, optimizer, transport, rank, steps)
+    tokens_per_step = stream.tokens_per_batch
+    global_tokens = 0.0
+    rounds = wasted = 0
+    reason = "unknown"
+    before = optimizer.register_step_post_hook(timer.after_step)
+
+    def progress() -> float:
+        parts = []
+        if t.budget_tokens:
+            parts.append(global_tokens / t.budget_tokens)
+        if t.budget_time:
+            parts.append((time.monotonic() - start) / t.budget_time)
+        return max(parts)
+
+    try:
+        entered = time.perf_counter()
+        first = worker.pull()  # the global parameters, their version and the run's progress
+        timer.idle += time.perf_counter() - entered
+        global_tokens = first.stats.get("tokens", 0.0)
+        with worker:
+            after = optimizer.register_step_post_hook(timer.after_sync(worker))
+            try:
+                while True:
+                    if gate is not None and gate.closed.is_set():
+                        reason = gate.stop_reason or "stopped"
+                        break
+                    if t.budget_time is not None and time.monotonic() - start >= t.budget_time:
+                        reason = "budget_time"  # a round started now could not count
+                        break
+                    for group in optimizer.param_groups:
+                        group["lr"] = t.inner_lr * inner_lr_factor(config, progress())
+                    timer.new_round()
+                    loss_sum = torch.zeros((), device=device)
+                    abandoned = False
+                    for _ in range(worker.sync_every):
+                        batch = stream.next_batch()
+                        timer.begin_step()
+                        # the H-th step's hook submits Δ and loads the server's answer
+                        loss_sum += inner_step(model, optimizer, batch.to(device), accelerator, t.grad_clip)
+                        if gate is not None and gate.closed.is_set() and worker.steps_since_sync:
+                            abandoned = True  # rank 0 knows at once: no need to finish the round
+                            break
+                    if abandoned:
+                        wasted += 1
+                        reason = gate.stop_reason or "stopped"
+                        break
+                    rounds += 1
+                    update = worker.last_update
+                    global_tokens = update.stats.get("tokens", global_tokens)
+                    rank_log.write(
+                        {
+                            "event": "arrival",
+                            "rank": rank,
+                            "round": rounds,
+                            "time": time.monotonic() - start,
+                            "tokens": rounds * steps * tokens_per_step,
+                            "global_tokens": global_tokens,
+                            "inner_steps": worker.sync_every,
+                            "train_loss": float(loss_sum) / worker.sync_every,
+                            "staleness": update.staleness,
+                            "weight": update.weight,
+                            "applied": update.applied,
+                            "dropped": update.dropped,
+                            "version": update.version,
+                            **timer.round,
+                            **{
+                                k: v
+                                for k, v in update.stats.items()
+                                if k not in ("staleness", "weight", "tokens")
+                            },
+                        }
+                    )
+                    if update.stats.get("stop"):
+                        reason = "budget_tokens"
+                        break
+            finally:
+                after.remove()
+    except ServerStopped as e:
+        wasted += 1
+        reason = gate.stop_reason if gate is not None and gate.stop_reason else "server_stopped"
+        logger.info("rank %d: %s", rank, e)
+    except QuorumUnreachable as e:
+        wasted += 1
+        reason = "quorum_unreachable"
+        logger.warning("rank %d: %s", rank, e)
+    finally:
+        before.remove()
+    wall = time.monotonic() - start
+    busy = timer.compute + timer.sleep
+    report = {
+        "rank": rank,
+        "reason": reason,
+        "rounds": rounds,
+        "wasted_rounds": wasted,
+        "inner_steps": steps,
+        "slowdown": slowdown,
+        "busy_s": busy,
+        "idle_s": timer.idle,
+        "compute_s": timer.compute,
+        "sleep_s": timer.sleep,
+        "wall_s": wall,
+        "idle_fraction": timer.idle / (busy + timer.idle) if busy + timer.idle > 0 else 0.0,
+    }
+    rank_log.write({"event": "end", **report})
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+
+
+def _make_accelerator(config: RecipeConfig, output_dir: Path) -> Accelerator:
+    t, o = config.train, config.diloco
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    has_accelerator = (
+        torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    )
+    timeout = datetime.timedelta(seconds=o.comm_timeout_s)
+    init = InitProcessGroupKwargs(timeout=timeout)
+    # Accelerate passes on only the values that differ from its own defaults (600 s), which would
+    # leave gloo at torch's 30 min when comm_timeout_s is 600: always pass the timeout.
+    init.to_kwargs = lambda: {"timeout": timeout}
+    return Accelerator(
+        # Several processes on a machine without GPUs: gloo on CPU (Accelerate would otherwise give
+        # every process a world of its own unless ACCELERATE_USE_CPU=1 is exported).
+        cpu=launched > 1 and not has_accelerator,
+        mixed_precision=config.model.mixed_precision,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_dir=str(output_dir),
+        kwargs_handlers=[init],
+    )
+
+
+class _Signals:
+    """Rank 0 treats SIGTERM (what torchrun's agent sends every rank when one fails) like Ctrl-C; once
+    shutting down, further signals are only recorded so the final checkpoint is not cut short."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupt(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def record(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            self.received = signum
+
+        for s in self._previous:
+            signal.signal(s, handler)
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def _collect_reports(
+    store: dist.Store, server: Any, world: int, exclude: set[int], timeout: float, signals: _Signals
+) -> dict[int, dict[str, Any]]:
+    """Remote ranks' end-of-run reports from the store; gives up on ranks that died (or after
+    ``timeout`` seconds, e.g. a worker still finishing a long round)."""
+    reports: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        states = server.worker_stats()
+        for r in range(1, world):
+            key = _REPORT_KEY.format(rank=r)
+            if r not in reports and store.check([key]):
+                reports[r] = json.loads(store.get(key))
+        waiting = [
+            r
+            for r in range(1, world)
+            if r not in reports and r not in exclude and states[r]["state"] not in ("dead", "missing")
+        ]
+        if not waiting:
+            return reports
+        if time.monotonic() > deadline or signals.received is not None:
+            logger.warning("no end-of-run report from rank(s) %s; summary.json leaves them out", waiting)
+            return reports
+        time.sleep(0.05)
+
+
+def _end(accelerator: Accelerator) -> None:
+    """Close the trackers and the process group (Accelerate destroys the group it created, not ours)."""
+    accelerator.end_training()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[str, Any]:
+    """One worker per process; rank 0 also serves the aggregator, evaluates and checkpoints.
+
+    Returns rank 0's summary (also written to ``summary.json``), or this rank's report elsewhere.
+    """
+    d, o, t = config.data, config.diloco, config.train
+    check_distributed_options(config)
+
+    # -- setup (the only phase that uses the job's process group) ------------------------------------
+    output_dir = Path(t.output_dir)
+    if (output_dir / "summary.json").exists():
+        raise FileExistsError(f"{output_dir} already holds a finished run; pick another output_dir")
+    accelerator = _make_accelerator(config, output_dir)
+    check_world_size(accelerator.num_processes, o.num_workers, int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if (
+        not dist.is_initialized()
+    ):  # one process, no launcher: the transport still needs a process group and a store
+        timeout = datetime.timedelta(seconds=o.comm_timeout_s)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = accelerator.device
+    if not t.progress:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(t.seed)
+
+    # -- data, model, warm start ---------------------------------------------------------------------
+    with accelerator.main_process_first():  # rank 0 builds the sample shards if asked
+        shards, validation, metadata = load_data(config)
+    seq_len = int(metadata["seq_len"])
+    model = make_model(config, metadata).to(device)
+    # Rank 0 fills the warm-start cache first; then one rank per other node (a cache dir that is not
+    # shared); then everyone else loads it.
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        warm_state = warm_start(config, model, shards, metadata, accelerator)
+
+    # -- identical start, measured speeds (one all-gather) --------------------------------------------
+    slowdowns = slowdown_factors(o.worker_speeds)
+    speed = 0.0
+    if o.dylu:
+        probe = shards[rank][: d.batch_size].to(device)
+        speed = measure_speed(model, probe, accelerator, slowdowns[rank])
+    mine = torch.tensor([[float(parameter_checksum(model)), speed]], dtype=torch.float64, device=device)
+    gathered = accelerator.gather(mine).reshape(world, 2).cpu().tolist()
+    checksums = [int(row[0]) for row in gathered]
+    if len(set(checksums)) != 1:
+        differ = [r for r, c in enumerate(checksums) if c != checksums[0]]
+        raise RuntimeError(
+            f"ranks {differ} start from other parameters than rank 0 (checksums {checksums}); every "
+            "worker must start from the same warm start: put pretrain_cache_dir on a filesystem all "
+            "nodes share, or build the cache first (recipes.train.prepare)"
+        )
+    measured = [row[1] for row in gathered]
+    steps = dylu_steps(measured, o.inner_steps) if o.dylu else [o.inner_steps] * world
+
+    # -- rank 0: aggregator behind the gate, evaluation thread --------------------------------------
+    tokens_per_step = d.batch_size * seq_len
+    gate: _Gate | None = None
+    background: _Background | None = None
+    log: _LockedLog | None = None
+    if rank == 0:
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(d.data_dir) / "tokenizer"))
+        global_model = copy.deepcopy(model)  # evaluation / export model
+        log = _LockedLog(MetricsLog(output_dir / "metrics.jsonl", accelerator))
+        pusher = None
+        if t.push_to_hub:
+            from recipes.hub import CheckpointPusher
+
+            pusher = CheckpointPusher(config, metadata, output_dir, command)
+
+        def run_eval(reason: str, info: dict[str, Any], params: list[torch.Tensor]) -> dict[str, float]:
+            with torch.no_grad():
+                torch._foreach_copy_(list(global_model.parameters()), list(params))
+            losses = evaluate(global_model, validation, d.batch_size, device, accelerator.autocast)
+            record = {
+                "event": "eval",
+                "reason": reason,
+                "arrival": info["arrival"],
+                "time": info["time"],
+                "tokens": info["tokens"],
+                "version": info["version"],
+                **{f"val_loss/{k}": v for k, v in losses.items()},
+            }
+            log.write(record, step=info["arrival"])
+            if t.progress:
+                accelerator.print(
+                    f"[{reason}] version {info['version']} tokens {info['tokens']} "
+                    f"time {info['time']:.1f}s val loss {losses['mean']:.4f}"
+                )
+            return losses
+
+        def run_checkpoint(
+            info: dict[str, Any], state: dict[str, Any], losses: dict[str, float] | None = None
+        ) -> Path:
+            path = output_dir / f"checkpoint-{info['arrival']}"
+            with atomic_directory(path) as tmp:
+                with torch.no_grad():
+                    torch._foreach_copy_(list(global_model.parameters()), list(state["global_params"]))
+                global_model.save_pretrained(tmp / "model")
+                tokenizer.save_pretrained(tmp / "model")
+                save_state(tmp, "aggregator", state)
+                run_info = {"mode": "distributed", **info, "version": state["version"], "inner_steps": steps}
+                (tmp / "run.json").write_text(json.dumps(run_info, indent=2))
+                (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            prune_checkpoints(output_dir, t.keep_checkpoints)
+            if pusher is not None:
+                losses = losses or run_eval(
+                    "checkpoint", {**info, "version": state["version"]}, state["global_params"]
+                )
+                pusher.push_checkpoint(path, info["tokens"], state["version"], losses)
+            return path
+
+        background = _Background(run_eval, run_checkpoint)
+        masters = [p.detach().clone().float() for p in model.parameters()]
+        gate = _Gate(build_aggregator(config, masters), config, steps, tokens_per_step, log, background)
+
+    # -- transport: rank 0 serves, every other rank connects ----------------------------------------
+    transport, server = setup_transport(
+        list(model.parameters()),
+        gate,
+        server_rank=0,
+        wire_dtype=torch.bfloat16 if o.wire_dtype == "bfloat16" else torch.float32,
+        timeout=o.comm_timeout_s,
+        connect_timeout=o.comm_timeout_s,
+        rejoin_timeout=o.rejoin_timeout_s,
+    )
+    accelerator.wait_for_everyone()  # all connected: the rounds start together
+    start = time.monotonic()
+    signals = _Signals()
+    if rank == 0:
+        signals.interrupt()
+        accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in config.to_dict().items()})
+        background.start()
+        gate.start(start)
+        accelerator.print(
+            f"{o.method} distributed: {world} workers, speeds={o.worker_speeds} "
+            f"slowdown={[round(s, 3) for s in slowdowns]} H={steps} "
+            f"model={count_parameters(model) / 1e6:.2f}M params outer_lr={config.outer_lr} "
+            f"budget tokens={t.budget_tokens} time={t.budget_time}s wire={o.wire_dtype}"
+        )
+
+    # -- the worker (every rank, rank 0 included) ---------------------------------------------------
+    optimizer = make_inner_optimizer(config, model)
+    if warm_state is not None:
+        optimizer.load_state_dict(copy.deepcopy(warm_state))
+    stream = TokenStream(shards[rank], d.batch_size, t.seed, stream_id=rank)
+    rank_log = _JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=True)
+    interrupted = False
+    error: BaseException | None = None
+    try:
+        report = _train_worker(
+            config=config,
+            rank=rank,
+            model=model,
+            optimizer=optimizer,
+            transport=transport,
+            stream=stream,
+            steps=steps[rank],
+            slowdown=slowdowns[rank],
+            accelerator=accelerator,
+            start=start,
+            rank_log=rank_log,
+            gate=gate,
+        )
+    except KeyboardInterrupt:
+        if rank != 0:
+            raise
+        interrupted = True
+        report = {"rank": 0, "reason": "interrupted"}
+    except BaseException as e:
+        if rank != 0:
+            raise
+        error = e  # rank 0's own worker failed: keep the global model, then re-raise
+        report = {"rank": 0, "reason": f"error: {e!r}"}
+        logger.exception("rank 0's worker failed; stopping the run and saving the global model")
+
+    if rank != 0:
+        with contextlib.suppress(TransportError):
+            transport.leave()  # a no-op when the server already answered STOPPED
+        try:
+            _job_store().set(_REPORT_KEY.format(rank=rank), json.dumps(report))
+        except Exception as e:  # rank 0 (the store) is gone: nothing left to report to
+            logger.warning("rank %d could not report to rank 0: %s", rank, e)
+        rank_log.close()
+        _end(accelerator)
+        return report
+
+    # -- rank 0: stop, final evaluation and checkpoint, summary -------------------------------------
+    signals.record()
+    try:
+        gate.close("interrupted" if interrupted else "error" if error is not None else report["reason"])
+        rejoining = {w["worker"] for w in server.worker_stats() if w["state"] == "rejoining"}
+        transport.leave(0)
+        server.stop()
+        background.finish(cancel=interrupted)
+        params, version = gate.aggregator.snapshot()
+        end = {"arrival": gate.arrivals, "time": gate.close_time, "tokens": gate.tokens, "version": version}
+        final = None
+        if not interrupted:
+            for at in gate.pending_eval_times:
+                run_eval("time", {**end, "time": at}, params)
+            final = run_eval("final", end, params)
+        path = run_checkpoint(end, gate.aggregator.state_dict(), final)
+        accelerator.print(f"final checkpoint {path}")
+        reports = _collect_reports(
+            _job_store(), server, world, rejoining, 5.0 if interrupted else o.comm_timeout_s, signals
+        )
+        reports[0] = report
+        hub_history = pusher.close() if pusher is not None else None
+        ranks = [reports.get(r) for r in range(world)]
+        summary = {
+            "method": o.method,
+            "mode": "distributed",
+            "seed": t.seed,
+            "world_size": world,
+            "arrivals": gate.arrivals,
+            "outer_updates": version,
+            "tokens": gate.tokens,
+            "wall_time": gate.close_time,
+            "stop_reason": gate.stop_reason,
+            "final_val_loss": final,
+            "idle_time": [r.get("idle_s") if r else None for r in ranks],
+            "busy_time": [r.get("busy_s") if r else None for r in ranks],
+            "idle_fraction": [r.get("idle_fraction") if r else None for r in ranks],
+            "ranks": ranks,
+            "inner_steps": steps,
+            "measured_speeds": measured if o.dylu else None,
+            "slowdown": slowdowns,
+            "workers": gate.aggregator.worker_stats(),
+            "server": server.worker_stats(),
+            "evals_skipped": gate.evals_skipped,
+            "background_error": repr(background.error) if background.error else None,
+            "elapsed_s": time.monotonic() - start,
+            "hub_pushes": hub_history,
+            "config": config.to_dict(),
+        }
+        if not interrupted and error is None:  # like the simulator: only a finished run has a summary
+            (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            accelerator.print(f"final mean val loss {final['mean']:.4f} after {gate.tokens} tokens")
+    finally:
+        log.close()
+        rank_log.close()
+        signals.restore()
+        _end(accelerator)
+    if error is not None:
+        raise error
+    summary["interrupted"] = interrupted
+    return summary
