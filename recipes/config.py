@@ -57,6 +57,10 @@ class DataArguments:
     build_sample_if_missing: bool = field(
         default=False, metadata={"help": "Build the offline sample shards into data_dir if it does not exist"}
     )
+    sample_partition: str = field(
+        default="dominant", metadata={"help": "When building the sample: iid, dominant or dirichlet"}
+    )
+    sample_p: float = field(default=0.8, metadata={"help": "When building the sample: dominant share p"})
     batch_size: int = field(default=8, metadata={"help": "Sequences per inner step, per worker"})
     eval_sequences: int = field(default=64, metadata={"help": "Validation sequences per language per eval"})
 

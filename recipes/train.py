@@ -140,7 +140,12 @@ def load_data(config: RecipeConfig) -> tuple[list[torch.Tensor], dict[str, torch
 
     data_dir = Path(config.data.data_dir)
     if not data_dir.exists() and config.data.build_sample_if_missing:
-        ensure_sample_shards(data_dir, num_workers=config.diloco.num_workers)
+        ensure_sample_shards(
+            data_dir,
+            num_workers=config.diloco.num_workers,
+            partition=config.data.sample_partition,
+            p=config.data.sample_p,
+        )
     train, validation, metadata = load_shards(data_dir, num_workers=config.diloco.num_workers)
     workers = [to_tensor(train[f"worker_{k}"]) for k in range(config.diloco.num_workers)]
     val = {lang: to_tensor(validation[lang])[: config.data.eval_sequences] for lang in metadata["languages"]}
