@@ -50,6 +50,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -82,6 +83,8 @@ from recipes.train import (
 logger = logging.getLogger(__name__)
 
 _REPORT_KEY = "heloco-run/report/{rank}"  # a rank's end-of-run report (JSON) in the job's store
+_START_KEY = "heloco-run/start"  # time.time() when the rounds started (for workers that rejoin)
+REJOIN_ENV = "HELOCO_REJOIN"  # =1: this process restarts a worker of a running job (see rejoin_worker)
 _MAX_PENDING_EVALS = 4  # evaluation snapshots waiting for the evaluation thread (each one model copy)
 
 # ---------------------------------------------------------------------------------------------------
@@ -480,6 +483,7 @@ def _train_worker(
         first = worker.pull()  # the global parameters, their version and the run's progress
         timer.idle += time.perf_counter() - entered
         global_tokens = first.stats.get("tokens", 0.0)
+        steps = worker.sync_every = int(first.stats.get("inner_steps", steps))  # the server's count
         with worker:
             after = optimizer.register_step_post_hook(timer.after_sync(worker))
             try:
@@ -660,6 +664,8 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
     """
     d, o, t = config.data, config.diloco, config.train
     check_distributed_options(config)
+    if os.environ.get(REJOIN_ENV) == "1":
+        return rejoin_worker(config)
 
     # -- setup (the only phase that uses the job's process group) ------------------------------------
     output_dir = Path(t.output_dir)
@@ -787,6 +793,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
     start = time.monotonic()
     signals = _Signals()
     if rank == 0:
+        _job_store().set(_START_KEY, repr(time.time()))  # for workers that rejoin later
         signals.interrupt()
         accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in config.to_dict().items()})
         background.start()
@@ -804,6 +811,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         optimizer.load_state_dict(copy.deepcopy(warm_state))
     stream = TokenStream(shards[rank], d.batch_size, t.seed, stream_id=rank)
     rank_log = _JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=True)
+    rank_log.write({"event": "start", "rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
     interrupted = False
     error: BaseException | None = None
     try:
@@ -905,3 +913,97 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         raise error
     summary["interrupted"] = interrupted
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# a restarted worker
+
+
+class _Standalone:
+    """What the worker loop needs from an Accelerator, for a process outside the job's process group."""
+
+    def __init__(self, device: torch.device, mixed_precision: str) -> None:
+        self.device = device
+        self.mixed_precision = mixed_precision
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == "bf16")
+
+
+def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
+    """Restart worker RANK of a running job (``HELOCO_REJOIN=1``, same command and environment).
+
+    The job's process group cannot be joined again, so this process only reaches the job's store
+    (MASTER_ADDR:MASTER_PORT, hosted by rank 0) and opens a new incarnation of its connection to the
+    server, which must run with ``rejoin_timeout_s > 0``. It starts from the current global
+    parameters, the warm-start AdamW state (from the cache) and the start of its shard, with the
+    round length the server assigned to this rank; it appends to its metrics-rank{r}.jsonl.
+    """
+    from heloco.transport import DistributedTransport
+
+    d, o, t = config.data, config.diloco, config.train
+    rank, world = int(os.environ.get("RANK", "-1")), int(os.environ.get("WORLD_SIZE", "0"))
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (0 < rank < world == o.num_workers) or not addr or not port:
+        raise ValueError(
+            f"{REJOIN_ENV}=1 restarts one worker of a running job: set RANK (1..num_workers-1), "
+            f"WORLD_SIZE (= num_workers = {o.num_workers}), MASTER_ADDR and MASTER_PORT as for the "
+            f"job; got RANK={rank}, WORLD_SIZE={world}, MASTER_ADDR={addr}, MASTER_PORT={port}"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    cuda = torch.cuda.is_available() and not use_cpu
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    shim = _Standalone(device, config.model.mixed_precision)
+    timeout = datetime.timedelta(seconds=o.comm_timeout_s)
+    store = dist.TCPStore(addr, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
+    start = time.monotonic() - (time.time() - float(store.get(_START_KEY).decode()))
+
+    shards, _, metadata = load_data(config)
+    model = make_model(config, metadata).to(device)
+    warm_state = warm_start(config, model, shards, metadata, shim)  # the cache, normally
+    optimizer = make_inner_optimizer(config, model)
+    if warm_state is not None:
+        optimizer.load_state_dict(copy.deepcopy(warm_state))
+    output_dir = Path(t.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rank_log = _JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=False)
+    transport = DistributedTransport(
+        rank,
+        list(model.parameters()),
+        store,
+        server_rank=0,
+        wire_dtype=torch.bfloat16 if o.wire_dtype == "bfloat16" else torch.float32,
+        timeout=o.comm_timeout_s,
+        connect_timeout=o.comm_timeout_s,
+    )
+    rank_log.write(
+        {
+            "event": "rejoin",
+            "rank": rank,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "incarnation": transport.incarnation,
+            "time": time.monotonic() - start,
+        }
+    )
+    report = _train_worker(
+        config=config,
+        rank=rank,
+        model=model,
+        optimizer=optimizer,
+        transport=transport,
+        stream=TokenStream(shards[rank], d.batch_size, t.seed, stream_id=rank),
+        steps=o.inner_steps,
+        slowdown=slowdown_factors(o.worker_speeds)[rank],
+        accelerator=shim,
+        start=start,
+        rank_log=rank_log,
+        gate=None,
+    )
+    report["incarnation"] = transport.incarnation
+    with contextlib.suppress(TransportError):
+        transport.leave()
+    store.set(_REPORT_KEY.format(rank=rank), json.dumps(report))
+    rank_log.close()
+    return report
