@@ -90,6 +90,7 @@ class CorrectionStats:
 def check_number(
     name: str, value: object, low: float, high: float | None = None, high_open: bool = False
 ) -> None:
+    """Raise ValueError unless ``value`` is a finite real number in [low, high] (or [low, high))."""
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= low
     if ok and high is not None:
         ok = value < high if high_open else value <= high
