@@ -1,0 +1,53 @@
+"""recipes/compare.py on tiny shards: runs a matrix in subprocesses, resumes, plots and tabulates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from recipes.compare import equal_wallclock, main
+from tests.test_recipe_train import base_values
+
+
+def write_matrix(tmp_path: Path, shards: Path) -> Path:
+    base = base_values(shards, tmp_path / "unused", budget_tokens=1500, pretrain_steps=10)
+    base.pop("output_dir")
+    spec = {
+        "name": "mini",
+        "output_dir": str(tmp_path / "out"),
+        "jobs": 2,
+        "seeds": [0, 1],
+        "reference": "heloco",
+        "base": base,
+        "methods": {"sync": {"method": "sync"}, "heloco": {"method": "heloco"}},
+    }
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_compare_runs_plots_and_tables(tiny_shards, tmp_path):
+    config = write_matrix(tmp_path, tiny_shards)
+    text = main(["--config", str(config), "--docs_dir", str(tmp_path / "docs")])
+    out = tmp_path / "out"
+    for name in ("loss_vs_tokens.png", "loss_vs_time.png", "loss_per_language.png", "results.md"):
+        assert (out / name).stat().st_size > 0
+        assert (tmp_path / "docs" / name).exists()
+    rows = [line for line in text.splitlines() if line.startswith("| sync") or line.startswith("| heloco")]
+    assert len(rows) >= 2
+    sync_row = next(r for r in rows if r.startswith("| sync |"))
+    assert "%" in sync_row and "per seed" in sync_row
+    for method in ("sync", "heloco"):
+        for seed in (0, 1):
+            assert (out / "runs" / f"{method}-seed{seed}" / "summary.json").exists()
+    # a second invocation skips finished runs and rewrites the same table
+    assert main(["--config", str(config)]) == text
+
+
+def test_equal_wallclock_by_hand():
+    # 1000 tokens at 4 * 16 = 64 tokens per step and 2.5 steps per second in total
+    assert (
+        equal_wallclock({"budget_tokens": 1000, "batch_size": 4, "worker_speeds": [1.0, 1.0, 0.5]}, 16)
+        == 6.25
+    )
