@@ -141,6 +141,22 @@ def test_checksum_detects_a_one_ulp_difference():
     assert 0 <= parameter_checksum(model) < 2**48  # exact in the float64 all-gather
 
 
+def test_speed_probe_includes_the_slowdown_and_leaves_the_model_unchanged(monkeypatch):
+    from recipes.distributed import _Standalone, measure_speed
+    from recipes.model import build_model
+
+    model = build_model("tiny", vocab_size=64, max_positions=16, eos_token_id=None)
+    before = copy.deepcopy(model.state_dict())
+    slept = []
+    monkeypatch.setattr(distributed.time, "sleep", slept.append)
+    batch = torch.randint(0, 64, (2, 16))
+    speed = measure_speed(model, batch, _Standalone(torch.device("cpu"), "no"), slowdown=3.0, repeats=3)
+    assert speed > 0 and len(slept) == 4  # one warm-up and three timed steps, each padded to 3×
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 class _Log:
     def __init__(self):
         self.records = []
@@ -398,7 +414,16 @@ def test_killed_worker_leaves_the_run_and_a_loadable_checkpoint(tiny_shards, war
 def test_restarted_worker_rejoins_the_running_job(tiny_shards, warm_cache):
     out = warm_cache / "rejoin"
     v = values(
-        tiny_shards, out, comm_timeout_s=60.0, rejoin_timeout_s=60.0, budget_tokens=None, budget_time=30.0
+        tiny_shards,
+        out,
+        comm_timeout_s=60.0,
+        rejoin_timeout_s=60.0,
+        budget_tokens=None,
+        budget_time=30.0,
+        worker_speeds=[1.0, 1.0, 0.2],
+        method="async_dn",
+        dylu=True,  # measured speeds: the 5× slower rank gets fewer inner steps
+        inner_steps=6,
     )
     port = free_port()
     procs = [start_rank(v, r, 3, port, warm_cache / f"rejoin-{r}.log") for r in range(3)]
@@ -418,8 +443,11 @@ def test_restarted_worker_rejoins_the_running_job(tiny_shards, warm_cache):
     assert s2["incarnation"] == 2 and s2["departures"] == 1
     records = read_jsonl(out / "metrics-rank2.jsonl")
     rejoin_at = next(i for i, r in enumerate(records) if r["event"] == "rejoin")
-    assert sum(r["event"] == "arrival" for r in records[rejoin_at:]) >= 1  # it trained again
-    assert summary["ranks"][2]["incarnation"] == 2
+    after = [r for r in records[rejoin_at:] if r["event"] == "arrival"]
+    assert after and summary["ranks"][2]["incarnation"] == 2  # it trained again
+    speeds, steps = summary["measured_speeds"], summary["inner_steps"]
+    assert speeds[2] < 0.5 * min(speeds[:2]) and steps[2] < min(steps[:2]), (speeds, steps)
+    assert all(r["inner_steps"] == steps[2] for r in records if r["event"] == "arrival")  # kept on rejoin
 
 
 @pytest.mark.slow
