@@ -8,6 +8,11 @@ al. 2024, arXiv 2401.09135) or drops stale Δ, gathers a quorum of q submissions
 DiLoCo; q = K: synchronous DiLoCo, Douillard et al. 2023, arXiv 2311.08105), writes their mean into
 ``p.grad`` of the masters and runs one outer step. Optionally it hands out momentum look-ahead points.
 
+A synchronous run whose worker is gone for good goes on with the others: ``remove_worker`` lowers
+the effective quorum to the live workers and completes an open round that now has enough
+submissions. ``dispatch``/``submit`` may write the answered parameters into caller-given tensors
+(``out=``, e.g. a transport's reply buffer) instead of allocating copies.
+
 Every public method holds one lock, so transports may call it from several threads. A bad submission
 raises ``ValueError`` before anything is mutated, and an exception inside the outer step restores the
 parameters and the optimizer state, so the global model is never left half-updated.
@@ -212,6 +217,7 @@ class AsyncAggregator:
         self._version = 0
         self._workers = [_WorkerRecord() for _ in range(self.num_workers)]
         self._pending: list[tuple[int, int, float]] = []  # (worker, τ, weight) of the open quorum round
+        self._removed: set[int] = set()  # workers gone for good (remove_worker); they no longer count
         with torch.no_grad():
             # Preallocated, on the masters' device and dtype: the received Δ (also the p.grad of a
             # step), the weighted sum of a pending quorum, and the parameters' pre-step snapshot.
@@ -234,7 +240,20 @@ class AsyncAggregator:
         with self._lock:
             return [w for w, _, _ in self._pending]
 
-    def dispatch(self, worker_id: int) -> Update:
+    @property
+    def removed_workers(self) -> list[int]:
+        """Workers taken out by ``remove_worker`` (and not re-admitted by a ``dispatch``), sorted."""
+        with self._lock:
+            return sorted(self._removed)
+
+    @property
+    def effective_quorum(self) -> int:
+        """Submissions that complete the open round: ``quorum``, lowered to the live workers (plus
+        removed workers whose Δ already waits in the round) once some were removed."""
+        with self._lock:
+            return self._round_quorum()
+
+    def dispatch(self, worker_id: int, *, out: Sequence[Tensor] | None = None) -> Update:
         """Hand ``worker_id`` a copy of the current parameters and record their version as its base.
 
         With ``lookahead=True`` the copy is heloco's interpretation of momentum look-ahead (ICLR 2025
@@ -246,13 +265,20 @@ class AsyncAggregator:
 
         A worker whose Δ waits in an open quorum round gets ``params=None``: it must wait for the
         round to complete (it is then listed in some ``Update.released``).
+
+        ``out``: tensors shaped like the global parameters (any floating dtype and device, e.g. a
+        transport's bf16 reply buffer) to write the parameters into instead of allocating copies;
+        ``Update.params`` is then ``out`` itself. The values are exactly those of the allocating call
+        converted to ``out``'s dtype. A removed worker that dispatches is re-admitted (it rejoined).
         """
         with self._lock, torch.no_grad():
             self._check_worker(worker_id)
+            out = self._check_out(out)
+            self._removed.discard(worker_id)
             if any(w == worker_id for w, _, _ in self._pending):
                 return Update(params=None, version=self._version)
             self._workers[worker_id].base_version = self._version
-            return Update(params=self._params_for(worker_id), version=self._version)
+            return Update(params=self._params_for(worker_id, out), version=self._version)
 
     def snapshot(self) -> tuple[list[Tensor], int]:
         """Copies of the current global parameters (never extrapolated) and their version, taken under
@@ -260,15 +286,29 @@ class AsyncAggregator:
         with self._lock, torch.no_grad():
             return [p.detach().clone() for p in self.global_params], self._version
 
-    def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int) -> Update:
+    def submit(
+        self,
+        worker_id: int,
+        pseudo_grads: Sequence[Tensor],
+        base_version: int,
+        *,
+        out: Sequence[Tensor] | None = None,
+    ) -> Update:
         """Take worker ``worker_id``'s Δ computed from parameters of version ``base_version``.
 
         Returns the parameters the worker continues from: the new ones after an outer step, the
         current ones if Δ was dropped as too stale (the worker restarts from fresh), or ``None``
-        while its quorum round is still open.
+        while its quorum round is still open. ``out`` as for ``dispatch`` (left untouched while the
+        round is open); it may be the very tensors of ``pseudo_grads``, which are read first.
         """
         with self._lock, torch.no_grad():
             self._check_worker(worker_id)
+            out = self._check_out(out)
+            if worker_id in self._removed:
+                raise ValueError(
+                    f"worker {worker_id} was removed (remove_worker); it must dispatch to rejoin "
+                    "before it submits"
+                )
             if not _is_int(base_version) or base_version < 0:
                 raise ValueError(f"base_version must be an int >= 0, got {base_version!r}")
             if base_version > self._version:
@@ -291,7 +331,7 @@ class AsyncAggregator:
                 record.observe(tau, dropped=True)
                 record.base_version = self._version
                 return Update(
-                    params=self._params_for(worker_id),
+                    params=self._params_for(worker_id, out),
                     version=self._version,
                     staleness=tau,
                     dropped=True,
@@ -300,13 +340,13 @@ class AsyncAggregator:
                 )
 
             stats = {"staleness": float(tau), "weight": weight}
-            if len(self._pending) + 1 < self.quorum:
+            if len(self._pending) + 1 < self._round_quorum():
                 torch._foreach_add_(self._sum, self._incoming, alpha=weight)
                 self._pending.append((worker_id, tau, weight))
                 record.observe(tau, dropped=False)
                 return Update(params=None, version=self._version, staleness=tau, weight=weight, stats=stats)
 
-            # This submission completes a round: p.grad = mean of the q (weighted) Δ.
+            # This submission completes a round: p.grad = mean of the n (weighted) Δ.
             kwargs: dict[str, Any] = {}
             if self.quorum == 1:
                 if self._step_takes_weight:
@@ -318,26 +358,13 @@ class AsyncAggregator:
                 if weight != 1.0:
                     torch._foreach_mul_(self._incoming, weight)
                 torch._foreach_add_(self._incoming, self._sum)
-                torch._foreach_div_(self._incoming, float(self.quorum))
+                torch._foreach_div_(self._incoming, float(len(self._pending) + 1))
             round_tau = max([tau] + [t for _, t, _ in self._pending])
-            if self._step_takes_staleness:
-                kwargs["staleness"] = round_tau
-            self._outer_step(kwargs)
-
+            released = self._complete_round(round_tau, kwargs, stats)
             record.observe(tau, dropped=False)
-            released = [w for w, _, _ in self._pending]
-            self._pending.clear()
-            if self._sum is not None:
-                torch._foreach_zero_(self._sum)
-            self._version += 1
             record.base_version = self._version
-            if self.quorum > 1:
-                stats["round_max_staleness"] = float(round_tau)
-            last = getattr(self.outer_optimizer, "last_stats", None)
-            if last is not None and callable(getattr(last, "as_dict", None)):
-                stats.update({f"correction/{k}": float(v) for k, v in last.as_dict().items()})
             return Update(
-                params=self._params_for(worker_id),
+                params=self._params_for(worker_id, out),
                 version=self._version,
                 staleness=tau,
                 applied=True,
@@ -345,6 +372,37 @@ class AsyncAggregator:
                 released=released,
                 stats=stats,
             )
+
+    def remove_worker(self, worker_id: int) -> Update:
+        """Take a worker that is gone for good (left, died, never came) out of the quorum.
+
+        The effective quorum becomes ``min(quorum, live workers + removed workers whose Δ already
+        waits in the open round)``: a removed worker's received Δ stays in its round. If the open
+        round's submissions now reach that quorum, the round completes here (one outer step on their
+        mean) and ``Update.released`` names the waiting workers, which may ``dispatch`` now. Returns
+        an ``Update`` with ``params=None`` (nobody gets parameters from this call). Idempotent; a
+        ``dispatch`` from the worker re-admits it. Removal is not part of ``state_dict()``: a
+        resumed run starts with every worker counted.
+        """
+        with self._lock, torch.no_grad():
+            self._check_worker(worker_id)
+            if worker_id in self._removed:
+                return Update(params=None, version=self._version)
+            self._removed.add(worker_id)
+            if not self._pending or len(self._pending) < self._round_quorum():
+                return Update(params=None, version=self._version)
+            n = len(self._pending)
+            torch._foreach_copy_(self._incoming, self._sum)
+            if n > 1:
+                torch._foreach_div_(self._incoming, float(n))
+            round_tau = max(t for _, t, _ in self._pending)
+            stats: dict[str, float] = {}
+            try:
+                released = self._complete_round(round_tau, {}, stats)
+            except BaseException:
+                self._removed.discard(worker_id)  # nothing changed: the round stays open
+                raise
+            return Update(params=None, version=self._version, applied=True, released=released, stats=stats)
 
     def worker_stats(self) -> list[dict[str, Any]]:
         """JSON-able per-worker summary (index = worker id), for logging."""
@@ -444,9 +502,46 @@ class AsyncAggregator:
                     torch._foreach_zero_(self._sum)
             self._version = int(version)
             self._workers = records
+            self._removed.clear()  # liveness belongs to the running session, not to the saved state
             self._pending = [(int(w), int(t), float(x)) for w, t, x in zip(pw, pt, px, strict=True)]
 
     # ------------------------------------------------------------------ internals
+
+    def _round_quorum(self) -> int:
+        if not self._removed:
+            return self.quorum
+        live = self.num_workers - len(self._removed)
+        waiting_removed = sum(1 for w, _, _ in self._pending if w in self._removed)
+        return max(1, min(self.quorum, live + waiting_removed))
+
+    def _complete_round(self, round_tau: int, kwargs: dict[str, Any], stats: dict[str, float]) -> list[int]:
+        """One outer step on p.grad = self._incoming (already the round's mean), then close the
+        round: returns the pending workers it releases. Nothing changes if the step raises."""
+        if self._step_takes_staleness:
+            kwargs["staleness"] = round_tau
+        self._outer_step(kwargs)
+        released = [w for w, _, _ in self._pending]
+        self._pending.clear()
+        if self._sum is not None:
+            torch._foreach_zero_(self._sum)
+        self._version += 1
+        if self.quorum > 1:
+            stats["round_max_staleness"] = float(round_tau)
+        last = getattr(self.outer_optimizer, "last_stats", None)
+        if last is not None and callable(getattr(last, "as_dict", None)):
+            stats.update({f"correction/{k}": float(v) for k, v in last.as_dict().items()})
+        return released
+
+    def _check_out(self, out: Any) -> list[Tensor] | None:
+        """Validate an ``out=`` list (shapes, floating dtype, not the masters themselves)."""
+        if out is None:
+            return None
+        tensors = self._check_shapes(out, "out")
+        masters = {p.data_ptr() for p in self.global_params}
+        for i, t in enumerate(tensors):
+            if t.data_ptr() in masters:
+                raise ValueError(f"out[{i}] shares memory with a global parameter; pass separate tensors")
+        return out if isinstance(out, list) else tensors  # Update.params is the caller's own list
 
     def _check_worker(self, worker_id: Any) -> None:
         if not _is_int(worker_id) or not 0 <= worker_id < self.num_workers:
@@ -483,8 +578,11 @@ class AsyncAggregator:
                         f"pseudo_grads[{i}] contains NaN or Inf (after conversion to {t.dtype}); nothing was applied"
                     )
 
-    def _params_for(self, worker_id: int) -> list[Tensor]:
-        """Copies of the master parameters, extrapolated along the momentum when look-ahead is on."""
+    def _params_for(self, worker_id: int, dest: list[Tensor] | None = None) -> list[Tensor]:
+        """Copies of the master parameters, extrapolated along the momentum when look-ahead is on;
+        written into ``dest`` when given (see ``_params_into``)."""
+        if dest is not None:
+            return self._params_into(worker_id, dest)
         out = [p.detach().clone() for p in self.global_params]
         if not self.lookahead:
             return out
@@ -504,6 +602,31 @@ class AsyncAggregator:
             if coef != 0.0:
                 torch._foreach_add_(dst, src, alpha=-coef)
         return out
+
+    def _params_into(self, worker_id: int, dest: list[Tensor]) -> list[Tensor]:
+        """``_params_for`` into given tensors in one pass each: an extrapolated tensor is computed as
+        ``torch.add(θ, m, alpha=−coef, out=d)`` (the same kernel, in the masters' dtype, as the
+        allocating path's in-place add, rounded once into ``d``'s dtype), the rest is copied."""
+        coef_of: dict[int, float] = {}
+        tau_hat = self._workers[worker_id].staleness_mean if self.lookahead else 0.0
+        if tau_hat != 0.0:
+            for g_idx, group in enumerate(self.outer_optimizer.param_groups):
+                coef_of[g_idx] = float(group["lr"]) * tau_hat * float(group["momentum"])
+        copy_dst, copy_src = [], []
+        for i, (p, d) in enumerate(zip(self.global_params, dest, strict=True)):
+            coef = coef_of.get(self._group_of[i], 0.0)
+            m = self.outer_optimizer.state.get(p, {}).get("momentum_buffer") if coef != 0.0 else None
+            if isinstance(m, Tensor):
+                if d.device == p.device:
+                    torch.add(p.detach(), m, alpha=-coef, out=d)
+                else:  # computed where the masters live, then moved: the allocating path's values
+                    d.copy_(torch.add(p.detach(), m, alpha=-coef))
+            else:
+                copy_dst.append(d)
+                copy_src.append(p.detach())
+        if copy_dst:
+            torch._foreach_copy_(copy_dst, copy_src)
+        return dest
 
     def _outer_step(self, kwargs: dict[str, Any]) -> None:
         """Run the outer step on p.grad = self._incoming; on any exception restore θ and the optimizer."""

@@ -25,14 +25,21 @@ srun without kill-on-bad-exit). The job's store lives on the rank that created i
 
 Synchronous DiLoCo (aggregator quorum = K) uses the same machinery: a worker whose Δ waits in an open
 round is answered when the round completes (the completing call's ``Update.released`` names the
-waiting workers, which then get fresh parameters from ``dispatch``). If workers leave or die so that
-the quorum can no longer be met, the waiting ones get ``QuorumUnreachable`` at once.
+waiting workers, which then get fresh parameters from ``dispatch``). A worker that leaves or is gone
+for good (died and did not rejoin, never connected) is taken out of the quorum with the aggregator's
+``remove_worker`` (``shrink_quorum=True``, the default): the run goes on with the others, and an open
+round that the remaining submissions now complete is closed at once. With ``shrink_quorum=False``,
+or an aggregator without ``remove_worker``, the waiting workers get ``QuorumUnreachable`` at once
+when too few workers remain.
 
 Wire format: one flat CPU byte buffer per message, preallocated once and reused: a 64-byte binary
 header (kind, worker id, version, staleness, weight, flags, payload size, wire dtype), a bounded JSON
 region for the statistics or an error text, then the tensors back to back in the wire dtype (the
 parameters' own dtype, or e.g. ``torch.bfloat16`` to halve the bytes). Messages without tensors send
-only the header. A connection starts with a HELLO carrying the worker's layout: gloo aborts the
+only the header. Nothing is copied that need not be: a ``DiLoCoWorker`` writes Δ straight into the
+send buffer (``DistributedTransport.pseudo_grad_buffers()``), the server's aggregator reads it from
+the receive buffer and writes the reply parameters straight back into it (``out=``), and the worker
+loads them from its receive buffer. A connection starts with a HELLO carrying the worker's layout: gloo aborts the
 receiving process when a message exceeds its buffer, so layouts are compared before any tensor
 travels. Each gloo operation has a timeout; in gloo a timeout closes the connection, so the
 operation timeout is the longest a worker may stay silent (one round) and the longest a worker may wait
@@ -60,7 +67,7 @@ import torch
 from torch import Tensor
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store
 
-from heloco.aggregator import Update
+from heloco.aggregator import Update, _accepts_keyword
 
 __all__ = [
     "WIRE_DTYPES",
@@ -462,6 +469,14 @@ class DistributedServer:
             lost; 0 (default) never waits (launchers such as torchrun restart the whole job anyway).
         prefix: namespace of the store keys (several servers may share a store).
         info_capacity: bytes reserved in each message for the statistics as JSON.
+        shrink_quorum: when a worker leaves or is gone for good and the aggregator runs synchronous
+            rounds (``quorum > 1``), call its ``remove_worker`` so the others go on with a smaller
+            quorum (waiting workers are released if their round now completes). ``False``: keep the
+            quorum, and waiting workers get ``QuorumUnreachable`` once too few remain.
+
+    Replies are written straight into each worker's message buffer when the aggregator's
+    ``dispatch``/``submit`` accept ``out=`` (``AsyncAggregator`` does), so no parameter copy is
+    allocated per round.
 
     Lifecycle: ``start()`` launches the threads; ``join()`` waits until every remote worker left,
     died (and did not rejoin) or never connected; ``stop()`` ends serving: when it returns no thread
@@ -486,12 +501,15 @@ class DistributedServer:
         rejoin_timeout: float = 0.0,
         prefix: str = "heloco",
         info_capacity: int = 4096,
+        shrink_quorum: bool = True,
     ) -> None:
         for method in ("dispatch", "submit"):
             if not callable(getattr(aggregator, method, None)):
                 raise ValueError(
                     f"aggregator must have a callable {method}(); got {type(aggregator).__name__}"
                 )
+        if not isinstance(shrink_quorum, bool):
+            raise ValueError(f"shrink_quorum must be True or False, got {shrink_quorum!r}")
         if not isinstance(store, Store):
             raise ValueError(
                 f"store must be a torch.distributed Store (e.g. TCPStore), got {type(store).__name__}"
@@ -552,6 +570,12 @@ class DistributedServer:
         self._slots = [_Slot(i) for i in range(num_workers)]
         self._slots[server_rank].state = "local"
         self._warned_info = False
+        self.shrink_quorum = shrink_quorum
+        self._removed: set[int] = set()  # workers the aggregator took out of the quorum
+        # Whether the aggregator can write replies into given tensors (out=): then a reply costs one
+        # pass into the message buffer instead of a fresh copy plus a second copy when packing.
+        self._dispatch_out = _accepts_keyword(aggregator.dispatch, "out")
+        self._submit_out = _accepts_keyword(aggregator.submit, "out")
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> DistributedServer:
@@ -650,21 +674,41 @@ class DistributedServer:
                 slot.messages_out += 1
                 slot.last_seen = time.time()
 
-    def dispatch(self, worker_id: int) -> Update:
-        """The aggregator's ``dispatch``; ``ServerStopped`` after ``stop()``."""
-        self._count_local(worker_id)
+    def _dispatch(self, worker_id: int, out: Sequence[Tensor] | None) -> Update:
         with self._aggregator_call():
+            if out is not None and self._dispatch_out:
+                return self.aggregator.dispatch(worker_id, out=out)
             return self.aggregator.dispatch(worker_id)
 
-    def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int) -> Update:
+    def dispatch(self, worker_id: int, *, out: Sequence[Tensor] | None = None) -> Update:
+        """The aggregator's ``dispatch``; ``ServerStopped`` after ``stop()``.
+
+        ``out``: tensors to write the parameters into, passed on if the aggregator accepts ``out=``
+        (otherwise ``Update.params`` are the aggregator's own copies).
+        """
+        self._count_local(worker_id)
+        return self._dispatch(worker_id, out)
+
+    def submit(
+        self,
+        worker_id: int,
+        pseudo_grads: Sequence[Tensor],
+        base_version: int,
+        *,
+        out: Sequence[Tensor] | None = None,
+    ) -> Update:
         """The aggregator's ``submit``, but a pending synchronous round is waited for here.
 
         The returned ``Update`` keeps this submission's staleness, weight, flags and stats and carries
-        the parameters (and version) the worker continues from once its round completed.
+        the parameters (and version) the worker continues from once its round completed. ``out`` as
+        for ``dispatch``.
         """
         self._count_local(worker_id)
         with self._aggregator_call():
-            update = self.aggregator.submit(worker_id, pseudo_grads, base_version)
+            if out is not None and self._submit_out:
+                update = self.aggregator.submit(worker_id, pseudo_grads, base_version, out=out)
+            else:
+                update = self.aggregator.submit(worker_id, pseudo_grads, base_version)
         others = [w for w in update.released if w != worker_id]
         if others:
             with self._cond:
@@ -680,7 +724,9 @@ class DistributedServer:
                 if self._stopped:
                     raise ServerStopped("the heloco server was stopped while a quorum was pending")
                 gone = [s.worker_id for s in self._slots if s.state in ("left", "dead", "missing")]
-                if self.num_workers - len(gone) < quorum:
+                # Workers the aggregator removed no longer count towards its quorum.
+                kept = [w for w in gone if w not in self._removed]
+                if kept and self.num_workers - len(gone) < quorum:
                     raise QuorumUnreachable(
                         f"worker {worker_id}'s synchronous round cannot complete: quorum {quorum}, "
                         f"but workers {gone} left or died"
@@ -693,20 +739,50 @@ class DistributedServer:
                     )
                 self._cond.wait(remaining)
             self._releases[worker_id] -= 1
-        with self._aggregator_call():
-            fresh = self.aggregator.dispatch(worker_id)
+        fresh = self._dispatch(worker_id, out)
         return dataclasses.replace(update, params=fresh.params, version=fresh.version)
 
     def leave(self, worker_id: int) -> None:
         """Record that the in-process worker finished (remote workers send a LEAVE message)."""
         if worker_id == self.server_rank:
+            self._remove_from_quorum(worker_id)
             with self._cond:
                 self._slots[worker_id].state = "left"
                 self._cond.notify_all()
             logger.info("worker %d (in process) left", worker_id)
 
+    def _remove_from_quorum(self, worker_id: int) -> None:
+        """A worker is gone for good: with ``shrink_quorum`` and synchronous rounds, take it out of the
+        aggregator's quorum and release the workers whose round that completes. Runs before the
+        worker's state says it is gone, so no waiting worker sees it gone but still counted."""
+        remove = getattr(self.aggregator, "remove_worker", None)
+        if not self.shrink_quorum or not callable(remove) or int(getattr(self.aggregator, "quorum", 1)) <= 1:
+            return
+        try:
+            with self._aggregator_call():
+                update = remove(worker_id)
+        except ServerStopped:
+            return
+        except Exception:  # the round stays as it was; waiting workers get QuorumUnreachable
+            logger.exception("removing worker %d from the quorum failed", worker_id)
+            return
+        released = [w for w in (update.released if update is not None else []) if w != worker_id]
+        logger.info(
+            "worker %d removed from the quorum (now %s)%s",
+            worker_id,
+            getattr(self.aggregator, "effective_quorum", None),
+            f"; its removal completed the round of workers {released}" if released else "",
+        )
+        with self._cond:
+            self._removed.add(worker_id)
+            for w in released:
+                self._releases[w] += 1
+            self._cond.notify_all()
+
     # -- serving one remote worker --------------------------------------------------------------------
     def _set_state(self, slot: _Slot, state: str, error: str | None = None) -> None:
+        if state in ("left", "dead", "missing") and not slot.finished:
+            self._remove_from_quorum(slot.worker_id)
         with self._cond:
             if slot.state == "stopped" and state not in ("left", "dead", "missing"):
                 return
@@ -830,10 +906,11 @@ class DistributedServer:
                     self._send(slot, pg, MessageHeader(MessageKind.ACK, i))
                     return True
                 if header.kind == MessageKind.DISPATCH:
-                    update = self.dispatch(i)
+                    update = self.dispatch(i, out=msg.views)
                 elif header.kind == MessageKind.SUBMIT and header.has_payload:
-                    # The aggregator converts Δ into its own buffers: pass the views, no copy here.
-                    update = self.submit(i, msg.views, header.version)
+                    # The aggregator converts Δ into its own buffers first, then writes the reply
+                    # parameters into the same views: neither direction copies here.
+                    update = self.submit(i, msg.views, header.version, out=msg.views)
                 else:
                     raise ValueError(f"unexpected {header.kind.name} message from worker {i}")
             except ServerStopped:
@@ -1083,6 +1160,7 @@ def setup_transport(
     connect_timeout: float | datetime.timedelta = 300.0,
     rejoin_timeout: float = 0.0,
     prefix: str = "heloco",
+    shrink_quorum: bool = True,
 ) -> tuple[InProcessTransport | DistributedTransport, DistributedServer | None]:
     """Build this rank's transport once ``torch.distributed`` is initialised (any backend).
 
@@ -1090,7 +1168,8 @@ def setup_transport(
     build one) is wrapped in a started ``DistributedServer`` and the local worker gets
     ``InProcessTransport(server)``; every other rank gets a connected ``DistributedTransport``. The
     traffic always uses gloo pair groups over CPU buffers, even when the default backend is NCCL.
-    Returns ``(transport, server)``, ``server`` being ``None`` off the server rank.
+    Returns ``(transport, server)``, ``server`` being ``None`` off the server rank. ``shrink_quorum``
+    is the server's (ignored off the server rank).
 
     The store is the TCPStore underneath the default group's store, so a restarted worker can reach
     the same keys with a plain ``TCPStore(MASTER_ADDR, MASTER_PORT, is_master=False)``.
@@ -1124,6 +1203,7 @@ def setup_transport(
             connect_timeout=connect_timeout,
             rejoin_timeout=rejoin_timeout,
             prefix=prefix,
+            shrink_quorum=shrink_quorum,
         ).start()
         return InProcessTransport(server), server
     transport = DistributedTransport(

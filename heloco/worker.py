@@ -4,6 +4,10 @@ The user's training loop does not change. A post-step hook on the inner optimize
 every ``sync_every`` of them, sends the pseudo-gradient Δ = θ_start − θ_now to the server and loads
 the parameters it answers with. The inner optimizer's state (AdamW moments) stays on the worker and
 is never reset, as in DiLoCo (arXiv 2311.08105).
+
+A transport that sends from its own buffers (``DistributedTransport``) may offer them with an
+optional ``pseudo_grad_buffers()`` method: Δ is then computed straight into them (one pass, which
+also converts to the wire dtype) instead of into the worker's buffers and copied again when sent.
 """
 
 from __future__ import annotations
@@ -24,6 +28,27 @@ class Transport(Protocol):
     def dispatch(self, worker_id: int) -> Update: ...
 
     def submit(self, worker_id: int, pseudo_grads: list[torch.Tensor], base_version: int) -> Update: ...
+
+
+def _usable_buffers(
+    buffers: Any, start: list[torch.Tensor], now: list[torch.Tensor]
+) -> list[torch.Tensor] | None:
+    """The transport's send buffers if Δ can be written into them as is: one contiguous floating
+    tensor per parameter, same shape and device, not overlapping the parameters or θ_start."""
+    if not isinstance(buffers, list | tuple) or len(buffers) != len(start):
+        return None
+    for b, s, p in zip(buffers, start, now, strict=True):
+        if (
+            not isinstance(b, torch.Tensor)
+            or not b.is_floating_point()
+            or b.shape != s.shape
+            or b.device != s.device
+            or b.device != p.device
+            or not b.is_contiguous()
+            or b.data_ptr() in (s.data_ptr(), p.data_ptr())
+        ):
+            return None
+    return list(buffers)
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -76,7 +101,7 @@ class DiLoCoWorker:
         self._start = [
             torch.empty_like(p, device=device if device is not None else p.device) for p in self.params
         ]
-        self._delta = [torch.empty_like(s) for s in self._start]
+        self._delta: list[torch.Tensor] | None = None  # Δ's own buffers, made on first in-process use
         self.base_version: int | None = None
         self.local_step = 0
         self.steps_since_sync = 0
@@ -116,9 +141,24 @@ class DiLoCoWorker:
     # -- communication ---------------------------------------------------------------------------
     @torch.no_grad()
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        """Δ = θ_start − θ_now, in preallocated buffers (a descent direction)."""
-        torch._foreach_copy_(self._delta, self._start)
+        """Δ = θ_start − θ_now, in preallocated buffers (a descent direction).
+
+        If the transport offers ``pseudo_grad_buffers()`` that fit (same shapes and device as the
+        parameters), Δ is written there, in their dtype (the wire dtype, e.g. bf16), by one
+        ``torch.sub(start, now, out=buf)`` per tensor: the values the transport would send anyway,
+        without a second copy. Otherwise (in process) it goes into the worker's own buffers.
+        """
         now = [p.detach() for p in self.params]
+        offered = getattr(self.transport, "pseudo_grad_buffers", None)
+        if callable(offered):
+            buffers = _usable_buffers(offered(), self._start, now)
+            if buffers is not None:
+                for buf, start, cur in zip(buffers, self._start, now, strict=True):
+                    torch.sub(start, cur, out=buf)
+                return buffers
+        if self._delta is None:
+            self._delta = [torch.empty_like(s) for s in self._start]
+        torch._foreach_copy_(self._delta, self._start)
         if self._delta[0].device != now[0].device:
             now = [t.to(self._delta[0].device, non_blocking=True) for t in now]
         torch._foreach_sub_(self._delta, now)

@@ -802,3 +802,200 @@ def test_snapshot_is_a_copy_of_the_current_globals():
     assert version == 1 and torch.equal(copies[0], torch.tensor([-1.0, 2.0]))
     copies[0].add_(5.0)
     assert torch.equal(agg.global_params[0], torch.tensor([-1.0, 2.0]))
+
+
+# ---------------------------------------------------------------------------- out= (reply buffers)
+
+
+def _bits(t):
+    """A tensor's raw bits, so that −0.0 ≠ 0.0 and NaN payloads count."""
+    return t.contiguous().view(torch.uint8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    arrivals=st.lists(
+        st.tuples(st.integers(0, 2), st.floats(-8, 8, allow_nan=False, width=32)), min_size=1, max_size=8
+    ),
+    out_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    lookahead=st.booleans(),
+    max_staleness=st.sampled_from([None, 1]),
+    quorum=st.sampled_from([1, 2]),
+)
+def test_out_variants_write_exactly_the_allocating_values(
+    arrivals, out_dtype, lookahead, max_staleness, quorum
+):
+    """Twin aggregators driven identically: the one answering into out= gives, bit for bit, the
+    allocating twin's parameters converted to out's dtype, and the same everything else."""
+    kw = {"quorum": quorum, "lookahead": lookahead, "max_staleness": max_staleness}
+    _, agg_a = _fresh((0.5, -1.5), **kw)
+    _, agg_b = _fresh((0.5, -1.5), **kw)
+    out = [torch.full(s, 7.0, dtype=out_dtype) for s in SHAPES]
+    base = {}
+    for w in range(3):
+        ua, ub = agg_a.dispatch(w), agg_b.dispatch(w, out=out)
+        assert ub.params is out and ub.version == ua.version
+        assert all(torch.equal(_bits(x.to(out_dtype)), _bits(y)) for x, y in zip(ua.params, out, strict=True))
+        base[w] = ua.version
+    for w, value in arrivals:
+        if w in agg_a.pending_workers:
+            continue
+        grads = delta(value, -value / 3)
+        before = [t.clone() for t in out]
+        ua = agg_a.submit(w, grads, base[w])
+        ub = agg_b.submit(w, grads, base[w], out=out)
+        assert (ua.version, ua.staleness, ua.applied, ua.dropped, ua.weight, ua.released, ua.stats) == (
+            ub.version, ub.staleness, ub.applied, ub.dropped, ub.weight, ub.released, ub.stats
+        )  # fmt: skip
+        if ua.params is None:
+            assert ub.params is None and all(
+                torch.equal(_bits(x), _bits(y)) for x, y in zip(out, before, strict=True)
+            )
+        else:
+            assert ub.params is out
+            for x, y in zip(ua.params, out, strict=True):
+                assert torch.equal(_bits(x.to(out_dtype)), _bits(y))
+            base[w] = ua.version
+        for r in ua.released:
+            ra, rb = agg_a.dispatch(r), agg_b.dispatch(r, out=out)
+            assert all(
+                torch.equal(_bits(x.to(out_dtype)), _bits(y))
+                for x, y in zip(ra.params, rb.params, strict=True)
+            )
+            base[r] = ra.version
+    assert_bit_identical(agg_a.state_dict(), agg_b.state_dict())
+
+
+def test_out_by_hand_with_lookahead_into_bf16():
+    params, _, agg = make(num_workers=2, lr=1.0, momentum=0.5, lookahead=True)
+    agg.submit(0, delta(2), 0)  # m = 2, θ = −2
+    out = [torch.empty(s, dtype=torch.bfloat16) for s in SHAPES]
+    u = agg.submit(1, delta(0.25), 0, out=out)  # τ = 1: m = 0.5·2 + 0.25 = 1.25, θ = −3.25; τ̂₁ = 1
+    # reply: θ − η·τ̂·β·m = −3.25 − 1·1·0.5·1.25 = −3.875, exactly a bf16 number
+    assert u.params is out and out[0].dtype == torch.bfloat16
+    assert_params([t.float() for t in out], -3.875, -3.875)
+    assert_params(params, -3.25, -3.25)
+
+
+def test_submit_out_may_be_the_pseudo_grad_tensors_themselves():
+    """A transport receives Δ and answers from one buffer: Δ is read before the reply overwrites it."""
+    params, _, agg = make(num_workers=2, lr=0.5)
+    buf = delta(2.0, 4.0)
+    u = agg.submit(0, buf, 0, out=buf)  # θ = 0 − 0.5·Δ
+    assert u.params is buf
+    assert_params(buf, -1.0, -2.0)
+    assert_params(params, -1.0, -2.0)
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (lambda p: [torch.zeros(2)], r"out has 1 tensors, the global model has 2"),
+        (lambda p: [torch.zeros(3), torch.zeros(2, 2)], r"out\[0\] has shape \(3,\), expected \(2,\)"),
+        (lambda p: [torch.zeros(2, dtype=torch.int32), torch.zeros(2, 2)], r"out\[0\] has dtype torch.int32"),
+        (lambda p: [torch.zeros(2), p[1]], r"out\[1\] shares memory with a global parameter"),
+        (lambda p: torch.zeros(2), r"out must be a list of 2 tensors"),
+    ],
+    ids=["length", "shape", "dtype", "master", "tensor"],
+)
+def test_bad_out_is_refused_before_anything_changes(out, message):
+    params, _, agg = make(num_workers=3, quorum=2, momentum=0.9)
+    agg.submit(0, delta(1, 2), 0)
+    agg.submit(1, delta(3, -1), 0)
+    before = frozen(agg)
+    with pytest.raises(ValueError, match=message):
+        agg.submit(2, delta(1), 1, out=out(params))
+    with pytest.raises(ValueError, match=message):
+        agg.dispatch(2, out=out(params))
+    assert_bit_identical(frozen(agg), before)
+
+
+# ---------------------------------------------------------------------------- remove_worker
+
+
+def test_removing_a_worker_completes_the_open_round_of_the_others():
+    params, _, agg = make(num_workers=3, quorum=3)
+    assert agg.submit(0, delta(1, 2), 0).params is None
+    assert agg.submit(1, delta(3, 4), 0).params is None
+    u = agg.remove_worker(2)  # worker 2 died mid-round: the round of 0 and 1 completes now
+    assert u.params is None and u.applied and u.version == 1 and u.released == [0, 1]
+    assert u.stats == {"round_max_staleness": 0.0}
+    assert_params(params, -2, -3)  # θ = 0 − mean((1, 2), (3, 4))
+    assert agg.removed_workers == [2] and agg.effective_quorum == 2 and agg.pending_workers == []
+    assert_params(agg.dispatch(0).params, -2, -3)
+    agg.dispatch(1)
+    # the next rounds need the two live workers
+    assert agg.submit(1, delta(2), 1).params is None
+    u = agg.submit(0, delta(4), 1)
+    assert u.applied and u.version == 2 and u.released == [1]
+    assert_params(params, -5, -6)
+    assert agg.remove_worker(2).applied is False  # idempotent
+
+
+def test_removing_does_not_complete_a_round_that_still_lacks_live_workers():
+    params, _, agg = make(num_workers=4, quorum=4)
+    agg.submit(0, delta(1), 0)
+    u = agg.remove_worker(3)
+    assert not u.applied and u.released == [] and agg.effective_quorum == 3 and agg.pending_workers == [0]
+    agg.submit(1, delta(2), 0)
+    u = agg.submit(2, delta(6), 0)
+    assert u.applied and u.released == [0, 1]
+    assert_params(params, -3, -3)  # mean of 1, 2, 6
+
+
+def test_a_removed_workers_received_delta_stays_in_its_round():
+    params, _, agg = make(num_workers=3, quorum=3)
+    agg.submit(0, delta(3), 0)
+    agg.remove_worker(0)  # 0 is gone, but its Δ arrived in full: the round still waits for 1 and 2
+    assert agg.effective_quorum == 3 and agg.pending_workers == [0]
+    agg.submit(1, delta(6), 0)
+    u = agg.submit(2, delta(9), 0)
+    assert u.applied and u.released == [0, 1]
+    assert_params(params, -6, -6)  # mean of 3, 6, 9
+    assert agg.effective_quorum == 2  # from now on only 1 and 2 count
+
+
+def test_removed_worker_cannot_submit_until_it_dispatches_again():
+    params, _, agg = make(num_workers=2, quorum=2)
+    agg.remove_worker(1)
+    assert agg.effective_quorum == 1
+    before = frozen(agg)
+    with pytest.raises(ValueError, match="worker 1 was removed"):
+        agg.submit(1, delta(1), 0)
+    assert_bit_identical(frozen(agg), before)
+    u = agg.submit(0, delta(2), 0)  # alone, worker 0 is a full round
+    assert u.applied and u.version == 1
+    assert_params(params, -2, -2)
+    agg.dispatch(1)  # rejoined
+    assert agg.removed_workers == [] and agg.effective_quorum == 2
+    assert agg.submit(1, delta(1), 1).params is None
+
+
+def test_remove_in_async_mode_changes_nothing_for_the_others():
+    _, _, agg = make(num_workers=2)
+    u = agg.remove_worker(1)
+    assert not u.applied and agg.effective_quorum == 1
+    assert agg.submit(0, delta(1), 0).applied
+    with pytest.raises(ValueError, match=r"worker_id must be an int in \[0, 2\), got 2"):
+        agg.remove_worker(2)
+
+
+def test_failed_step_while_removing_leaves_the_round_open():
+    params = masters((1.0, 2.0))
+    opt = ExplodingSGD(params, lr=0.5, momentum=0.9)
+    agg = AsyncAggregator(params, opt, 3, quorum=3)
+    agg.submit(0, delta(1), 0)
+    agg.submit(1, delta(3), 0)
+    before = frozen(agg)
+    with pytest.raises(RuntimeError, match="boom"):
+        agg.remove_worker(2)
+    assert_bit_identical(frozen(agg), before)
+    assert agg.removed_workers == [] and agg.pending_workers == [0, 1] and agg.effective_quorum == 3
+
+
+def test_load_state_dict_counts_every_worker_again():
+    _, _, agg = make(num_workers=3, quorum=3)
+    sd = agg.state_dict()
+    agg.remove_worker(2)
+    agg.load_state_dict(sd)
+    assert agg.removed_workers == [] and agg.effective_quorum == 3

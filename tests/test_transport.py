@@ -3,6 +3,7 @@ refusals), the server's synchronous waiting and stop, and the gloo path with bot
 process (threads, a TCPStore on 127.0.0.1). Multi-process runs live in test_transport_dist.py."""
 
 import datetime
+import gc
 import json
 import logging
 import math
@@ -445,7 +446,7 @@ def test_aggregator_failure_reaches_the_worker_and_the_server_goes_on(caplog):
 def test_pending_quorum_fails_fast_when_too_few_workers_remain():
     _, agg = sgd_aggregator(num_workers=2, quorum=2)
     store = tcp_store()
-    server = DistributedServer(agg, store, timeout=60, prefix="t8").start()
+    server = DistributedServer(agg, store, timeout=60, prefix="t8", shrink_quorum=False).start()
     remote = DistributedTransport(1, masters(), store, timeout=60, prefix="t8")
     errors = []
 
@@ -532,3 +533,172 @@ def test_worker_transport_validation():
         DistributedTransport(1, [], store)
     with pytest.raises(ValueError, match="floating-point"):
         DistributedTransport(1, [torch.zeros(2, dtype=torch.int64)], store)
+
+
+# -- a worker gone for good in synchronous rounds: the quorum shrinks ---------------------------------
+
+
+def _local_submit_in_thread(server, worker_id, grads, base):
+    """The server rank's own worker submitting (it blocks while its round is open)."""
+    result = {}
+
+    def run():
+        try:
+            result["update"] = server.submit(worker_id, grads, base)
+        except Exception as e:  # reported to the test
+            result["error"] = e
+
+    th = threading.Thread(target=run)
+    th.start()
+    return th, result
+
+
+def _wait_pending(agg, workers):
+    deadline = time.monotonic() + 10
+    while agg.pending_workers != workers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert agg.pending_workers == workers
+
+
+def test_leaving_worker_shrinks_the_quorum_and_releases_the_waiting_round(caplog):
+    params, agg = sgd_aggregator(num_workers=2, quorum=2)
+    store = tcp_store()
+    server = DistributedServer(agg, store, timeout=60, prefix="t11").start()
+    remote = DistributedTransport(1, masters(), store, timeout=60, prefix="t11")
+    th, result = _local_submit_in_thread(server, 0, delta(1.0, 3.0), 0)
+    _wait_pending(agg, [0])
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="heloco.transport"):
+        remote.leave()  # worker 1 quits instead of submitting: the round goes on without it
+        th.join(10)
+    assert time.monotonic() - start < 5 and "error" not in result
+    u = result["update"]
+    assert u.version == 1 and torch.equal(u.params[0], torch.full((3,), -1.0))  # θ = 0 − Δ₀
+    assert torch.equal(u.params[1], torch.full((2, 2), -3.0))
+    assert agg.removed_workers == [1] and agg.effective_quorum == 1
+    assert (
+        "worker 1 removed from the quorum (now 1); its removal completed the round of workers [0]"
+        in caplog.text
+    )
+    u = server.submit(0, delta(1.0), 1)  # alone from now on: every submission is a full round
+    assert u.applied and u.version == 2 and torch.equal(params[0], torch.full((3,), -2.0))
+    server.join(timeout=10)
+    assert server.worker_stats()[1]["state"] == "left"
+
+
+def test_dead_worker_is_removed_and_the_round_of_the_others_completes():
+    _, agg = sgd_aggregator(num_workers=3, quorum=3)
+    store = tcp_store()
+    server = DistributedServer(agg, store, timeout=60, prefix="t12").start()
+    survivor = DistributedTransport(1, masters(), store, timeout=60, prefix="t12")
+    doomed = DistributedTransport(2, masters(), store, timeout=60, prefix="t12")
+    remote = {}
+
+    def survivor_round():
+        u = survivor.submit(1, delta(3.0, 5.0), 0)
+        remote["update"] = (u.version, u.applied, [p.clone() for p in u.params])
+
+    th_local, local = _local_submit_in_thread(server, 0, delta(1.0, 1.0), 0)
+    th_remote = threading.Thread(target=survivor_round)
+    th_remote.start()
+    deadline = time.monotonic() + 10
+    while sorted(agg.pending_workers) != [0, 1] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(agg.pending_workers) == [0, 1]
+    doomed._pg = None  # worker 2's process dies: its sockets close, no LEAVE
+    del doomed
+    gc.collect()
+    th_local.join(10)
+    th_remote.join(10)
+    assert "error" not in local and "update" in remote
+    # θ = 0 − mean(Δ₀, Δ₁) = −(2, 3) for both the local and the remote worker
+    version, applied, got = remote["update"]
+    assert version == 1 and not applied  # the step ran when worker 2 was removed, not in this call
+    assert torch.equal(got[0], torch.full((3,), -2.0)) and torch.equal(got[1], torch.full((2, 2), -3.0))
+    assert all(torch.equal(a, b) for a, b in zip(local["update"].params, got, strict=True))
+    assert agg.removed_workers == [2] and agg.version == 1
+    stats = server.worker_stats()
+    assert stats[2]["state"] == "dead" and stats[2]["departures"] == 1
+    survivor.leave()
+    server.join(timeout=10)
+
+
+def test_worker_that_never_connects_is_removed_from_the_quorum():
+    _, agg = sgd_aggregator(num_workers=2, quorum=2)
+    server = DistributedServer(agg, tcp_store(), timeout=60, connect_timeout=0.5, prefix="t13").start()
+    u = server.submit(0, delta(2.0), 0)  # waits until worker 1 counts as missing, then goes on alone
+    assert u.version == 1 and torch.equal(u.params[0], torch.full((3,), -2.0))
+    assert agg.removed_workers == [1]
+    with pytest.raises(TimeoutError, match="never connected"):
+        server.join(timeout=10)
+
+
+# -- replies written into given tensors -------------------------------------------------------------
+
+
+def test_server_passes_out_to_an_aggregator_that_accepts_it():
+    _, agg = sgd_aggregator(num_workers=2, lr=0.5)
+    server = DistributedServer(agg, HashStore())
+    out = [torch.full(s, 9.0, dtype=torch.bfloat16) for s in SHAPES]
+    u = server.submit(0, delta(2.0, 4.0), 0, out=out)
+    assert u.params is out and torch.equal(out[1], torch.full((2, 2), -2.0, dtype=torch.bfloat16))
+    u = server.dispatch(1, out=out)
+    assert u.params is out and torch.equal(out[0], torch.full((3,), -1.0, dtype=torch.bfloat16))
+
+
+def test_server_without_out_support_answers_with_the_aggregators_copies():
+    agg = FlakyServer()
+    agg.failed = True  # no failure this time
+    server = DistributedServer(agg, HashStore())
+    out = [torch.full(s, 9.0) for s in SHAPES]
+    u = server.submit(1, delta(2.0), 0, out=out)
+    assert u.params is not out and torch.equal(u.params[0], torch.full((3,), -2.0))
+    assert all(torch.equal(o, torch.full_like(o, 9.0)) for o in out)  # untouched
+
+
+def test_diloco_worker_over_gloo_equals_the_in_process_run():
+    """A remote DiLoCoWorker (Δ written into the transport's send buffer, parameters written by the
+    aggregator into the server's reply buffer) ends bit for bit where the in-process run ends."""
+    from heloco.worker import DiLoCoWorker
+
+    def build():
+        torch.manual_seed(4)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+        masters_ = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(masters_, lr=0.7, momentum=0.9, nesterov=True)
+        return model, AsyncAggregator(masters_, opt, 2, lookahead=True)
+
+    def train(model, transport, sent):
+        inner = torch.optim.AdamW(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(8)
+        with DiLoCoWorker(model, inner, transport, 1, sync_every=2) as worker:
+            for _ in range(6):
+                x = torch.randn(5, 4, generator=g)
+                (model(x) - x[:, :2]).pow(2).mean().backward()
+                inner.step()
+                inner.zero_grad()
+                if worker.steps_since_sync == 1 and sent is not None:
+                    sent.append(worker.pseudo_gradient() is not worker._delta)
+
+    model_a, agg_a = build()
+    train(model_a, InProcessTransport(agg_a), None)
+
+    model_b, agg_b = build()
+    store = tcp_store()
+    server = DistributedServer(agg_b, store, timeout=30, prefix="t14").start()
+    sent = []
+
+    def remote():
+        with DistributedTransport(1, list(model_b.parameters()), store, timeout=30, prefix="t14") as t:
+            train(model_b, t, sent)
+
+    th = threading.Thread(target=remote)
+    th.start()
+    th.join(60)
+    server.join(timeout=30)
+    assert sent == [True, True, True]  # Δ lived in the transport's buffer
+    assert agg_b.version == agg_a.version == 3
+    for a, b in zip(agg_a.global_params, agg_b.global_params, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(a, b)  # with look-ahead: the extrapolated point, written into the reply buffer

@@ -131,3 +131,106 @@ def test_bad_arguments():
         DiLoCoWorker(model, opt, None, 0, sync_every=0)
     with pytest.raises(TypeError, match="inner_optimizer"):
         DiLoCoWorker(model, object(), None, 0, sync_every=1)
+
+
+# -- Δ written straight into a transport's send buffers ----------------------------------------------
+
+
+class WireServer:
+    """RecordingServer behind a flat wire buffer: records the exact bytes each submit would send.
+
+    With ``offer=True`` it exposes ``pseudo_grad_buffers()`` (the buffer's own tensors) the way
+    ``DistributedTransport`` does; ``buffers`` may override what it offers.
+    """
+
+    def __init__(self, params, wire_dtype, offer, buffers=None):
+        from heloco.transport import FlatMessage, MessageHeader, MessageKind
+
+        self.server = RecordingServer(params)
+        self.message = FlatMessage([p.shape for p in self.server.params], wire_dtype)
+        self.header = lambda w, v: MessageHeader(MessageKind.SUBMIT, w, version=v)
+        self.offered = buffers if buffers is not None else self.message.views
+        if offer:
+            self.pseudo_grad_buffers = lambda: list(self.offered)
+        self.sent = []  # (bytes, whether the payload was already in place)
+
+    def dispatch(self, worker_id):
+        return self.server.dispatch(worker_id)
+
+    def submit(self, worker_id, pseudo_grads, base_version):
+        in_place = self.message.holds(pseudo_grads)
+        data = self.message.pack(self.header(worker_id, base_version), pseudo_grads)
+        self.sent.append((data.clone(), in_place))
+        return self.server.submit(worker_id, self.message.views, base_version)
+
+
+def two_layer(seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    return model, torch.optim.AdamW(model.parameters(), lr=0.05)
+
+
+def run_rounds(model, opt, transport, rounds=3, sync_every=2):
+    g = torch.Generator().manual_seed(11)
+    with DiLoCoWorker(model, opt, transport, 0, sync_every=sync_every) as worker:
+        for _ in range(rounds * sync_every):
+            x = torch.randn(6, 5, generator=g)
+            (model(x) - x[:, :3]).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    return worker
+
+
+@pytest.mark.parametrize("wire", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_delta_into_transport_buffers_sends_the_same_bytes(wire):
+    model_a, opt_a = two_layer(3)
+    model_b, opt_b = two_layer(3)
+    plain = WireServer(model_a.parameters(), wire, offer=False)
+    offered = WireServer(model_b.parameters(), wire, offer=True)
+    run_rounds(model_a, opt_a, plain)
+    run_rounds(model_b, opt_b, offered)
+    assert len(plain.sent) == len(offered.sent) == 3
+    for (bytes_a, in_place_a), (bytes_b, in_place_b) in zip(plain.sent, offered.sent, strict=True):
+        assert not in_place_a and in_place_b  # the offered buffers were written, no copy when sent
+        assert torch.equal(bytes_a, bytes_b)
+        assert bytes_a.float().abs().sum() > 0  # real, non-zero Δ travelled
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_delta_in_transport_buffers_is_start_minus_now_exactly():
+    model, opt = two_layer(5)
+    server = WireServer(model.parameters(), torch.float32, offer=True)
+    with DiLoCoWorker(model, opt, server, 0, sync_every=100) as worker:
+        start = [p.detach().clone() for p in model.parameters()]
+        run_rounds(model, opt, server, rounds=1, sync_every=3)  # no sync: only 3 of 100 steps
+        delta = worker.pseudo_gradient()
+        assert delta is not worker._delta and server.message.holds(delta)
+        for d, s, p in zip(delta, start, model.parameters(), strict=True):
+            assert torch.equal(d, s - p.detach())
+
+
+@pytest.mark.parametrize(
+    "buffers",
+    [
+        lambda ps: [torch.empty_like(p) for p in ps][:-1],  # one tensor short
+        lambda ps: [torch.empty(p.numel() + 1) for p in ps],  # wrong shapes
+        lambda ps: [torch.empty_like(p, dtype=torch.int32) for p in ps],  # not floating point
+        lambda ps: [torch.empty(p.shape[::-1]).t() for p in ps],  # not contiguous (2-d ones)
+        lambda ps: [p.detach() for p in ps],  # the parameters themselves
+    ],
+    ids=["short", "shape", "dtype", "strided", "params"],
+)
+def test_unfit_transport_buffers_fall_back_to_the_workers_own(buffers):
+    model_a, opt_a = two_layer(3)
+    model_b, opt_b = two_layer(3)
+    plain = WireServer(model_a.parameters(), torch.float32, offer=False)
+    odd = WireServer(
+        model_b.parameters(), torch.float32, offer=True, buffers=buffers(list(model_b.parameters()))
+    )
+    run_rounds(model_a, opt_a, plain)
+    worker = run_rounds(model_b, opt_b, odd)
+    assert worker._delta is not None  # Δ went through the worker's own buffers
+    assert [b for b, _ in plain.sent] and all(
+        torch.equal(a, b) for (a, _), (b, _) in zip(plain.sent, odd.sent, strict=True)
+    )
