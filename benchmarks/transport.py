@@ -1,21 +1,28 @@
-"""Round-trip throughput of heloco's distributed transport against raw gloo send/recv.
+"""Round trip of a DiLoCo pseudo-gradient through heloco's distributed transport, against raw gloo.
 
-Two processes on 127.0.0.1 (gloo, ``OMP_NUM_THREADS=1``). One round trip = the worker sends a
-pseudo-gradient the size of the model and receives new parameters of the same size:
+Two processes on 127.0.0.1 (gloo, ``OMP_NUM_THREADS=1``): rank 0 runs a ``DistributedServer``, rank 1
+a worker. One round trip = the worker sends a model-sized message and gets a model-sized reply. Four
+ways, measured in the same run, in interleaved blocks:
 
-- heloco: ``DistributedTransport.submit`` → the server thread of a ``DistributedServer`` → a trivial
-  aggregator (no math: it answers with its preallocated parameters) → reply. The cost measured is
-  the transport's own: packing Δ into the flat buffer (converting to bf16 on the bf16 lines), header
-  and JSON handling, the server packing the parameters into its reply buffer.
-- "Δ in place": the same, but Δ was written straight into ``transport.pseudo_grad_buffers()`` (as a
-  worker computing Δ = start − now into them would), so the worker-side copy disappears.
-- raw: the same number of payload bytes sent and sent back with plain ``send``/``recv`` on a second
-  pair group between the same two processes.
+- raw: plain gloo ``send``/``recv`` of the same payload bytes there and back, nothing else.
+- ordinary (the main line): what a distributed run does at the end of every round.
+  ``DiLoCoWorker.sync()`` computes Δ = start − now straight into the transport's send buffer
+  (``pseudo_grad_buffers()``), ``DistributedTransport.submit`` sends it, the server thread hands it
+  to a real ``AsyncAggregator`` (receive and finiteness check, pre-step backup, outer step, reply
+  written into the server's message buffer with ``out=``), the worker loads the reply into the
+  model and θ_start. The outer optimizer is a no-op, so the line measures everything but the outer
+  step's own math (which is the same wherever the server runs).
+- before: the same without the two shortcuts, as the code was before them: Δ in the worker's own
+  buffers and copied into the send buffer, the reply parameters cloned by the aggregator and copied
+  into the message buffer by the server.
+- transport only: ``DistributedTransport.submit`` of a Δ already in the send buffer, answered by an
+  aggregator that only copies its parameters into the reply buffer: the transport's own cost.
 
-All are measured in the same run, alternating blocks of round trips; each line reports the median
-over blocks of payload bytes moved (both directions) per second, and the ratio to raw.
+Each line is the median over rounds of the per-round ratio of payload bytes moved per second
+(heloco / raw, paired so that drifting machine load cancels). A breakdown line times, in the worker
+process alone, the pieces the ordinary path adds to a raw round trip.
 
-    python benchmarks/transport.py [--rounds 5] [--per-block 4]
+    python benchmarks/transport.py [--rounds 7] [--per-block 3]
 """
 
 from __future__ import annotations
@@ -27,17 +34,21 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 import torch.multiprocessing as mp
+from torch import nn
 from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
-from heloco.aggregator import Update
+from heloco.aggregator import AsyncAggregator, Update
 from heloco.transport import DistributedServer, DistributedTransport
+from heloco.worker import DiLoCoWorker
 
 TIMEOUT = datetime.timedelta(seconds=300)
+MODES = ("ordinary", "before", "transport only")
 
 
 def llama_like(vocab: int, d: int, ffn: int, layers: int) -> list[torch.Tensor]:
@@ -55,26 +66,179 @@ MODELS = {
 }
 
 
-class EchoAggregator:
-    """No math: answers every call with the same preallocated parameters."""
+class NoOpOuter(torch.optim.Optimizer):
+    """An outer optimizer whose step changes nothing: the aggregator's plumbing without its math."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure: Callable[[], float] | None = None) -> None:
+        return None
+
+
+def aggregator(params: list[torch.Tensor]) -> AsyncAggregator:
+    masters = [p.clone() for p in params]
+    return AsyncAggregator(masters, NoOpOuter(masters), num_workers=2)
+
+
+class AllocatingAggregator:
+    """The aggregator as it was before ``out=``: every answer is a fresh clone of the parameters."""
+
+    def __init__(self, inner: AsyncAggregator) -> None:
+        self.inner = inner
+        self.num_workers = inner.num_workers
+        self.global_params = inner.global_params
+
+    def dispatch(self, worker_id: int) -> Update:
+        return self.inner.dispatch(worker_id)
+
+    def submit(self, worker_id: int, pseudo_grads: Sequence[torch.Tensor], base_version: int) -> Update:
+        return self.inner.submit(worker_id, pseudo_grads, base_version)
+
+
+class CopyingAggregator:
+    """No math: writes its preallocated parameters into the reply buffer (the transport's own cost)."""
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.global_params = params
         self.num_workers = 2
         self.version = 0
 
-    def dispatch(self, worker_id: int) -> Update:
-        return Update(params=self.global_params, version=self.version)
+    def dispatch(self, worker_id: int, *, out: list[torch.Tensor] | None = None) -> Update:
+        return self.submit(worker_id, [], self.version, out=out)
 
-    def submit(self, worker_id: int, pseudo_grads, base_version: int) -> Update:
-        self.version += 1
-        return Update(params=self.global_params, version=self.version, applied=True)
+    def submit(
+        self,
+        worker_id: int,
+        pseudo_grads: object,
+        base_version: int,
+        *,
+        out: list[torch.Tensor] | None = None,
+    ) -> Update:
+        if out is not None:
+            torch._foreach_copy_(out, self.global_params)
+        return Update(params=out if out is not None else self.global_params, version=self.version)
+
+
+class OpaqueTransport:
+    """Hides ``pseudo_grad_buffers()``: the worker computes Δ in its own buffers, as before."""
+
+    def __init__(self, transport: DistributedTransport) -> None:
+        self.transport = transport
+
+    def dispatch(self, worker_id: int) -> Update:
+        return self.transport.dispatch(worker_id)
+
+    def submit(self, worker_id: int, pseudo_grads: Sequence[torch.Tensor], base_version: int) -> Update:
+        return self.transport.submit(worker_id, pseudo_grads, base_version)
+
+
+class Replica(nn.Module):
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList([nn.Parameter(p.clone()) for p in params])
+
+
+def worker_for(params: list[torch.Tensor], transport: object) -> DiLoCoWorker:
+    model = Replica(params)
+    worker = DiLoCoWorker(model, torch.optim.SGD(model.parameters(), lr=0.0), transport, 1, sync_every=1)
+    worker.pull()
+    return worker
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ms(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Best of ``repeat`` timings, in milliseconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def serve(
+    store: TCPStore, tag: str, params: list[torch.Tensor], wire: torch.dtype, raw: tuple, blocks: int
+) -> None:
+    """Rank 0: one server per way of answering, plus the raw echo."""
+    raw_pg, raw_buf = raw
+    targets = {
+        "ordinary": aggregator(params),
+        "before": AllocatingAggregator(aggregator(params)),
+        "transport only": CopyingAggregator(params),
+    }
+    servers = [
+        DistributedServer(agg, store, wire_dtype=wire, timeout=300, prefix=f"{tag}/{mode}").start()
+        for mode, agg in targets.items()
+    ]
+    for _ in range(blocks):
+        raw_pg.recv([raw_buf], 1, 0).wait()
+        raw_pg.send([raw_buf], 1, 0).wait()
+    for server in servers:
+        server.join(timeout=300)
+
+
+def measure(
+    store: TCPStore,
+    tag: str,
+    params: list[torch.Tensor],
+    wire: torch.dtype,
+    raw: tuple,
+    rounds: int,
+    per_block: int,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Rank 1: interleaved blocks of raw and heloco round trips (bytes/s per block), and the
+    ordinary path's added pieces timed alone (ms)."""
+    raw_pg, raw_buf = raw
+    payload = raw_buf.numel()
+    transports = {
+        mode: DistributedTransport(1, params, store, wire_dtype=wire, timeout=300, prefix=f"{tag}/{mode}")
+        for mode in MODES
+    }
+    ordinary = worker_for(params, transports["ordinary"])
+    before = worker_for(params, OpaqueTransport(transports["before"]))
+    direct = transports["transport only"]
+    in_place = direct.pseudo_grad_buffers()
+    for buf, p in zip(in_place, params, strict=True):
+        buf.copy_(torch.randn_like(p) * 1e-3)
+    version = direct.dispatch(1).version
+    steps: dict[str, Callable[[], object]] = {
+        "ordinary": ordinary.sync,
+        "before": before.sync,
+        "transport only": lambda: direct.submit(1, in_place, version),
+    }
+    local = aggregator(params)
+    reply = [torch.empty_like(b) for b in in_place]
+    received = transports["ordinary"].recv_message.views
+    pieces: dict[str, Callable[[], object]] = {
+        "Δ into the send buffer": ordinary.pseudo_gradient,
+        "load reply": lambda: ordinary.load(received, ordinary.base_version),
+        "aggregator": lambda: local.submit(0, in_place, local.version, out=reply),
+    }
+
+    def raw_round_trip() -> None:
+        raw_pg.send([raw_buf], 0, 0).wait()
+        raw_pg.recv([raw_buf], 0, 0).wait()
+
+    rates: dict[str, list[float]] = {"raw": [], **{m: [] for m in MODES}}
+    piece_ms: dict[str, list[float]] = {k: [] for k in pieces}
+    for _ in range(rounds):
+        for mode, step in {"raw": raw_round_trip, **steps}.items():
+            step()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(per_block):
+                step()
+            rates[mode].append(2 * payload * per_block / (time.perf_counter() - t0))
+        for piece, fn in pieces.items():
+            piece_ms[piece].append(ms(fn))
+    for t in transports.values():
+        t.leave()
+    return rates, piece_ms
 
 
 def run(rank: int, port: int, rounds: int, per_block: int, out: mp.Queue) -> None:
@@ -84,58 +248,41 @@ def run(rank: int, port: int, rounds: int, per_block: int, out: mp.Queue) -> Non
         params = llama_like(**cfg)
         numel = sum(p.numel() for p in params)
         for wire in (torch.float32, torch.bfloat16):
-            tag = f"{name}/{str(wire).split('.')[-1]}"
+            wire_name = "fp32" if wire == torch.float32 else "bf16"
+            tag = f"{name}/{wire_name}"
             payload = numel * torch.empty((), dtype=wire).element_size()
             raw_pg = ProcessGroupGloo(PrefixStore(f"raw/{tag}", store), rank, 2, TIMEOUT)
-            raw_buf = torch.empty(payload, dtype=torch.uint8)
+            raw = (raw_pg, torch.empty(payload, dtype=torch.uint8))
             if rank == 0:
-                server = DistributedServer(
-                    EchoAggregator(params), store, wire_dtype=wire, timeout=300, prefix=f"bench/{tag}"
-                ).start()
-                for _ in range(rounds * (per_block + 1)):  # echo the raw blocks (+1 warm-up each)
-                    raw_pg.recv([raw_buf], 1, 0).wait()
-                    raw_pg.send([raw_buf], 1, 0).wait()
-                server.join(timeout=300)
+                serve(store, tag, params, wire, raw, rounds * (per_block + 1))
                 continue
-            transport = DistributedTransport(
-                1, params, store, wire_dtype=wire, timeout=300, prefix=f"bench/{tag}"
-            )
-            delta = [torch.randn_like(p) for p in params]
-            in_place = transport.pseudo_grad_buffers()  # Δ written straight into the send buffer
-            for buf, d in zip(in_place, delta, strict=True):
-                buf.copy_(d)
-            version = transport.dispatch(1).version
-            rates: dict[str, list[float]] = {"raw": [], "copy": [], "in place": []}
-            for _ in range(rounds):
-                raw_pg.send([raw_buf], 0, 0).wait()  # warm-up
-                raw_pg.recv([raw_buf], 0, 0).wait()
-                t0 = time.perf_counter()
-                for _ in range(per_block):
-                    raw_pg.send([raw_buf], 0, 0).wait()
-                    raw_pg.recv([raw_buf], 0, 0).wait()
-                rates["raw"].append(2 * payload * per_block / (time.perf_counter() - t0))
-                for mode, grads in (("copy", delta), ("in place", in_place)):
-                    version = transport.submit(1, grads, version).version  # warm-up
-                    t0 = time.perf_counter()
-                    for _ in range(per_block):
-                        version = transport.submit(1, grads, version).version
-                    rates[mode].append(2 * payload * per_block / (time.perf_counter() - t0))
-            transport.leave()
-            r = statistics.median(rates["raw"])
-            wire_name = "fp32" if wire == torch.float32 else "bf16"
-            for mode, label in (("copy", ""), ("in place", ", Δ in place")):
-                h = statistics.median(rates[mode])
+            rates, piece_ms = measure(store, tag, params, wire, raw, rounds, per_block)
+            raw_rate = statistics.median(rates["raw"])
+            label = f"transport {numel / 1e6:.1f}M params {wire_name}"
+            for mode in MODES:
+                ratio = statistics.median(h / r for h, r in zip(rates[mode], rates["raw"], strict=True))
+                rate = statistics.median(rates[mode])
                 out.put(
-                    f"transport {numel / 1e6:.1f}M params {wire_name}{label}: heloco/raw = {h / r:.2f} "
-                    f"(heloco {h / 1e6:.0f} MB/s, raw {r / 1e6:.0f} MB/s)"
+                    f"{label}, {mode}: heloco/raw = {ratio:.2f} "
+                    f"(heloco {rate / 1e6:.0f} MB/s, raw {raw_rate / 1e6:.0f} MB/s)"
                 )
+            raw_ms = 2 * payload / raw_rate * 1e3
+            ordinary_ms = 2 * payload / statistics.median(rates["ordinary"]) * 1e3
+            added = {k: statistics.median(v) for k, v in piece_ms.items()}
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in added.items())
+            out.put(
+                f"{label}, breakdown: ordinary {ordinary_ms:.1f} ms per round trip vs raw {raw_ms:.1f} ms "
+                f"+ added work {sum(added.values()):.1f} ms ({parts})"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="alternating blocks per configuration")
-    parser.add_argument("--per-block", type=int, default=4, help="round trips per block")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved blocks per configuration")
+    parser.add_argument("--per-block", type=int, default=3, help="round trips per block")
     args = parser.parse_args()
+    if args.rounds < 1 or args.per_block < 1:
+        parser.error("--rounds and --per-block must be >= 1")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
@@ -150,8 +297,9 @@ def main() -> None:
         lines.append(out.get())
     print("\n".join(lines))
     print(
-        "(one round trip = submit Δ + receive params; trivial no-math aggregator; "
-        "raw = plain gloo send/recv of the same payload bytes there and back)"
+        "(one round trip = Δ there, parameters back; ratios are medians of per-round paired ratios; "
+        "ordinary = DiLoCoWorker.sync() → DistributedServer → AsyncAggregator with a no-op outer step → "
+        "load; raw = plain gloo send/recv of the same payload bytes)"
     )
     if codes != [0, 0]:
         sys.exit(f"benchmark processes exited with {codes}")
