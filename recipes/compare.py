@@ -11,6 +11,7 @@ restarted. Runs go to subprocesses, ``jobs`` at a time, each with its share of t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -64,9 +65,46 @@ def equal_wallclock(base: dict[str, Any], seq_len: int) -> float:
     return base["budget_tokens"] / (tokens_per_step * sum(base["worker_speeds"]))
 
 
+# Keys that do not change what a run computes.
+_BOOKKEEPING = {
+    "output_dir",
+    "resume_from",
+    "eval_times",
+    "eval_every",
+    "progress",
+    "report_to",
+    "save_every",
+    "keep_checkpoints",
+    "stop_after_arrivals",
+    "build_sample_if_missing",
+}
+
+
+def finished_matches(out: Path, values: dict[str, Any]) -> bool:
+    """A finished run is reused only if it computed exactly what ``values`` asks for (including the
+    code's default outer lr at the time); otherwise the user must move it away."""
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        return False
+    summary = json.loads(summary_path.read_text())
+    config = config_from_dict(values)
+    wanted = {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING}
+    done = {k: v for k, v in summary["config"].items() if k not in _BOOKKEEPING}
+    differs = sorted(k for k in wanted if wanted[k] != done.get(k))
+    done_lr = summary.get("outer_lr", summary["config"].get("outer_lr"))
+    if done_lr != config.outer_lr:
+        differs.append(f"outer_lr (effective: {done_lr} vs {config.outer_lr})")
+    if differs:
+        raise RuntimeError(
+            f"{out} holds a finished run with other settings ({', '.join(differs)}); "
+            "delete it or choose another output_dir"
+        )
+    return True
+
+
 def launch(values: dict[str, Any], threads: int, quiet: bool) -> tuple[str, float]:
     out = Path(values["output_dir"])
-    if (out / "summary.json").exists():
+    if finished_matches(out, values):
         return f"{out.name}: done already", 0.0
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "run_config.yaml"

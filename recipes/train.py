@@ -526,6 +526,7 @@ def run(config: RecipeConfig, command: str | None = None) -> dict[str, Any]:
     hub_history = pusher.close() if pusher is not None else None
     summary = {
         "method": o.method,
+        "outer_lr": config.outer_lr,
         "seed": t.seed,
         "arrivals": counters["arrivals"],
         "outer_updates": aggregator.version,

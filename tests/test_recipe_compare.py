@@ -51,3 +51,18 @@ def test_equal_wallclock_by_hand():
         equal_wallclock({"budget_tokens": 1000, "batch_size": 4, "worker_speeds": [1.0, 1.0, 0.5]}, 16)
         == 6.25
     )
+
+
+def test_a_finished_run_with_other_settings_is_not_reused(tiny_shards, tmp_path):
+    import pytest
+
+    config = write_matrix(tmp_path, tiny_shards)
+    spec = yaml.safe_load(config.read_text())
+    spec["methods"] = {"heloco": {"method": "heloco"}}
+    spec["seeds"] = [0]
+    config.write_text(yaml.safe_dump(spec))
+    main(["--config", str(config)])
+    spec["methods"]["heloco"]["outer_lr"] = 0.3
+    config.write_text(yaml.safe_dump(spec))
+    with pytest.raises(RuntimeError, match="other settings"):
+        main(["--config", str(config)])
