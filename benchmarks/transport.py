@@ -8,13 +8,13 @@ ways, measured in the same run, in interleaved blocks:
 - ordinary (the main line): what a distributed run does at the end of every round.
   ``DiLoCoWorker.sync()`` computes Δ = start − now straight into the transport's send buffer
   (``pseudo_grad_buffers()``), ``DistributedTransport.submit`` sends it, the server thread hands it
-  to a real ``AsyncAggregator`` (receive and finiteness check, pre-step backup, outer step, reply
-  written into the server's message buffer with ``out=``), the worker loads the reply into the
-  model and θ_start. The outer optimizer is a no-op, so the line measures everything but the outer
+  to a real ``AsyncAggregator`` (finiteness check, Δ converted into its scratch unless it is fp32
+  already, pre-step backup, outer step, reply written into the server's message buffer with
+  ``out=``), the worker loads the reply into the model and θ_start. The outer optimizer is a no-op, so the line measures everything but the outer
   step's own math (which is the same wherever the server runs).
-- before: the same without the two shortcuts, as the code was before them: Δ in the worker's own
-  buffers and copied into the send buffer, the reply parameters cloned by the aggregator and copied
-  into the message buffer by the server.
+- before: the same without the shortcuts, as the code was before them: Δ in the worker's own
+  buffers and copied into the send buffer, copied again into the aggregator's scratch, the reply
+  parameters cloned by the aggregator and copied into the message buffer by the server.
 - transport only: ``DistributedTransport.submit`` of a Δ already in the send buffer, answered by an
   aggregator that only copies its parameters into the reply buffer: the transport's own cost.
 
@@ -213,12 +213,12 @@ def measure(
         "transport only": lambda: direct.submit(1, in_place, version),
     }
     local = aggregator(params)
-    reply = [torch.empty_like(b) for b in in_place]
+    message = [b.clone() for b in in_place]  # Δ arrives in the server's buffer; the reply goes there
     received = transports["ordinary"].recv_message.views
     pieces: dict[str, Callable[[], object]] = {
         "Δ into the send buffer": ordinary.pseudo_gradient,
         "load reply": lambda: ordinary.load(received, ordinary.base_version),
-        "aggregator": lambda: local.submit(0, in_place, local.version, out=reply),
+        "aggregator": lambda: local.submit(0, message, local.version, out=message),
     }
 
     def raw_round_trip() -> None:

@@ -299,7 +299,10 @@ class AsyncAggregator:
         Returns the parameters the worker continues from: the new ones after an outer step, the
         current ones if Δ was dropped as too stale (the worker restarts from fresh), or ``None``
         while its quorum round is still open. ``out`` as for ``dispatch`` (left untouched while the
-        round is open); it may be the very tensors of ``pseudo_grads``, which are read first.
+        round is open). It may be the very tensors of ``pseudo_grads`` (a transport answering from
+        the buffer Δ arrived in): Δ is read first, and if those tensors have the masters' dtype and
+        device the aggregator works on Δ right there instead of copying it (after a failed outer
+        step their contents are then unspecified).
         """
         with self._lock, torch.no_grad():
             self._check_worker(worker_id)
@@ -321,7 +324,7 @@ class AsyncAggregator:
                     f"worker {worker_id} already submitted to the open quorum round "
                     f"(pending: {[w for w, _, _ in self._pending]}); it must wait for the round to complete"
                 )
-            self._receive(pseudo_grads)  # validates and converts into self._incoming (scratch only)
+            incoming = self._receive(pseudo_grads, out)  # validated Δ in the masters' dtype (scratch)
 
             tau = self._version - int(base_version)
             weight = staleness_weight(tau, self.staleness_weighting, self.staleness_a, self.staleness_b)
@@ -341,7 +344,7 @@ class AsyncAggregator:
 
             stats = {"staleness": float(tau), "weight": weight}
             if len(self._pending) + 1 < self._round_quorum():
-                torch._foreach_add_(self._sum, self._incoming, alpha=weight)
+                torch._foreach_add_(self._sum, incoming, alpha=weight)
                 self._pending.append((worker_id, tau, weight))
                 record.observe(tau, dropped=False)
                 return Update(params=None, version=self._version, staleness=tau, weight=weight, stats=stats)
@@ -353,14 +356,14 @@ class AsyncAggregator:
                     if self.staleness_weighting is not None:  # without weighting w ≡ 1: pass nothing
                         kwargs["weight"] = weight
                 elif weight != 1.0:
-                    torch._foreach_mul_(self._incoming, weight)
+                    torch._foreach_mul_(incoming, weight)
             else:
                 if weight != 1.0:
-                    torch._foreach_mul_(self._incoming, weight)
-                torch._foreach_add_(self._incoming, self._sum)
-                torch._foreach_div_(self._incoming, float(len(self._pending) + 1))
+                    torch._foreach_mul_(incoming, weight)
+                torch._foreach_add_(incoming, self._sum)
+                torch._foreach_div_(incoming, float(len(self._pending) + 1))
             round_tau = max([tau] + [t for _, t, _ in self._pending])
-            released = self._complete_round(round_tau, kwargs, stats)
+            released = self._complete_round(incoming, round_tau, kwargs, stats)
             record.observe(tau, dropped=False)
             record.base_version = self._version
             return Update(
@@ -398,7 +401,7 @@ class AsyncAggregator:
             round_tau = max(t for _, t, _ in self._pending)
             stats: dict[str, float] = {}
             try:
-                released = self._complete_round(round_tau, {}, stats)
+                released = self._complete_round(self._incoming, round_tau, {}, stats)
             except BaseException:
                 self._removed.discard(worker_id)  # nothing changed: the round stays open
                 raise
@@ -514,12 +517,14 @@ class AsyncAggregator:
         waiting_removed = sum(1 for w, _, _ in self._pending if w in self._removed)
         return max(1, min(self.quorum, live + waiting_removed))
 
-    def _complete_round(self, round_tau: int, kwargs: dict[str, Any], stats: dict[str, float]) -> list[int]:
-        """One outer step on p.grad = self._incoming (already the round's mean), then close the
-        round: returns the pending workers it releases. Nothing changes if the step raises."""
+    def _complete_round(
+        self, grads: list[Tensor], round_tau: int, kwargs: dict[str, Any], stats: dict[str, float]
+    ) -> list[int]:
+        """One outer step on p.grad = ``grads`` (already the round's mean), then close the round:
+        returns the pending workers it releases. Nothing changes if the step raises."""
         if self._step_takes_staleness:
             kwargs["staleness"] = round_tau
-        self._outer_step(kwargs)
+        self._outer_step(kwargs, grads)
         released = [w for w, _, _ in self._pending]
         self._pending.clear()
         if self._sum is not None:
@@ -566,17 +571,35 @@ class AsyncAggregator:
                 raise ValueError(f"{what}[{i}] has dtype {t.dtype}, expected a floating-point dtype")
         return tensors
 
-    def _receive(self, pseudo_grads: Any) -> None:
-        """Validate Δ and convert it into the preallocated master-side buffers; raise if not finite."""
-        grads = self._check_shapes(pseudo_grads, "pseudo_grads")
-        torch._foreach_copy_(self._incoming, [g.detach() for g in grads])
-        norms = torch.stack(torch._foreach_norm(self._incoming))
+    def _receive(self, pseudo_grads: Any, out: list[Tensor] | None = None) -> list[Tensor]:
+        """Validate Δ and return it in the masters' dtype and device; raise if not finite.
+
+        Δ is converted into the preallocated ``_incoming`` buffers, unless the caller passed the very
+        same tensors as ``out`` (a transport answering from the buffer it received Δ in) and they
+        already have the masters' dtype, device and layout: then they serve as the scratch directly,
+        which saves a model-sized copy (their contents are overwritten by the reply anyway).
+        """
+        grads = [g.detach() for g in self._check_shapes(pseudo_grads, "pseudo_grads")]
+        reuse = out is not None and all(
+            o.data_ptr() == g.data_ptr()
+            and o.dtype == g.dtype == p.dtype
+            and g.device == p.device
+            and g.is_contiguous()
+            for o, g, p in zip(out, grads, self.global_params, strict=True)
+        )
+        if reuse:
+            incoming = grads
+        else:
+            incoming = self._incoming
+            torch._foreach_copy_(incoming, grads)
+        norms = torch.stack(torch._foreach_norm(incoming))
         if not bool(torch.isfinite(norms).all()):
-            for i, t in enumerate(self._incoming):  # a huge finite tensor may overflow its norm: confirm
+            for i, t in enumerate(incoming):  # a huge finite tensor may overflow its norm: confirm
                 if not bool(torch.isfinite(t).all()):
                     raise ValueError(
                         f"pseudo_grads[{i}] contains NaN or Inf (after conversion to {t.dtype}); nothing was applied"
                     )
+        return incoming
 
     def _params_for(self, worker_id: int, dest: list[Tensor] | None = None) -> list[Tensor]:
         """Copies of the master parameters, extrapolated along the momentum when look-ahead is on;
@@ -628,8 +651,9 @@ class AsyncAggregator:
             torch._foreach_copy_(copy_dst, copy_src)
         return dest
 
-    def _outer_step(self, kwargs: dict[str, Any]) -> None:
-        """Run the outer step on p.grad = self._incoming; on any exception restore θ and the optimizer."""
+    def _outer_step(self, kwargs: dict[str, Any], grads: list[Tensor] | None = None) -> None:
+        """Run the outer step on p.grad = ``grads`` (default ``_incoming``); on any exception restore θ
+        and the optimizer."""
         opt = self.outer_optimizer
         params = self.global_params
         # Snapshot: parameters into a preallocated copy, per-parameter state tensors into cached
@@ -659,7 +683,7 @@ class AsyncAggregator:
             torch._foreach_copy_(dst, src)
         saved_groups = [{k: copy.copy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
 
-        for p, g in zip(params, self._incoming, strict=True):
+        for p, g in zip(params, self._incoming if grads is None else grads, strict=True):
             p.grad = g
         try:
             opt.step(**kwargs)

@@ -821,13 +821,16 @@ def _bits(t):
     lookahead=st.booleans(),
     max_staleness=st.sampled_from([None, 1]),
     quorum=st.sampled_from([1, 2]),
+    outer=st.sampled_from(["sgd", "heloco"]),
+    alias=st.booleans(),
 )
 def test_out_variants_write_exactly_the_allocating_values(
-    arrivals, out_dtype, lookahead, max_staleness, quorum
+    arrivals, out_dtype, lookahead, max_staleness, quorum, outer, alias
 ):
     """Twin aggregators driven identically: the one answering into out= gives, bit for bit, the
-    allocating twin's parameters converted to out's dtype, and the same everything else."""
-    kw = {"quorum": quorum, "lookahead": lookahead, "max_staleness": max_staleness}
+    allocating twin's parameters converted to out's dtype, and the same everything else. With
+    ``alias`` Δ arrives in ``out`` itself, as on the server (fp32: used in place as the scratch)."""
+    kw = {"quorum": quorum, "lookahead": lookahead, "max_staleness": max_staleness, "outer": outer}
     _, agg_a = _fresh((0.5, -1.5), **kw)
     _, agg_b = _fresh((0.5, -1.5), **kw)
     out = [torch.full(s, 7.0, dtype=out_dtype) for s in SHAPES]
@@ -841,9 +844,14 @@ def test_out_variants_write_exactly_the_allocating_values(
         if w in agg_a.pending_workers:
             continue
         grads = delta(value, -value / 3)
+        if alias:  # Δ lands in the reply buffer (in its dtype); the twin gets the same values
+            torch._foreach_copy_(out, grads)
+            grads_a, grads_b = [t.clone() for t in out], out
+        else:
+            grads_a = grads_b = grads
         before = [t.clone() for t in out]
-        ua = agg_a.submit(w, grads, base[w])
-        ub = agg_b.submit(w, grads, base[w], out=out)
+        ua = agg_a.submit(w, grads_a, base[w])
+        ub = agg_b.submit(w, grads_b, base[w], out=out)
         assert (ua.version, ua.staleness, ua.applied, ua.dropped, ua.weight, ua.released, ua.stats) == (
             ub.version, ub.staleness, ub.applied, ub.dropped, ub.weight, ub.released, ub.stats
         )  # fmt: skip
@@ -877,14 +885,20 @@ def test_out_by_hand_with_lookahead_into_bf16():
     assert_params(params, -3.25, -3.25)
 
 
-def test_submit_out_may_be_the_pseudo_grad_tensors_themselves():
-    """A transport receives Δ and answers from one buffer: Δ is read before the reply overwrites it."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_submit_out_may_be_the_pseudo_grad_tensors_themselves(dtype):
+    """A transport receives Δ and answers from one buffer: Δ is read before the reply overwrites it.
+    In the masters' dtype the buffer itself is the step's scratch (no copy into _incoming)."""
     params, _, agg = make(num_workers=2, lr=0.5)
-    buf = delta(2.0, 4.0)
+    for t in agg._incoming:
+        t.fill_(float("nan"))  # sentinel: shows whether Δ was copied in
+    buf = delta(2.0, 4.0, dtype=dtype)
     u = agg.submit(0, buf, 0, out=buf)  # θ = 0 − 0.5·Δ
     assert u.params is buf
-    assert_params(buf, -1.0, -2.0)
+    assert_params([t.float() for t in buf], -1.0, -2.0)
     assert_params(params, -1.0, -2.0)
+    copied = not any(torch.isnan(t).any() for t in agg._incoming)
+    assert copied == (dtype != torch.float32)
 
 
 @pytest.mark.parametrize(
