@@ -550,6 +550,10 @@ def _train_worker(
         wasted += 1
         reason = "quorum_unreachable"
         logger.warning("rank %d: %s", rank, e)
+    except TimeoutError as e:  # a synchronous round waited longer than comm_timeout_s
+        wasted += 1
+        reason = "quorum_timeout"
+        logger.warning("rank %d: %s", rank, e)
     finally:
         before.remove()
     wall = time.monotonic() - start
