@@ -17,7 +17,10 @@ and never reorients.
 Implementation: every corrected block is Δ̂_b = s_b·Δ_b + r_b·m_b for two scalars, so all norms and dot
 products are computed on the device, brought to the host in one transfer, the scalars are computed
 there in float64 (‖ũ‖ follows from c_b in closed form: ‖ũ‖² = (1−λ)² + λ² + 2λ(1−λ)c), and the updates
-are applied with ``torch._foreach_*`` ops grouped by branch.
+are applied with ``torch._foreach_*`` ops grouped by branch, without temporary tensors.
+:func:`plan_correction` (measure and decide) and :func:`apply_correction` (write Δ̂, in place or into
+caller-provided buffers) are separate so that an optimizer can correct into preallocated buffers and
+leave ``p.grad`` alone.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-__all__ = ["CORRECTION_VARIANTS", "CorrectionStats", "correct_pseudo_gradient", "validate_correction_hparams"]
+__all__ = [
+    "CORRECTION_VARIANTS",
+    "CorrectionPlan",
+    "CorrectionStats",
+    "apply_correction",
+    "correct_pseudo_gradient",
+    "plan_correction",
+    "validate_correction_hparams",
+]
 
 CORRECTION_VARIANTS = ("full", "project")
 
@@ -228,6 +239,159 @@ def _fits(dtype: torch.dtype, nd: float, nm: float, s: float, r: float) -> bool:
     return abs(r) <= big and abs(s) * nd + abs(r) * nm <= big
 
 
+@dataclass
+class CorrectionPlan:
+    """What to do to each block: Δ̂_b = s_b·Δ_b + r_b·m_b for the corrected ones (see plan_correction)."""
+
+    stats: CorrectionStats
+    shrink: list[tuple[int, float]] = field(default_factory=list)  # (block, r); s = 1
+    reorient: list[tuple[int, float, float]] = field(default_factory=list)  # (block, s, r)
+    wide: list[tuple[int, float, float]] = field(default_factory=list)  # (block, s, r), done in float64
+
+    @property
+    def corrected(self) -> list[int]:
+        """Indices of the blocks that change."""
+        return sorted(
+            [i for i, _ in self.shrink] + [i for i, _, _ in self.reorient] + [i for i, _, _ in self.wide]
+        )
+
+
+def plan_correction(
+    pseudo_grads: Sequence[Tensor],
+    momentum: Sequence[Tensor],
+    *,
+    keep_threshold: float,
+    shrink_strength: float,
+    shrink_max: float,
+    reorient_strength: float,
+    kappa: float,
+    eps: float = 1e-8,
+    variant: str = "full",
+    foreach: bool | None = None,
+) -> CorrectionPlan:
+    """Validate the inputs, measure every block and decide its branch; modifies nothing.
+
+    Raises ValueError on bad hyperparameters, mismatched blocks, or NaN/Inf in the inputs.
+    """
+    deltas, moms = list(pseudo_grads), list(momentum)
+    validate_correction_hparams(
+        keep_threshold=keep_threshold,
+        shrink_strength=shrink_strength,
+        shrink_max=shrink_max,
+        reorient_strength=reorient_strength,
+        kappa=kappa,
+        eps=eps,
+        variant=variant,
+    )
+    _check_blocks(deltas, moms)
+    plan = CorrectionPlan(CorrectionStats())
+    stats = plan.stats
+    for i, (nd, nm, dot) in enumerate(_block_statistics(deltas, moms, foreach is not False)):
+        branch, c, s, r = _plan_block(
+            nd,
+            nm,
+            dot,
+            keep_threshold=keep_threshold,
+            shrink_strength=shrink_strength,
+            shrink_max=shrink_max,
+            reorient_strength=reorient_strength,
+            kappa=kappa,
+            eps=eps,
+            variant=variant,
+        )
+        wide = branch != _KEEP and not _fits(deltas[i].dtype, nd, nm, s, r)
+        if wide and not bool(torch.isfinite(_wide_result(deltas[i], moms[i], s, r)).all()):
+            branch = _KEEP  # Δ̂ is not representable in the tensor's dtype: leave the block as it is
+        stats.cosines.append(c)
+        numel = deltas[i].numel()
+        if branch == _KEEP:
+            stats.blocks_kept += 1
+            stats.elements_kept += numel
+            continue
+        if branch == _SHRINK:
+            stats.blocks_shrunk += 1
+            stats.elements_shrunk += numel
+        else:
+            stats.blocks_reoriented += 1
+            stats.elements_reoriented += numel
+        if wide:
+            plan.wide.append((i, s, r))
+        elif branch == _SHRINK:
+            plan.shrink.append((i, r))
+        else:
+            plan.reorient.append((i, s, r))
+    return plan
+
+
+def _wide_result(d: Tensor, m: Tensor, s: float, r: float) -> Tensor:
+    """s·Δ + r·m evaluated in float64 (huge Δ or subnormal m), rounded to Δ's dtype."""
+    return (d.double() * s + m.double() * r).to(d.dtype)
+
+
+def apply_correction(
+    plan: CorrectionPlan,
+    pseudo_grads: Sequence[Tensor],
+    momentum: Sequence[Tensor],
+    *,
+    out: Sequence[Tensor] | None = None,
+    foreach: bool | None = None,
+) -> list[Tensor]:
+    """Write Δ̂ of every corrected block into ``out`` (default: ``pseudo_grads``, in place).
+
+    Returns the corrected pseudo-gradient as a list: ``out[i]`` for corrected blocks and
+    ``pseudo_grads[i]`` for kept ones, so kept blocks are never copied. ``x += r·m`` is done with
+    ``_foreach_addcmul_(x, m, one, r)`` (a broadcast scalar 1), since ``_foreach_add_`` has no
+    per-tensor alpha; nothing is allocated besides those scalars.
+    """
+    deltas, moms = list(pseudo_grads), list(momentum)
+    dst = list(deltas) if out is None else list(out)
+    if len(dst) != len(deltas):
+        raise ValueError(f"out must have {len(deltas)} tensors, got {len(dst)}")
+    result = list(deltas)
+    for i in plan.corrected:
+        result[i] = dst[i]
+    copies = [i for i in plan.corrected if dst[i] is not deltas[i]]
+    shrink_idx = [i for i, _ in plan.shrink]
+    reo_idx = [i for i, _, _ in plan.reorient]
+    ones: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def one(t: Tensor) -> Tensor:
+        key = (t.device, t.dtype)
+        if key not in ones:
+            ones[key] = torch.ones((), device=t.device, dtype=t.dtype)
+        return ones[key]
+
+    if foreach is not False:
+        if copies:
+            torch._foreach_copy_([dst[i] for i in copies], [deltas[i] for i in copies])
+        if shrink_idx:
+            torch._foreach_addcmul_(
+                [dst[i] for i in shrink_idx],
+                [moms[i] for i in shrink_idx],
+                [one(moms[i]) for i in shrink_idx],
+                [r for _, r in plan.shrink],
+            )
+        if reo_idx:
+            targets = [dst[i] for i in reo_idx]
+            torch._foreach_mul_(targets, [s for _, s, _ in plan.reorient])
+            torch._foreach_addcmul_(
+                targets,
+                [moms[i] for i in reo_idx],
+                [one(moms[i]) for i in reo_idx],
+                [r for _, _, r in plan.reorient],
+            )
+    else:
+        for i in copies:
+            dst[i].copy_(deltas[i])
+        for i, r in plan.shrink:
+            dst[i].addcmul_(moms[i], one(moms[i]), value=r)
+        for i, s, r in plan.reorient:
+            dst[i].mul_(s).addcmul_(moms[i], one(moms[i]), value=r)
+    for i, s, r in plan.wide:
+        dst[i].copy_(_wide_result(deltas[i], moms[i], s, r))
+    return result
+
+
 def correct_pseudo_gradient(
     pseudo_grads: Sequence[Tensor],
     momentum: Sequence[Tensor],
@@ -247,8 +411,9 @@ def correct_pseudo_gradient(
     is a plain per-tensor loop that gives bit-identical results on CPU. Raises ValueError, before
     modifying anything, on bad hyperparameters, mismatched blocks, or NaN/Inf in the inputs.
     """
-    deltas, moms = list(pseudo_grads), list(momentum)
-    validate_correction_hparams(
+    plan = plan_correction(
+        pseudo_grads,
+        momentum,
         keep_threshold=keep_threshold,
         shrink_strength=shrink_strength,
         shrink_max=shrink_max,
@@ -256,72 +421,7 @@ def correct_pseudo_gradient(
         kappa=kappa,
         eps=eps,
         variant=variant,
+        foreach=foreach,
     )
-    _check_blocks(deltas, moms)
-    use_foreach = True if foreach is None else bool(foreach)
-
-    stats = CorrectionStats()
-    shrink_idx: list[int] = []
-    shrink_r: list[float] = []
-    reo_idx: list[int] = []
-    reo_s: list[float] = []
-    reo_r: list[float] = []
-    wide: list[tuple[int, float, float]] = []  # blocks whose coefficients would overflow their dtype
-    for i, (nd, nm, dot) in enumerate(_block_statistics(deltas, moms, use_foreach)):
-        branch, c, s, r = _plan_block(
-            nd,
-            nm,
-            dot,
-            keep_threshold=keep_threshold,
-            shrink_strength=shrink_strength,
-            shrink_max=shrink_max,
-            reorient_strength=reorient_strength,
-            kappa=kappa,
-            eps=eps,
-            variant=variant,
-        )
-        is_wide = False
-        if branch != _KEEP and not _fits(deltas[i].dtype, nd, nm, s, r):
-            # Rare (huge Δ or subnormal m): evaluate in float64; keep Δ if the result overflows its dtype.
-            out = (deltas[i].double() * s + moms[i].double() * r).to(deltas[i].dtype)
-            if bool(torch.isfinite(out).all()):
-                wide.append((i, s, r))
-                is_wide = True
-            else:
-                branch = _KEEP
-        stats.cosines.append(c)
-        numel = deltas[i].numel()
-        if branch == _KEEP:
-            stats.blocks_kept += 1
-            stats.elements_kept += numel
-        elif branch == _SHRINK:
-            stats.blocks_shrunk += 1
-            stats.elements_shrunk += numel
-            if not is_wide:
-                shrink_idx.append(i)
-                shrink_r.append(r)
-        else:
-            stats.blocks_reoriented += 1
-            stats.elements_reoriented += numel
-            if not is_wide:
-                reo_idx.append(i)
-                reo_s.append(s)
-                reo_r.append(r)
-
-    # Nothing has been modified so far; apply Δ ← s·Δ + r·m per branch.
-    if use_foreach:
-        if shrink_idx:
-            d_sh = [deltas[i] for i in shrink_idx]
-            torch._foreach_add_(d_sh, torch._foreach_mul([moms[i] for i in shrink_idx], shrink_r))
-        if reo_idx:
-            d_re = [deltas[i] for i in reo_idx]
-            torch._foreach_mul_(d_re, reo_s)
-            torch._foreach_add_(d_re, torch._foreach_mul([moms[i] for i in reo_idx], reo_r))
-    else:
-        for i, r in zip(shrink_idx, shrink_r, strict=True):
-            deltas[i].add_(moms[i].mul(r))
-        for i, s, r in zip(reo_idx, reo_s, reo_r, strict=True):
-            deltas[i].mul_(s).add_(moms[i].mul(r))
-    for i, s, r in wide:
-        deltas[i].copy_(deltas[i].double() * s + moms[i].double() * r)
-    return stats
+    apply_correction(plan, pseudo_grads, momentum, foreach=foreach)
+    return plan.stats

@@ -23,8 +23,9 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from heloco.correction import (
     CorrectionStats,
+    apply_correction,
     check_number,
-    correct_pseudo_gradient,
+    plan_correction,
     validate_correction_hparams,
 )
 
@@ -92,9 +93,10 @@ class HeLoCo(Optimizer):
     """EMA-form Nesterov outer step with HeLoCo's stale pseudo-gradient correction (arXiv 2606.00271).
 
     Per step, with Δ from ``p.grad``: if the update is to be corrected (``variant != "none"`` and the
-    staleness is unknown, positive, or ``correct_fresh``), a copy of Δ is corrected block by block
-    against the current momentum m (see :mod:`heloco.correction`; ``p.grad`` is never modified). Then,
-    with G = weight·Δ̂::
+    staleness is unknown, positive, or ``correct_fresh``), Δ is corrected block by block against the
+    current momentum m (see :mod:`heloco.correction`). ``p.grad`` is never modified: corrected blocks
+    are written to per-parameter scratch buffers that are reused across steps and are not part of
+    ``state`` or ``state_dict``. Then, with G = weight·Δ̂::
 
         m ← μ·m + (1 − μ)·G
         θ ← θ − η·(G + μ·m)
@@ -133,7 +135,17 @@ class HeLoCo(Optimizer):
         }
         self._validate(defaults)
         self.last_stats: CorrectionStats | None = None
+        self._scratch: dict[Tensor, Tensor] = {}
         super().__init__(params, defaults)
+
+    def _scratch_for(self, p: Tensor, grad: Tensor) -> Tensor:
+        """A reusable buffer for p's corrected pseudo-gradient (kept outside ``state``, so it is
+        neither checkpointed nor seen by code that reads the optimizer state)."""
+        buf = self._scratch.get(p)
+        if buf is None or buf.shape != grad.shape or buf.dtype != grad.dtype or buf.device != grad.device:
+            buf = torch.empty_like(grad, memory_format=torch.preserve_format)
+            self._scratch[p] = buf
+        return buf
 
     @staticmethod
     def _validate(group: Mapping[str, Any]) -> None:
@@ -161,6 +173,7 @@ class HeLoCo(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("last_stats", None)
+        self.__dict__.setdefault("_scratch", {})
         for group in self.param_groups:
             for key, value in HELOCO_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -181,56 +194,59 @@ class HeLoCo(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Phase 1: corrected copies for every group (may raise on NaN/Inf; nothing is modified yet).
+        # Phase 1: measure and plan every group's correction (may raise on NaN/Inf; nothing changes).
         plans = []
-        all_stats = []
         for group in self.param_groups:
             params, grads = _collect(self, group)
             if not params:
                 continue
             bufs = _momentum_buffers(self, params)
             foreach = group["foreach"] is not False
-            correct = group["variant"] != "none" and (
-                staleness is None or staleness > 0 or group["correct_fresh"]
-            )
-            if correct or weight is not None:
-                updates = torch._foreach_clone(grads) if foreach else [g.clone() for g in grads]
-            else:
-                updates = grads  # read only
-            if correct:
-                all_stats.append(
-                    correct_pseudo_gradient(
-                        updates,
-                        bufs,
-                        keep_threshold=group["keep_threshold"],
-                        shrink_strength=group["shrink_strength"],
-                        shrink_max=group["shrink_max"],
-                        reorient_strength=group["reorient_strength"],
-                        kappa=group["kappa"],
-                        eps=group["eps"],
-                        variant=group["variant"],
-                        foreach=foreach,
-                    )
+            plan = None
+            if group["variant"] != "none" and (staleness is None or staleness > 0 or group["correct_fresh"]):
+                plan = plan_correction(
+                    grads,
+                    bufs,
+                    keep_threshold=group["keep_threshold"],
+                    shrink_strength=group["shrink_strength"],
+                    shrink_max=group["shrink_max"],
+                    reorient_strength=group["reorient_strength"],
+                    kappa=group["kappa"],
+                    eps=group["eps"],
+                    variant=group["variant"],
+                    foreach=foreach,
                 )
-            plans.append((group, params, updates, bufs, foreach))
+            plans.append((group, params, grads, bufs, foreach, plan))
 
-        # Phase 2: G = weight·Δ̂, then the EMA-form Nesterov update.
-        for group, params, updates, bufs, foreach in plans:
+        # Phase 2: G = weight·Δ̂ (corrected blocks written to scratch buffers, p.grad is only read),
+        # then the EMA-form Nesterov update.
+        for group, params, grads, bufs, foreach, plan in plans:
+            updates = grads
+            if plan is not None and plan.corrected:
+                out = list(grads)
+                for i in plan.corrected:
+                    out[i] = self._scratch_for(params[i], grads[i])
+                updates = apply_correction(plan, grads, bufs, out=out, foreach=foreach)
             lr, mu = group["lr"], group["momentum"]
+            w = 1.0 if weight is None else weight
             if foreach:
-                if weight is not None:
-                    torch._foreach_mul_(updates, weight)
-                torch._foreach_lerp_(bufs, updates, 1.0 - mu)
-                torch._foreach_add_(params, updates, alpha=-lr)
+                if weight is None:
+                    torch._foreach_lerp_(bufs, updates, 1.0 - mu)
+                else:
+                    torch._foreach_mul_(bufs, mu)
+                    torch._foreach_add_(bufs, updates, alpha=(1.0 - mu) * w)
+                torch._foreach_add_(params, updates, alpha=-lr * w)
                 torch._foreach_add_(params, bufs, alpha=-lr * mu)
             else:
                 for p, g, m in zip(params, updates, bufs, strict=True):
-                    if weight is not None:
-                        g.mul_(weight)
-                    m.lerp_(g, 1.0 - mu)
-                    p.add_(g, alpha=-lr)
+                    if weight is None:
+                        m.lerp_(g, 1.0 - mu)
+                    else:
+                        m.mul_(mu).add_(g, alpha=(1.0 - mu) * w)
+                    p.add_(g, alpha=-lr * w)
                     p.add_(m, alpha=-lr * mu)
-        self.last_stats = CorrectionStats.concat(all_stats) if all_stats else None
+        stats = [plan.stats for *_, plan in plans if plan is not None]
+        self.last_stats = CorrectionStats.concat(stats) if stats else None
         return loss
 
 

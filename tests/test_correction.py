@@ -7,7 +7,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from heloco.correction import CorrectionStats, correct_pseudo_gradient
+from heloco.correction import CorrectionStats, apply_correction, correct_pseudo_gradient, plan_correction
 
 # Hyperparameters used by the hand examples unless a test says otherwise: eps = 0 keeps the
 # arithmetic exact (conf = ‖Δ‖/(‖Δ‖ + κ‖m‖)).
@@ -325,3 +325,21 @@ def test_reorientation_preserves_the_norm(pair, hp):
     for d, o, c in zip(deltas, out, stats.cosines, strict=True):
         if c >= 0.0:
             assert float(o.double().norm()) == pytest.approx(float(d.double().norm()), rel=1e-5, abs=1e-30)
+
+
+def test_plan_then_apply_out_of_place_matches_in_place():
+    deltas, moms = _random_blocks(3)
+    hp = dict(HP, keep_threshold=0.3, eps=1e-8)
+    originals = [d.clone() for d in deltas]
+    plan = plan_correction(deltas, moms, **hp)
+    assert plan.corrected and len(plan.corrected) < len(deltas)
+    out = [torch.full_like(d, float("nan")) for d in deltas]
+    result = apply_correction(plan, deltas, moms, out=out)
+    for i, (d, o) in enumerate(zip(deltas, originals, strict=True)):
+        assert torch.equal(d, o)  # inputs untouched
+        assert result[i] is (out[i] if i in plan.corrected else deltas[i])  # kept blocks are not copied
+    in_place = [d.clone() for d in deltas]
+    stats = correct_pseudo_gradient(in_place, moms, **hp)
+    assert stats == plan.stats
+    for r, x in zip(result, in_place, strict=True):
+        assert torch.equal(r, x)

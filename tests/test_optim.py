@@ -363,3 +363,17 @@ def test_defaults_live_in_one_place():
     opt = HeLoCo([param(1.0)])
     for key, value in HELOCO_DEFAULTS.items():
         assert opt.defaults[key] == value
+
+
+def test_scratch_buffers_stay_out_of_the_state_and_are_reused():
+    params, opt = _run(HeLoCo, None, 4, keep_threshold=0.3)
+    assert all(set(s) == {"momentum_buffer"} for s in opt.state_dict()["state"].values())
+    seen = {}
+    for _ in range(2):
+        for p in params:  # Δ = −m: cos = −1, every block is shrunk and needs a buffer
+            p.grad = -opt.state[p]["momentum_buffer"].clone()
+        opt.step(staleness=2)
+        assert opt.last_stats.blocks_shrunk == len(params)
+        for p in params:
+            assert seen.setdefault(p, opt._scratch[p]) is opt._scratch[p]
+            assert opt._scratch[p].data_ptr() != p.grad.data_ptr()
