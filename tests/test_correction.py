@@ -50,6 +50,15 @@ def test_shrink_branch_by_hand():
     assert stats.cosines == pytest.approx([-0.6], rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_shrink_by_hand_in_other_dtypes(dtype):
+    # the example above, [3, 4] against [−1, 0] → [1.5, 4], is exact in every float dtype
+    delta = [t(3, 4).to(dtype)]
+    stats = correct_pseudo_gradient(delta, [t(-1, 0).to(dtype)], **HP)
+    assert delta[0].dtype == dtype and torch.equal(delta[0], t(1.5, 4).to(dtype))
+    assert stats.blocks_shrunk == 1
+
+
 def test_shrink_is_capped_by_shrink_max():
     # Same block, k_s = 2 → k_s·0.6·5/6 = 1.0, capped at β_max = 0.25:
     # Δ̂ = [3, 4] − 0.25·(−0.6)·5·[−1, 0] = [3, 4] + 0.75·[−1, 0] = [2.25, 4]
