@@ -39,9 +39,9 @@ parameters' own dtype, or e.g. ``torch.bfloat16`` to halve the bytes). Messages 
 only the header. Nothing is copied that need not be: a ``DiLoCoWorker`` writes Δ straight into the
 send buffer (``DistributedTransport.pseudo_grad_buffers()``), the server's aggregator reads it from
 the receive buffer and writes the reply parameters straight back into it (``out=``), and the worker
-loads them from its receive buffer. A connection starts with a HELLO carrying the worker's layout: gloo aborts the
-receiving process when a message exceeds its buffer, so layouts are compared before any tensor
-travels. Each gloo operation has a timeout; in gloo a timeout closes the connection, so the
+loads them from its receive buffer. A connection starts with a HELLO carrying the worker's layout:
+gloo aborts the receiving process when a message exceeds its buffer, so layouts are compared before
+any tensor travels. Each gloo operation has a timeout; in gloo a timeout closes the connection, so the
 operation timeout is the longest a worker may stay silent (one round) and the longest a worker may wait
 for its reply (a synchronous round), not a polling interval.
 """
