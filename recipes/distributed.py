@@ -195,7 +195,11 @@ class _JsonLines:
     """A rank's own append-only JSONL file (no trackers: those belong to rank 0's metrics.jsonl)."""
 
     def __init__(self, path: Path, fresh: bool) -> None:
-        self._file = open(path, "w" if fresh else "a")  # noqa: SIM115 - held open for the whole run
+        if fresh:
+            path.write_text("")
+        # Append mode even for a fresh file: a restarted worker may write to it while the old one
+        # still runs, and O_APPEND keeps their lines whole.
+        self._file = open(path, "a")  # noqa: SIM115 - held open for the whole run
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -706,9 +710,12 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
     # -- identical start, measured speeds (one all-gather) --------------------------------------------
     slowdowns = slowdown_factors(o.worker_speeds)
     speed = 0.0
-    if o.dylu:
+    if o.dylu:  # one rank at a time, so that ranks sharing a machine do not slow each other's probe
         probe = shards[rank][: d.batch_size].to(device)
-        speed = measure_speed(model, probe, accelerator, slowdowns[rank])
+        for r in range(world):
+            if r == rank:
+                speed = measure_speed(model, probe, accelerator, slowdowns[rank])
+            accelerator.wait_for_everyone()
     mine = torch.tensor([[float(parameter_checksum(model)), speed]], dtype=torch.float64, device=device)
     gathered = accelerator.gather(mine).reshape(world, 2).cpu().tolist()
     checksums = [int(row[0]) for row in gathered]
@@ -793,6 +800,8 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         connect_timeout=o.comm_timeout_s,
         rejoin_timeout=o.rejoin_timeout_s,
     )
+    # Created before the barrier: a replacement of this rank appends to it only after the start.
+    rank_log = _JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=True)
     accelerator.wait_for_everyone()  # all connected: the rounds start together
     start = time.monotonic()
     signals = _Signals()
@@ -814,7 +823,6 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
     if warm_state is not None:
         optimizer.load_state_dict(copy.deepcopy(warm_state))
     stream = TokenStream(shards[rank], d.batch_size, t.seed, stream_id=rank)
-    rank_log = _JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=True)
     rank_log.write({"event": "start", "rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
     interrupted = False
     error: BaseException | None = None
@@ -867,7 +875,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         params, version = gate.aggregator.snapshot()
         end = {"arrival": gate.arrivals, "time": gate.close_time, "tokens": gate.tokens, "version": version}
         final = None
-        if not interrupted:
+        if not interrupted and error is None:  # after an interrupt or an error: only save the model
             for at in gate.pending_eval_times:
                 run_eval("time", {**end, "time": at}, params)
             final = run_eval("final", end, params)
@@ -959,10 +967,6 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
     cuda = torch.cuda.is_available() and not use_cpu
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     shim = _Standalone(device, config.model.mixed_precision)
-    timeout = datetime.timedelta(seconds=o.comm_timeout_s)
-    store = dist.TCPStore(addr, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
-    start = time.monotonic() - (time.time() - float(store.get(_START_KEY).decode()))
-
     shards, _, metadata = load_data(config)
     model = make_model(config, metadata).to(device)
     warm_state = warm_start(config, model, shards, metadata, shim)  # the cache, normally
@@ -972,6 +976,13 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
     output_dir = Path(t.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank_log = _JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=False)
+
+    timeout = datetime.timedelta(seconds=o.comm_timeout_s)
+    store = dist.TCPStore(addr, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
+    start = time.monotonic() - (time.time() - float(store.get(_START_KEY).decode()))
+    # Ready: from here on the connection waits (up to comm_timeout_s) until the server serves a new
+    # incarnation, i.e. until the old process is gone, so a replacement can also be started early.
+    rank_log.write({"event": "standby", "rank": rank, "pid": os.getpid(), "time": time.monotonic() - start})
     transport = DistributedTransport(
         rank,
         list(model.parameters()),
