@@ -344,7 +344,8 @@ def apply_correction(
     Returns the corrected pseudo-gradient as a list: ``out[i]`` for corrected blocks and
     ``pseudo_grads[i]`` for kept ones, so kept blocks are never copied. ``x += r·m`` is done with
     ``_foreach_addcmul_(x, m, one, r)`` (a broadcast scalar 1), since ``_foreach_add_`` has no
-    per-tensor alpha; nothing is allocated besides those scalars.
+    per-tensor alpha; nothing is allocated besides those scalars. (Because of the broadcast, CUDA runs
+    this through torch's per-tensor fallback rather than a fused kernel; the result is the same.)
     """
     deltas, moms = list(pseudo_grads), list(momentum)
     dst = list(deltas) if out is None else list(out)
