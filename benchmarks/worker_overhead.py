@@ -2,8 +2,8 @@
 
 Same model, same batches, same AdamW: the plain loop is the user's loop as they wrote it; the heloco
 loop is that loop inside `with DiLoCoWorker(...)` (a step hook, and every H steps Δ + an outer HeLoCo
-step + loading the answer, through the in-process transport). Blocks of H steps alternate between the
-two so that machine load drifts affect both alike. Prints tokens/s of each and their ratio.
+step + loading the answer, through the in-process transport). Steps alternate one by one between the two
+so that machine load drifts affect both alike. Prints tokens/s of each and their ratio.
 
     python benchmarks/worker_overhead.py [--size tiny] [--inner_steps 50] [--rounds 3]
 """
@@ -60,25 +60,24 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
 
-    def block(model, optimizer, with_worker):
+    def timed(model, optimizer, i):
         start = time.perf_counter()
-        if with_worker:
-            with worker:
-                for i in range(args.inner_steps):
-                    step(model, optimizer, i)
-        else:
-            for i in range(args.inner_steps):
-                step(model, optimizer, i)
+        step(model, optimizer, i)
         return time.perf_counter() - start
 
     for _ in range(3):  # warm up both paths
         step(plain_model, plain_opt, 0)
-    with worker:
-        pass
+    # Steps alternate one by one (plain, heloco, plain, ...) so that load on a shared machine hits both
+    # alike; the heloco side pays its hook on every step and Δ + outer step + reload every H-th step.
     plain_s = worker_s = 0.0
-    for _ in range(args.rounds):
-        plain_s += block(plain_model, plain_opt, False)
-        worker_s += block(worker_model, worker_opt, True)
+    with worker:
+        for i in range(args.rounds * args.inner_steps):
+            if i % 2:  # swap the order every step: neither side always runs second (warmer caches)
+                worker_s += timed(worker_model, worker_opt, i)
+                plain_s += timed(plain_model, plain_opt, i)
+            else:
+                plain_s += timed(plain_model, plain_opt, i)
+                worker_s += timed(worker_model, worker_opt, i)
     tokens = args.rounds * args.inner_steps * args.batch_size * args.seq_len
     plain_tps, worker_tps = tokens / plain_s, tokens / worker_s
     print(
