@@ -30,7 +30,7 @@ SCHEDULES = ("constant", "cosine")
 # sync value. Chosen by the sweep in docs/results.md.
 DEFAULT_OUTER_LR = {
     "sync": 0.7,
-    "async": 0.05,
+    "async": 0.025,
     "async_dn": 0.35,
     "lookahead": 0.175,
     "heloco": HELOCO_DEFAULTS["lr"],
