@@ -61,7 +61,7 @@ def plot_curves(results: dict[str, list[list[dict[str, Any]]]], x: str, path: Pa
             ax.fill_between(grid, mean - std, mean + std, alpha=0.15)
     ax.set_xlabel({"tokens": "tokens (DiLoCo phase, all workers)", "time": "virtual wall-clock (s)"}[x])
     ax.set_ylabel("validation loss (mean over languages)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -89,7 +89,7 @@ def plot_languages(
     lows = [r[f"val_loss/{lang}"] for rs in finals.values() for r in rs for lang in languages]
     ax.set_ylim(min(lows) * 0.97, max(lows) * 1.02)
     ax.set_ylabel("final validation loss")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
