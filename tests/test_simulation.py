@@ -6,12 +6,7 @@ from heloco.simulation import VirtualClock, dylu_steps
 def run_async(clock: VirtualClock, steps: list[int], arrivals: int) -> list[tuple[float, int]]:
     for w, h in enumerate(steps):
         clock.start(w, h)
-    seen = []
-    for _ in range(arrivals):
-        t, w = clock.pop()
-        seen.append((t, w))
-        clock.start(w, steps[w])
-    return seen
+    return run_async_continue(clock, steps, arrivals)
 
 
 def test_arrival_order_by_hand():
