@@ -8,5 +8,6 @@ $PY recipes/report.py sweep outputs/results/lr_sweep docs/results/lr_sweep
 $PY recipes/compare.py --config recipes/configs/results/main.yaml
 $PY recipes/report.py corrections outputs/severe_noniid docs/results/main
 $PY recipes/compare.py --config recipes/configs/demo.yaml
-# Not yet part of the published results (see docs/results.md, "Status"):
-# $PY recipes/compare.py --config recipes/configs/results/heloco_sweep.yaml
+# HeLoCo hyperparameters (docs/results.md §1):
+$PY recipes/compare.py --config recipes/configs/results/heloco_sweep.yaml
+$PY recipes/report.py corrections outputs/results/heloco_sweep docs/results/heloco_sweep
