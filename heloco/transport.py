@@ -441,7 +441,7 @@ class _Slot:
 
 
 class _ConnectionLost(Exception):
-    pass
+    """A worker's pair group broke (the process died or closed it); raised inside a serving thread."""
 
 
 class DistributedServer:

@@ -102,7 +102,7 @@ def finished_matches(out: Path, values: dict[str, Any]) -> bool:
     return True
 
 
-def launch(values: dict[str, Any], threads: int, quiet: bool) -> tuple[str, float]:
+def launch(values: dict[str, Any], threads: int) -> tuple[str, float]:
     out = Path(values["output_dir"])
     if finished_matches(out, values):
         return f"{out.name}: done already", 0.0
@@ -140,8 +140,7 @@ def prepare_shared(spec: dict[str, Any]) -> int:
     """Build the data and the warm start once, before parallel runs would race for them."""
     from recipes.train import prepare
 
-    first = run_configs(spec)[0][2]
-    return prepare(config_from_dict({**first, "seed": first["seed"]}), seeds=spec["seeds"])
+    return prepare(config_from_dict(run_configs(spec)[0][2]), seeds=spec["seeds"])
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> str:
     print(f"{len(runs)} runs, {jobs} at a time; equal wall-clock = {wallclock:.1f} virtual s", flush=True)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for message, _ in pool.map(lambda r: launch(r[2], threads, True), runs):
+        for message, _ in pool.map(lambda r: launch(r[2], threads), runs):
             print(f"  {message}  (total {time.perf_counter() - started:.0f} s)", flush=True)
     paths: dict[str, dict[int, Path]] = {}
     for label, seed, values in runs:

@@ -292,8 +292,8 @@ class _Gate:
             self.closed.set()
 
     # -- the aggregator's interface ------------------------------------------------------------------
-    def dispatch(self, worker_id: int) -> Any:
-        update = self.aggregator.dispatch(worker_id)
+    def dispatch(self, worker_id: int, *, out: Any = None) -> Any:
+        update = self.aggregator.dispatch(worker_id, out=out)  # out: the server's reply buffer, no copy
         # A (re)joining worker learns its round length and the run's progress from its first reply.
         update.stats = {
             **update.stats,
@@ -302,7 +302,16 @@ class _Gate:
         }
         return update
 
-    def submit(self, worker_id: int, pseudo_grads: Any, base_version: int) -> Any:
+    @property
+    def effective_quorum(self) -> int:
+        return self.aggregator.effective_quorum
+
+    def remove_worker(self, worker_id: int) -> Any:
+        """A dead worker leaves a synchronous run's quorum, so the others go on (the server calls this)."""
+        with self.lock:
+            return self.aggregator.remove_worker(worker_id)
+
+    def submit(self, worker_id: int, pseudo_grads: Any, base_version: int, *, out: Any = None) -> Any:
         with self.lock:
             if self.closed.is_set():
                 raise ServerStopped(f"the run is over ({self.stop_reason}); no more rounds")
@@ -312,7 +321,7 @@ class _Gate:
             if self.budget_time is not None and now > self.budget_time:
                 self._close("budget_time")  # arrivals after the deadline do not count (as simulated)
                 raise ServerStopped(f"the time budget of {self.budget_time} s is spent")
-            update = self.aggregator.submit(worker_id, pseudo_grads, base_version)
+            update = self.aggregator.submit(worker_id, pseudo_grads, base_version, out=out)
             self.arrivals += 1
             self.tokens += self.steps[worker_id] * self.tokens_per_step
             version = self.aggregator.version
@@ -795,7 +804,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         list(model.parameters()),
         gate,
         server_rank=0,
-        wire_dtype=torch.bfloat16 if o.wire_dtype == "bfloat16" else torch.float32,
+        wire_dtype=getattr(torch, o.wire_dtype),
         timeout=o.comm_timeout_s,
         connect_timeout=o.comm_timeout_s,
         rejoin_timeout=o.rejoin_timeout_s,
@@ -988,7 +997,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
         list(model.parameters()),
         store,
         server_rank=0,
-        wire_dtype=torch.bfloat16 if o.wire_dtype == "bfloat16" else torch.float32,
+        wire_dtype=getattr(torch, o.wire_dtype),
         timeout=o.comm_timeout_s,
         connect_timeout=o.comm_timeout_s,
     )
