@@ -2,6 +2,8 @@
 
     python recipes/report.py sweep outputs/results/lr_sweep docs/results/lr_sweep      # method × lr table + heat map
     python recipes/report.py corrections outputs/severe_noniid docs/results/main        # what the correction did
+    python recipes/report.py grid outputs/results/grid docs/results/grid                # heterogeneity × data matrix
+    python recipes/report.py slow_workers outputs/results/slow_workers docs/results/slow_workers  # heat maps
 
 Labels of the form ``name@lr`` are read as (method, outer lr).
 """
@@ -9,6 +11,7 @@ Labels of the form ``name@lr`` are read as (method, outer lr).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from recipes.plots import final_eval, read_arrivals, read_evals
+from recipes.plots import eval_at_time, final_eval, read_arrivals, read_evals
 
 
 def finished_runs(compare_dir: Path) -> dict[str, dict[int, Path]]:
@@ -139,16 +142,211 @@ def correction_over_time(compare_dir: Path, out_dir: Path, label: str = "heloco"
     plt.close(fig)
 
 
+def cell_losses(compare_dir: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """{"tokens"|"time": {label: {seed: final mean validation loss}}} for one comparison directory; the
+    wall-clock point is the one compare.py recorded (the time the async runs need for the budget)."""
+    out: dict[str, dict[str, dict[int, float]]] = {"tokens": defaultdict(dict), "time": defaultdict(dict)}
+    for label, seeds in finished_runs(compare_dir).items():
+        for seed, path in seeds.items():
+            evals = read_evals(path)
+            times = json.loads((path / "summary.json").read_text())["config"].get("eval_times") or [-1.0]
+            out["tokens"][label][seed] = final_eval(evals)["val_loss/mean"]
+            out["time"][label][seed] = eval_at_time(evals, times[0])["val_loss/mean"]
+    return out
+
+
+def paired_improvement(losses: dict[int, float], reference: dict[int, float]) -> list[float]:
+    """(L_base − L_ref)/L_base in percent, per seed present in both."""
+    return [(losses[s] - reference[s]) / losses[s] * 100 for s in sorted(set(losses) & set(reference))]
+
+
+def _heatmap(ax, matrix: np.ndarray, rows: list[str], cols: list[str], title: str, fmt: str, **kw) -> None:
+    image = ax.imshow(matrix, aspect="auto", **kw)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            if np.isfinite(matrix[i, j]):
+                ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    plt.colorbar(image, ax=ax, fraction=0.046)
+
+
+def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
+    """The heterogeneity × data matrix: loss per method and cell (mean ± std over seeds) and the
+    reference's paired relative improvement over each baseline, at equal tokens and equal wall-clock."""
+    cells = sorted(d.name for d in grid_dir.iterdir() if (d / "runs").is_dir())
+    losses = {cell: cell_losses(grid_dir / cell) for cell in cells}
+    methods = list(dict.fromkeys(m for c in cells for m in losses[c]["tokens"]))
+    baselines = [m for m in methods if m != reference]
+    lines = []
+    for budget, name in (("tokens", "equal tokens"), ("time", "equal wall-clock")):
+        lines += [f"Final validation loss at {name} (mean ± std over seeds):", ""]
+        lines += ["| method | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
+        for m in methods:
+            row = [losses[c][budget].get(m, {}) for c in cells]
+            lines.append(
+                f"| {m} | "
+                + " | ".join(
+                    f"{np.mean(list(v.values())):.4f} ± {np.std(list(v.values())):.4f}" if v else "—"
+                    for v in row
+                )
+                + " |"
+            )
+        lines += [
+            "",
+            f"{reference} vs each baseline at {name}, (L_base − L_{reference})/L_base paired by seed "
+            f"(wins of {reference} / seeds):",
+            "",
+        ]
+        lines += ["| baseline | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
+        for b in baselines:
+            cells_text = []
+            for c in cells:
+                rel = paired_improvement(losses[c][budget].get(b, {}), losses[c][budget].get(reference, {}))
+                cells_text.append(
+                    f"{np.mean(rel):+.2f}% ({sum(r > 0 for r in rel)}/{len(rel)})" if rel else "—"
+                )
+            lines.append(f"| {b} | " + " | ".join(cells_text) + " |")
+        lines.append("")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(baselines) + 2.2))
+    for ax, (budget, name) in zip(
+        axes, (("tokens", "equal tokens"), ("time", "equal wall-clock")), strict=True
+    ):
+        matrix = np.array(
+            [
+                [
+                    np.mean(
+                        paired_improvement(losses[c][budget].get(b, {}), losses[c][budget].get(reference, {}))
+                        or [np.nan]
+                    )
+                    for c in cells
+                ]
+                for b in baselines
+            ]
+        )
+        limit = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1.0
+        _heatmap(
+            ax,
+            matrix,
+            baselines,
+            cells,
+            f"{reference} improvement over baseline (%), {name}",
+            "+.2f",
+            cmap="RdBu",
+            vmin=-limit,
+            vmax=limit,
+        )
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / "grid_improvement.png", dpi=120)
+    plt.close(fig)
+    text = "\n".join(lines)
+    (out_dir / "grid.md").write_text(text + "\n![improvement](grid_improvement.png)\n")
+    return text
+
+
+def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
+    """Number of slow workers × slowdown: final loss per method (seed-mean) at equal tokens, and the
+    reference's improvement over each baseline, as markdown and heat maps."""
+    cells = {}
+    for d in sorted(slow_dir.iterdir()):
+        if (d / "runs").is_dir() and d.name.startswith("n") and "_s" in d.name:
+            n, s = d.name[1:].split("_s")
+            cells[(int(n), int(s))] = cell_losses(d)
+    counts = sorted({n for n, _ in cells})
+    slowdowns = sorted({s for _, s in cells})
+    methods = list(dict.fromkeys(m for c in cells.values() for m in c["tokens"]))
+
+    def value(n: int, s: int, m: str, budget: str) -> float:
+        v = cells.get((n, s), {}).get(budget, {}).get(m, {})
+        return float(np.mean(list(v.values()))) if v else np.nan
+
+    def improvement(n: int, s: int, b: str, budget: str) -> float:
+        c = cells.get((n, s))
+        rel = paired_improvement(c[budget].get(b, {}), c[budget].get(reference, {})) if c else []
+        return float(np.mean(rel)) if rel else np.nan
+
+    rows = [f"{n} slow" for n in counts]
+    cols = [f"{s}× slower" for s in slowdowns]
+    lines = [
+        "Final validation loss at equal tokens (rows: slow workers out of 5; columns: their slowdown):",
+        "",
+    ]
+    lines += ["| method | slow workers | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for m in methods:
+        for n in counts:
+            lines.append(
+                f"| {m} | {n} | " + " | ".join(f"{value(n, s, m, 'tokens'):.4f}" for s in slowdowns) + " |"
+            )
+    baselines = [m for m in methods if m != reference]
+    lines += [
+        "",
+        f"{reference} vs baseline, (L_base − L_{reference})/L_base at equal tokens / at equal wall-clock:",
+        "",
+    ]
+    lines += ["| baseline | slow workers | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for b in baselines:
+        for n in counts:
+            lines.append(
+                f"| {b} | {n} | "
+                + " | ".join(
+                    f"{improvement(n, s, b, 'tokens'):+.2f}% / {improvement(n, s, b, 'time'):+.2f}%"
+                    for s in slowdowns
+                )
+                + " |"
+            )
+    fig, axes = plt.subplots(
+        2, max(len(methods), len(baselines)), figsize=(4.2 * max(len(methods), len(baselines)), 7)
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, m in enumerate(methods):
+        ax = axes[0, i]
+        ax.axis("on")
+        matrix = np.array([[value(n, s, m, "tokens") for s in slowdowns] for n in counts])
+        _heatmap(ax, matrix, rows, cols, f"{m}: loss, equal tokens", ".3f", cmap="viridis_r")
+    for i, b in enumerate(baselines):
+        ax = axes[1, i]
+        ax.axis("on")
+        budget = "time" if b == "sync" else "tokens"
+        matrix = np.array([[improvement(n, s, b, budget) for s in slowdowns] for n in counts])
+        limit = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1.0
+        where = "wall-clock" if budget == "time" else "tokens"
+        _heatmap(
+            ax,
+            matrix,
+            rows,
+            cols,
+            f"{reference} vs {b} (%), equal {where}",
+            "+.2f",
+            cmap="RdBu",
+            vmin=-limit,
+            vmax=limit,
+        )
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / "slow_workers.png", dpi=120)
+    plt.close(fig)
+    text = "\n".join(lines)
+    (out_dir / "slow_workers.md").write_text(text + "\n\n![slow workers](slow_workers.png)\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["sweep", "corrections"])
+    parser.add_argument("what", choices=["sweep", "corrections", "grid", "slow_workers"])
     parser.add_argument("compare_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
     if args.what == "sweep":
         print(sweep_table(args.compare_dir, args.out_dir))
+    elif args.what == "grid":
+        print(grid_table(args.compare_dir, args.out_dir))
+    elif args.what == "slow_workers":
+        print(slow_worker_table(args.compare_dir, args.out_dir))
     else:
         print(correction_table(args.compare_dir, args.out_dir))
         correction_over_time(args.compare_dir, args.out_dir)

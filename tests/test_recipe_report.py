@@ -1,0 +1,59 @@
+"""report.py: the matrix and slow-worker tables from finished run directories, checked by hand."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recipes.report import cell_losses, grid_table, paired_improvement, slow_worker_table
+
+
+def fake_run(compare_dir: Path, label: str, seed: int, final: float, at_time: float, wallclock: float = 50.0):
+    """A finished run: start, "time" and "final" evaluations and a summary with eval_times."""
+    run = compare_dir / "runs" / f"{label}-seed{seed}"
+    run.mkdir(parents=True)
+    evals = [("start", 0.0, 7.0), ("time", wallclock, at_time), ("final", 80.0, final)]
+    lines = [
+        json.dumps({"event": "eval", "reason": r, "time": t, "tokens": int(t * 100), "val_loss/mean": v})
+        for r, t, v in evals
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "summary.json").write_text(json.dumps({"config": {"eval_times": [wallclock]}}))
+
+
+def test_cell_losses_reads_the_final_and_the_wallclock_evaluation(tmp_path):
+    fake_run(tmp_path, "heloco", 0, final=5.0, at_time=5.5)
+    fake_run(tmp_path, "async", 0, final=6.0, at_time=6.5)
+    losses = cell_losses(tmp_path)
+    assert losses["tokens"] == {"heloco": {0: 5.0}, "async": {0: 6.0}}
+    assert losses["time"] == {"heloco": {0: 5.5}, "async": {0: 6.5}}
+
+
+def test_paired_improvement_is_per_seed_relative_to_the_baseline():
+    assert paired_improvement({0: 6.0, 1: 4.0, 2: 9.0}, {0: 5.0, 1: 5.0}) == pytest.approx([100 / 6, -25.0])
+
+
+def test_grid_table_reports_improvements_and_wins(tmp_path):
+    for cell, base in (("a_iid", 6.0), ("b_p08", 4.0)):
+        for seed in (0, 1):
+            fake_run(tmp_path / cell, "heloco", seed, final=5.0, at_time=5.0)
+            fake_run(tmp_path / cell, "async", seed, final=base, at_time=base)
+    text = grid_table(tmp_path, tmp_path / "out")
+    # a_iid: (6 − 5)/6 = +16.67% in both seeds; b_p08: (4 − 5)/4 = −25%
+    assert "| async | +16.67% (2/2) | -25.00% (0/2) |" in text
+    assert "| heloco | 5.0000 ± 0.0000 | 5.0000 ± 0.0000 |" in text
+    assert (tmp_path / "out" / "grid_improvement.png").stat().st_size > 0
+
+
+def test_slow_worker_table_has_one_row_per_count_and_a_column_per_slowdown(tmp_path):
+    for n in (1, 2):
+        for s in (2, 8):
+            cell = tmp_path / f"n{n}_s{s}"
+            fake_run(cell, "heloco", 0, final=5.0, at_time=5.0)
+            fake_run(cell, "sync", 0, final=4.0 + n, at_time=5.0 + s)
+    text = slow_worker_table(tmp_path, tmp_path / "out")
+    assert "| sync | 1 | 5.0000 | 5.0000 |" in text
+    assert "| sync | 2 | 6.0000 | 6.0000 |" in text
+    # n=2: tokens (6 − 5)/6 = +16.67%; wall-clock s=2 (7 − 5)/7 = +28.57%, s=8 (13 − 5)/13 = +61.54%
+    assert "| sync | 2 | +16.67% / +28.57% | +16.67% / +61.54% |" in text
+    assert (tmp_path / "out" / "slow_workers.png").stat().st_size > 0
