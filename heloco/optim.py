@@ -31,12 +31,14 @@ from heloco.correction import (
 
 __all__ = ["DELAYED_NESTEROV_DEFAULTS", "HELOCO_DEFAULTS", "HELOCO_VARIANTS", "DelayedNesterov", "HeLoCo"]
 
-# The single place where HeLoCo's default hyperparameters live (provisional; chosen by a sweep).
+# The single place where HeLoCo's default hyperparameters live. Chosen by the sweeps of docs/results.md §1
+# on a development seed in two regimes: every reorientation (keep_threshold > 0) cost loss in both, so
+# only blocks that truly conflict with the momentum (cos < 0) are corrected, by a partial projection.
 HELOCO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         "lr": 0.175,
         "momentum": 0.9,
-        "keep_threshold": 0.1,
+        "keep_threshold": 0.0,
         "shrink_strength": 2.0,
         "shrink_max": 1.0,
         "reorient_strength": 0.5,

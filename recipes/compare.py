@@ -80,6 +80,20 @@ _BOOKKEEPING = {
 }
 
 
+# Hyperparameters a method never reads: a finished run stays valid when only their defaults change.
+_CORRECTION = {"keep_threshold", "shrink_strength", "shrink_max", "reorient_strength", "kappa"}
+_DELAYED_NESTEROV = {"dn_buffer_size", "dn_activation"}
+_UNUSED_BY_METHOD = {
+    "sync": _CORRECTION | {"correct_fresh"} | _DELAYED_NESTEROV,
+    "async": _CORRECTION | {"correct_fresh"} | _DELAYED_NESTEROV,
+    "async_dn": _CORRECTION | {"correct_fresh"},
+    "lookahead": _CORRECTION | {"correct_fresh"} | _DELAYED_NESTEROV,
+    "async_ema": _CORRECTION | {"correct_fresh"} | _DELAYED_NESTEROV,
+    "heloco_project": _CORRECTION | _DELAYED_NESTEROV,  # β = 1, never reorients
+    "heloco": _DELAYED_NESTEROV,
+}
+
+
 def finished_matches(out: Path, values: dict[str, Any]) -> bool:
     """A finished run is reused only if it computed exactly what ``values`` asks for (including the
     code's default outer lr at the time); otherwise the user must move it away."""
@@ -88,8 +102,9 @@ def finished_matches(out: Path, values: dict[str, Any]) -> bool:
         return False
     summary = json.loads(summary_path.read_text())
     config = config_from_dict(values)
-    wanted = {k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING}
-    done = {k: v for k, v in summary["config"].items() if k not in _BOOKKEEPING}
+    ignored = _BOOKKEEPING | _UNUSED_BY_METHOD.get(config.diloco.method, set())
+    wanted = {k: v for k, v in config.to_dict().items() if k not in ignored}
+    done = {k: v for k, v in summary["config"].items() if k not in ignored}
     differs = sorted(k for k in wanted if wanted[k] != done.get(k))
     done_lr = summary.get("outer_lr", summary["config"].get("outer_lr"))
     if done_lr != config.outer_lr:

@@ -66,3 +66,28 @@ def test_a_finished_run_with_other_settings_is_not_reused(tiny_shards, tmp_path)
     config.write_text(yaml.safe_dump(spec))
     with pytest.raises(RuntimeError, match="other settings"):
         main(["--config", str(config)])
+
+
+def test_a_default_a_method_never_reads_does_not_invalidate_its_finished_run(tmp_path):
+    """Changing HeLoCo's keep_threshold must not orphan finished async runs, but must orphan heloco's."""
+    import json
+
+    import pytest
+
+    from recipes.compare import finished_matches
+    from recipes.config import config_from_dict
+
+    for method in ("async", "heloco_project", "heloco"):
+        out = tmp_path / method
+        out.mkdir()
+        values = {"method": method, "output_dir": str(out)}
+        done = config_from_dict({**values, "keep_threshold": 0.42})
+        summary = {"config": done.to_dict(), "outer_lr": done.outer_lr}
+        (out / "summary.json").write_text(json.dumps(summary))
+        if method == "heloco":
+            with pytest.raises(RuntimeError, match="keep_threshold"):
+                finished_matches(out, values)
+        else:
+            assert finished_matches(out, values)
+            with pytest.raises(RuntimeError, match="outer_momentum"):
+                finished_matches(out, {**values, "outer_momentum": 0.5})
