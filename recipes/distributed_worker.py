@@ -1,0 +1,194 @@
+"""Distributed mode, the worker side every rank runs: the round loop (``_train_worker``) and the
+``_RoundTimer`` that measures compute, emulated sleep and time blocked in the server call."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import Accelerator
+
+from heloco import DiLoCoWorker
+from heloco.transport import QuorumUnreachable, ServerStopped
+from recipes.config import RecipeConfig
+from recipes.data import TokenStream
+from recipes.distributed_utils import _synchronize, emulate_slowdown
+from recipes.train import inner_lr_factor, inner_step
+
+if TYPE_CHECKING:
+    from recipes.distributed_server import _Gate
+    from recipes.distributed_utils import _JsonLines
+
+logger = logging.getLogger(__name__)
+
+
+class _RoundTimer:
+    """Per-step compute time, emulated slowdown and time blocked in the server call, via two post-step
+    hooks on the inner optimizer around DiLoCoWorker's own (hooks run in registration order)."""
+
+    def __init__(self, slowdown: float, device: torch.device) -> None:
+        self.slowdown = slowdown
+        self.device = device
+        self.compute = self.sleep = self.idle = 0.0
+        self.round = {"compute_s": 0.0, "sleep_s": 0.0, "idle_s": 0.0}
+        self._step_start = 0.0
+        self._sync_start = 0.0
+
+    def begin_step(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def after_step(self, *_: Any) -> None:  # registered before the worker's hook: runs before a submit
+        _synchronize(self.device)
+        compute = time.perf_counter() - self._step_start
+        slept = emulate_slowdown(compute, self.slowdown)
+        self.compute += compute
+        self.sleep += slept
+        self.round["compute_s"] += compute
+        self.round["sleep_s"] += slept
+        self._sync_start = time.perf_counter()
+
+    def after_sync(self, worker: DiLoCoWorker) -> Any:  # registered after the worker's hook
+        def hook(*_: Any) -> None:
+            if worker.steps_since_sync == 0:  # the worker's hook just submitted and loaded the reply
+                blocked = time.perf_counter() - self._sync_start
+                self.idle += blocked
+                self.round["idle_s"] += blocked
+
+        return hook
+
+    def new_round(self) -> None:
+        self.round = {"compute_s": 0.0, "sleep_s": 0.0, "idle_s": 0.0}
+
+
+def _train_worker(
+    *,
+    config: RecipeConfig,
+    rank: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    transport: Any,
+    stream: TokenStream,
+    steps: int,
+    slowdown: float,
+    accelerator: Accelerator,
+    start: float,
+    rank_log: _JsonLines,
+    gate: _Gate | None,
+) -> dict[str, Any]:
+    """Rounds of ``steps`` inner steps until the server says stop; returns this rank's report."""
+    t = config.train
+    device = accelerator.device
+    timer = _RoundTimer(slowdown, device)
+    worker = DiLoCoWorker(model, optimizer, transport, rank, steps)
+    tokens_per_step = stream.tokens_per_batch
+    global_tokens = 0.0
+    rounds = wasted = 0
+    reason = "unknown"
+    before = optimizer.register_step_post_hook(timer.after_step)
+
+    def progress() -> float:
+        parts = []
+        if t.budget_tokens:
+            parts.append(global_tokens / t.budget_tokens)
+        if t.budget_time:
+            parts.append((time.monotonic() - start) / t.budget_time)
+        return max(parts)
+
+    try:
+        entered = time.perf_counter()
+        first = worker.pull()  # the global parameters, their version and the run's progress
+        timer.idle += time.perf_counter() - entered
+        global_tokens = first.stats.get("tokens", 0.0)
+        steps = worker.sync_every = int(first.stats.get("inner_steps", steps))  # the server's count
+        with worker:
+            after = optimizer.register_step_post_hook(timer.after_sync(worker))
+            try:
+                while True:
+                    if gate is not None and gate.closed.is_set():
+                        reason = gate.stop_reason or "stopped"
+                        break
+                    if t.budget_time is not None and time.monotonic() - start >= t.budget_time:
+                        reason = "budget_time"  # a round started now could not count
+                        break
+                    for group in optimizer.param_groups:
+                        group["lr"] = t.inner_lr * inner_lr_factor(config, progress())
+                    timer.new_round()
+                    loss_sum = torch.zeros((), device=device)
+                    abandoned = False
+                    for _ in range(worker.sync_every):
+                        batch = stream.next_batch()
+                        timer.begin_step()
+                        # the H-th step's hook submits Δ and loads the server's answer
+                        loss_sum += inner_step(model, optimizer, batch.to(device), accelerator, t.grad_clip)
+                        if gate is not None and gate.closed.is_set() and worker.steps_since_sync:
+                            abandoned = True  # rank 0 knows at once: no need to finish the round
+                            break
+                    if abandoned:
+                        wasted += 1
+                        reason = gate.stop_reason or "stopped"
+                        break
+                    rounds += 1
+                    update = worker.last_update
+                    global_tokens = update.stats.get("tokens", global_tokens)
+                    rank_log.write(
+                        {
+                            "event": "arrival",
+                            "rank": rank,
+                            "round": rounds,
+                            "time": time.monotonic() - start,
+                            "tokens": rounds * steps * tokens_per_step,
+                            "global_tokens": global_tokens,
+                            "inner_steps": worker.sync_every,
+                            "train_loss": float(loss_sum) / worker.sync_every,
+                            "staleness": update.staleness,
+                            "weight": update.weight,
+                            "applied": update.applied,
+                            "dropped": update.dropped,
+                            "version": update.version,
+                            **timer.round,
+                            **{
+                                k: v
+                                for k, v in update.stats.items()
+                                if k not in ("staleness", "weight", "tokens")
+                            },
+                        }
+                    )
+                    if update.stats.get("stop"):
+                        reason = "budget_tokens"
+                        break
+            finally:
+                after.remove()
+    except ServerStopped as e:
+        wasted += 1
+        reason = gate.stop_reason if gate is not None and gate.stop_reason else "server_stopped"
+        logger.info("rank %d: %s", rank, e)
+    except QuorumUnreachable as e:
+        wasted += 1
+        reason = "quorum_unreachable"
+        logger.warning("rank %d: %s", rank, e)
+    except TimeoutError as e:  # a synchronous round waited longer than comm_timeout_s
+        wasted += 1
+        reason = "quorum_timeout"
+        logger.warning("rank %d: %s", rank, e)
+    finally:
+        before.remove()
+    wall = time.monotonic() - start
+    busy = timer.compute + timer.sleep
+    report = {
+        "rank": rank,
+        "reason": reason,
+        "rounds": rounds,
+        "wasted_rounds": wasted,
+        "inner_steps": steps,
+        "slowdown": slowdown,
+        "busy_s": busy,
+        "idle_s": timer.idle,
+        "compute_s": timer.compute,
+        "sleep_s": timer.sleep,
+        "wall_s": wall,
+        "idle_fraction": timer.idle / (busy + timer.idle) if busy + timer.idle > 0 else 0.0,
+    }
+    rank_log.write({"event": "end", **report})
+    return report
