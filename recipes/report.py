@@ -175,7 +175,14 @@ def _heatmap(ax, matrix: np.ndarray, rows: list[str], cols: list[str], title: st
 def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
     """The heterogeneity × data matrix: loss per method and cell (mean ± std over seeds) and the
     reference's paired relative improvement over each baseline, at equal tokens and equal wall-clock."""
-    cells = sorted(d.name for d in grid_dir.iterdir() if (d / "runs").is_dir())
+    order = ("homogeneous", "moderate", "severe")  # cells named <heterogeneity>_<data>, mildest first
+    cells = sorted(
+        (d.name for d in grid_dir.iterdir() if (d / "runs").is_dir()),
+        key=lambda name: (
+            order.index(name.split("_")[0]) if name.split("_")[0] in order else len(order),
+            name,
+        ),
+    )
     losses = {cell: cell_losses(grid_dir / cell) for cell in cells}
     methods = list(dict.fromkeys(m for c in cells for m in losses[c]["tokens"]))
     baselines = [m for m in methods if m != reference]

@@ -57,3 +57,10 @@ def test_slow_worker_table_has_one_row_per_count_and_a_column_per_slowdown(tmp_p
     # n=2: tokens (6 − 5)/6 = +16.67%; wall-clock s=2 (7 − 5)/7 = +28.57%, s=8 (13 − 5)/13 = +61.54%
     assert "| sync | 2 | +16.67% / +28.57% | +16.67% / +61.54% |" in text
     assert (tmp_path / "out" / "slow_workers.png").stat().st_size > 0
+
+
+def test_grid_cells_are_ordered_from_homogeneous_to_severe(tmp_path):
+    for cell in ("severe_iid", "homogeneous_iid", "moderate_iid"):
+        fake_run(tmp_path / cell, "heloco", 0, final=5.0, at_time=5.0)
+    header = grid_table(tmp_path, tmp_path / "out").splitlines()[2]
+    assert header == "| method | homogeneous_iid | moderate_iid | severe_iid |"
