@@ -186,6 +186,8 @@ def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
     losses = {cell: cell_losses(grid_dir / cell) for cell in cells}
     methods = list(dict.fromkeys(m for c in cells for m in losses[c]["tokens"]))
     baselines = [m for m in methods if m != reference]
+    if not baselines or not any(reference in losses[c]["tokens"] for c in cells):
+        raise ValueError(f"{grid_dir}: the matrix needs finished runs of {reference!r} and of a baseline")
     lines = []
     for budget, name in (("tokens", "equal tokens"), ("time", "equal wall-clock")):
         lines += [f"Final validation loss at {name} (mean ± std over seeds):", ""]

@@ -62,5 +62,12 @@ def test_slow_worker_table_has_one_row_per_count_and_a_column_per_slowdown(tmp_p
 def test_grid_cells_are_ordered_from_homogeneous_to_severe(tmp_path):
     for cell in ("severe_iid", "homogeneous_iid", "moderate_iid"):
         fake_run(tmp_path / cell, "heloco", 0, final=5.0, at_time=5.0)
+        fake_run(tmp_path / cell, "async", 0, final=6.0, at_time=6.0)
     header = grid_table(tmp_path, tmp_path / "out").splitlines()[2]
     assert header == "| method | homogeneous_iid | moderate_iid | severe_iid |"
+
+
+def test_grid_table_without_a_baseline_says_what_is_missing(tmp_path):
+    fake_run(tmp_path / "severe_iid", "heloco", 0, final=5.0, at_time=5.0)
+    with pytest.raises(ValueError, match="needs finished runs"):
+        grid_table(tmp_path, tmp_path / "out")
