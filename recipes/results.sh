@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun every experiment of docs/results.md (about 4 hours on 2 CPU cores; not part of CI).
 #   bash recipes/results.sh            # everything, in the order of docs/results.md
-#   bash recipes/results.sh grid       # one part: lr | hparams | main | grid | slow_workers | rounds
+#   bash recipes/results.sh grid       # one part: lr | hparams | main | grid | slow_workers
 # Finished runs are reused (compare.py refuses a finished run computed with other settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +34,4 @@ if [[ $part == all || $part == slow_workers ]]; then
     $PY recipes/compare.py --config "$config"
   done
   $PY recipes/report.py slow_workers outputs/results/slow_workers docs/results/slow_workers
-fi
-if [[ $part == all || $part == rounds ]]; then
-  $PY recipes/compare.py --config recipes/configs/results/rounds_h20.yaml
-  $PY recipes/report.py corrections outputs/results/rounds_h20 docs/results/rounds_h20
 fi
