@@ -205,7 +205,7 @@ def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
         lines += [
             "",
             f"{reference} vs each baseline at {name}, (L_base − L_{reference})/L_base paired by seed "
-            f"(wins of {reference} / seeds):",
+            f"(seeds where {reference} is better by more than 0.001% / seeds):",
             "",
         ]
         lines += ["| baseline | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
@@ -214,7 +214,7 @@ def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
             for c in cells:
                 rel = paired_improvement(losses[c][budget].get(b, {}), losses[c][budget].get(reference, {}))
                 cells_text.append(
-                    f"{np.mean(rel):+.2f}% ({sum(r > 0 for r in rel)}/{len(rel)})" if rel else "—"
+                    f"{np.mean(rel):+.2f}% ({sum(r > 1e-3 for r in rel)}/{len(rel)})" if rel else "—"
                 )
             lines.append(f"| {b} | " + " | ".join(cells_text) + " |")
         lines.append("")
