@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--config", required=True)
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the config's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)"
+    )
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--docs_dir", default=None, help="also copy plots + table here")
     args = parser.parse_args(argv)
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> str:
     wallclock = equal_wallclock(spec["base"], seq_len)
     for _, _, values in runs:
         values["eval_times"] = [wallclock]
-    threads = max(1, (os.cpu_count() or 2) // jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 2) // jobs)
     print(f"{len(runs)} runs, {jobs} at a time; equal wall-clock = {wallclock:.1f} virtual s", flush=True)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
