@@ -255,6 +255,13 @@ def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
     return text
 
 
+def _or_dash(x: float, fmt: str) -> str:
+    """A table cell: the number, or "—" for a cell that was not run; fmt may end in a literal "%"."""
+    if not np.isfinite(x):
+        return "—"
+    return format(x, fmt.rstrip("%")) + ("%" if fmt.endswith("%") else "")
+
+
 def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
     """Number of slow workers × slowdown: final loss per method (seed-mean) at equal tokens, and the
     reference's improvement over each baseline, as markdown and heat maps."""
@@ -286,7 +293,9 @@ def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") 
     for m in methods:
         for n in counts:
             lines.append(
-                f"| {m} | {n} | " + " | ".join(f"{value(n, s, m, 'tokens'):.4f}" for s in slowdowns) + " |"
+                f"| {m} | {n} | "
+                + " | ".join(_or_dash(value(n, s, m, "tokens"), ".4f") for s in slowdowns)
+                + " |"
             )
     baselines = [m for m in methods if m != reference]
     lines += [
@@ -300,7 +309,7 @@ def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") 
             lines.append(
                 f"| {b} | {n} | "
                 + " | ".join(
-                    f"{improvement(n, s, b, 'tokens'):+.2f}% / {improvement(n, s, b, 'time'):+.2f}%"
+                    f"{_or_dash(improvement(n, s, b, 'tokens'), '+.2f%')} / {_or_dash(improvement(n, s, b, 'time'), '+.2f%')}"
                     for s in slowdowns
                 )
                 + " |"

@@ -71,3 +71,12 @@ def test_grid_table_without_a_baseline_says_what_is_missing(tmp_path):
     fake_run(tmp_path / "severe_iid", "heloco", 0, final=5.0, at_time=5.0)
     with pytest.raises(ValueError, match="needs finished runs"):
         grid_table(tmp_path, tmp_path / "out")
+
+
+def test_slow_worker_cells_not_run_show_a_dash(tmp_path):
+    fake_run(tmp_path / "n1_s2", "heloco", 0, final=5.0, at_time=5.0)
+    fake_run(tmp_path / "n1_s2", "async", 0, final=6.0, at_time=6.0)
+    fake_run(tmp_path / "n1_s8", "heloco", 0, final=5.0, at_time=5.0)  # async not run here
+    text = slow_worker_table(tmp_path, tmp_path / "out")
+    assert "| async | 1 | 6.0000 | — |" in text
+    assert "| async | 1 | +16.67% / +16.67% | — / — |" in text
