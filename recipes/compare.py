@@ -28,6 +28,7 @@ import yaml
 
 from heloco.checkpoint import latest_checkpoint
 from recipes.config import config_from_dict
+from recipes.methods import fields_not_read
 from recipes.plots import summarize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,20 +81,6 @@ _BOOKKEEPING = {
 }
 
 
-# Hyperparameters a method never reads: a finished run stays valid when only their defaults change.
-_CORRECTION = {"keep_threshold", "shrink_strength", "shrink_max", "reorient_strength", "kappa"}
-_DELAYED_NESTEROV = {"dn_buffer_size", "dn_activation"}
-_UNUSED_BY_METHOD = {
-    "sync": _CORRECTION | {"correct_fresh"} | _DELAYED_NESTEROV,
-    "async": _CORRECTION | {"correct_fresh"} | _DELAYED_NESTEROV,
-    "async_dn": _CORRECTION | {"correct_fresh"},
-    "lookahead": _CORRECTION | {"correct_fresh"} | _DELAYED_NESTEROV,
-    "async_ema": _CORRECTION | {"correct_fresh"} | _DELAYED_NESTEROV,
-    "heloco_project": _CORRECTION | _DELAYED_NESTEROV,  # β = 1, never reorients
-    "heloco": _DELAYED_NESTEROV,
-}
-
-
 def finished_matches(out: Path, values: dict[str, Any]) -> bool:
     """A finished run is reused only if it computed exactly what ``values`` asks for (including the
     code's default outer lr at the time); otherwise the user must move it away."""
@@ -102,7 +89,7 @@ def finished_matches(out: Path, values: dict[str, Any]) -> bool:
         return False
     summary = json.loads(summary_path.read_text())
     config = config_from_dict(values)
-    ignored = _BOOKKEEPING | _UNUSED_BY_METHOD.get(config.diloco.method, set())
+    ignored = _BOOKKEEPING | fields_not_read(config.diloco.method)
     wanted = {k: v for k, v in config.to_dict().items() if k not in ignored}
     done = {k: v for k, v in summary["config"].items() if k not in ignored}
     differs = sorted(k for k in wanted if wanted[k] != done.get(k))

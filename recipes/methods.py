@@ -17,6 +17,21 @@ import torch
 from heloco import AsyncAggregator, DelayedNesterov, HeLoCo
 from recipes.config import RecipeConfig
 
+_CORRECTION_FIELDS = {"keep_threshold", "shrink_strength", "shrink_max", "reorient_strength", "kappa"}
+
+
+def fields_not_read(method: str) -> set[str]:
+    """Config fields that ``method``'s optimizer never reads (see build_outer_optimizer), so a finished
+    run stays valid when only their values or defaults change."""
+    unused = set()
+    if method != "async_dn":
+        unused |= {"dn_buffer_size", "dn_activation"}
+    if method != "heloco":  # heloco_project always projects fully (β = 1) and never reorients
+        unused |= _CORRECTION_FIELDS
+    if method not in ("heloco", "heloco_project"):
+        unused.add("correct_fresh")
+    return unused
+
 
 def build_outer_optimizer(config: RecipeConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     o, lr = config.diloco, config.outer_lr

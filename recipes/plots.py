@@ -97,10 +97,16 @@ def plot_languages(
     plt.close(fig)
 
 
-def _fmt(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
+    """ "m ± s" over seeds, or the single value when there is one seed."""
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+
+def paired_improvement(losses: dict[int, float], reference: dict[int, float]) -> list[float]:
+    """(L_base − L_ref)/L_base in percent, per seed present in both (positive: the reference is better)."""
+    return [(losses[s] - reference[s]) / losses[s] * 100 for s in sorted(set(losses) & set(reference))]
 
 
 def results_table(
@@ -116,13 +122,12 @@ def results_table(
         "|---|---|---|---|---|",
     ]
     for method in at_tokens:
-        cells = [method, _fmt(list(at_tokens[method].values())), _fmt(list(at_time[method].values()))]
+        cells = [method, mean_std(list(at_tokens[method].values())), mean_std(list(at_time[method].values()))]
         for table in (at_tokens, at_time):
             if method == reference or reference not in table:
                 cells.append("—")
                 continue
-            seeds = sorted(set(table[method]) & set(table[reference]))
-            rel = [(table[method][s] - table[reference][s]) / table[method][s] * 100 for s in seeds]
+            rel = paired_improvement(table[method], table[reference])
             cells.append(
                 f"{np.mean(rel):+.2f}%"
                 + (f" (per seed {', '.join(f'{r:+.2f}' for r in rel)})" if len(rel) > 1 else "")

@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from recipes.plots import eval_at_time, final_eval, read_arrivals, read_evals
+from recipes.plots import eval_at_time, final_eval, mean_std, paired_improvement, read_arrivals, read_evals
 
 
 def finished_runs(compare_dir: Path) -> dict[str, dict[int, Path]]:
@@ -155,11 +155,6 @@ def cell_losses(compare_dir: Path) -> dict[str, dict[str, dict[int, float]]]:
     return out
 
 
-def paired_improvement(losses: dict[int, float], reference: dict[int, float]) -> list[float]:
-    """(L_base − L_ref)/L_base in percent, per seed present in both."""
-    return [(losses[s] - reference[s]) / losses[s] * 100 for s in sorted(set(losses) & set(reference))]
-
-
 def _heatmap(ax, matrix: np.ndarray, rows: list[str], cols: list[str], title: str, fmt: str, **kw) -> None:
     image = ax.imshow(matrix, aspect="auto", **kw)
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
@@ -170,6 +165,12 @@ def _heatmap(ax, matrix: np.ndarray, rows: list[str], cols: list[str], title: st
                 ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=8)
     ax.set_title(title, fontsize=10)
     plt.colorbar(image, ax=ax, fraction=0.046)
+
+
+def _improvement_heatmap(ax, matrix: np.ndarray, rows: list[str], cols: list[str], title: str) -> None:
+    """Relative improvements in %, on a diverging scale centred at 0 (blue: the reference is better)."""
+    limit = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1.0
+    _heatmap(ax, matrix, rows, cols, title, "+.2f", cmap="RdBu", vmin=-limit, vmax=limit)
 
 
 def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
@@ -195,12 +196,7 @@ def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
         for m in methods:
             row = [losses[c][budget].get(m, {}) for c in cells]
             lines.append(
-                f"| {m} | "
-                + " | ".join(
-                    f"{np.mean(list(v.values())):.4f} ± {np.std(list(v.values())):.4f}" if v else "—"
-                    for v in row
-                )
-                + " |"
+                f"| {m} | " + " | ".join(mean_std(list(v.values())) if v else "—" for v in row) + " |"
             )
         lines += [
             "",
@@ -234,17 +230,8 @@ def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
                 for b in baselines
             ]
         )
-        limit = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1.0
-        _heatmap(
-            ax,
-            matrix,
-            baselines,
-            cells,
-            f"{reference} improvement over baseline (%), {name}",
-            "+.2f",
-            cmap="RdBu",
-            vmin=-limit,
-            vmax=limit,
+        _improvement_heatmap(
+            ax, matrix, baselines, cells, f"{reference} improvement over baseline (%), {name}"
         )
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -255,11 +242,9 @@ def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
     return text
 
 
-def _or_dash(x: float, fmt: str) -> str:
-    """A table cell: the number, or "—" for a cell that was not run; fmt may end in a literal "%"."""
-    if not np.isfinite(x):
-        return "—"
-    return format(x, fmt.rstrip("%")) + ("%" if fmt.endswith("%") else "")
+def _or_dash(x: float, template: str) -> str:
+    """A table cell: ``template.format(x)``, or "—" for a cell that was not run."""
+    return template.format(x) if np.isfinite(x) else "—"
 
 
 def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
@@ -270,6 +255,8 @@ def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") 
         if (d / "runs").is_dir() and d.name.startswith("n") and "_s" in d.name:
             n, s = d.name[1:].split("_s")
             cells[(int(n), int(s))] = cell_losses(d)
+    if not cells:
+        raise ValueError(f"{slow_dir}: no finished cells named n<slow workers>_s<slowdown> (e.g. n2_s4)")
     counts = sorted({n for n, _ in cells})
     slowdowns = sorted({s for _, s in cells})
     methods = list(dict.fromkeys(m for c in cells.values() for m in c["tokens"]))
@@ -294,7 +281,7 @@ def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") 
         for n in counts:
             lines.append(
                 f"| {m} | {n} | "
-                + " | ".join(_or_dash(value(n, s, m, "tokens"), ".4f") for s in slowdowns)
+                + " | ".join(_or_dash(value(n, s, m, "tokens"), "{:.4f}") for s in slowdowns)
                 + " |"
             )
     baselines = [m for m in methods if m != reference]
@@ -309,7 +296,7 @@ def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") 
             lines.append(
                 f"| {b} | {n} | "
                 + " | ".join(
-                    f"{_or_dash(improvement(n, s, b, 'tokens'), '+.2f%')} / {_or_dash(improvement(n, s, b, 'time'), '+.2f%')}"
+                    f"{_or_dash(improvement(n, s, b, 'tokens'), '{:+.2f}%')} / {_or_dash(improvement(n, s, b, 'time'), '{:+.2f}%')}"
                     for s in slowdowns
                 )
                 + " |"
@@ -329,19 +316,8 @@ def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") 
         ax.axis("on")
         budget = "time" if b == "sync" else "tokens"
         matrix = np.array([[improvement(n, s, b, budget) for s in slowdowns] for n in counts])
-        limit = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1.0
         where = "wall-clock" if budget == "time" else "tokens"
-        _heatmap(
-            ax,
-            matrix,
-            rows,
-            cols,
-            f"{reference} vs {b} (%), equal {where}",
-            "+.2f",
-            cmap="RdBu",
-            vmin=-limit,
-            vmax=limit,
-        )
+        _improvement_heatmap(ax, matrix, rows, cols, f"{reference} vs {b} (%), equal {where}")
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_dir / "slow_workers.png", dpi=120)

@@ -91,3 +91,13 @@ def test_a_default_a_method_never_reads_does_not_invalidate_its_finished_run(tmp
             assert finished_matches(out, values)
             with pytest.raises(RuntimeError, match="outer_momentum"):
                 finished_matches(out, {**values, "outer_momentum": 0.5})
+
+
+def test_fields_not_read_match_what_each_method_builds():
+    from recipes.methods import fields_not_read
+
+    assert "keep_threshold" in fields_not_read("heloco_project") and "correct_fresh" not in fields_not_read(
+        "heloco_project"
+    )
+    assert not {"keep_threshold", "correct_fresh"} & fields_not_read("heloco")
+    assert "dn_buffer_size" not in fields_not_read("async_dn") and "dn_buffer_size" in fields_not_read("sync")

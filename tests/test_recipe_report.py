@@ -80,3 +80,9 @@ def test_slow_worker_cells_not_run_show_a_dash(tmp_path):
     text = slow_worker_table(tmp_path, tmp_path / "out")
     assert "| async | 1 | 6.0000 | — |" in text
     assert "| async | 1 | +16.67% / +16.67% | — / — |" in text
+
+
+def test_slow_worker_table_on_a_directory_without_cells_says_what_it_expects(tmp_path):
+    (tmp_path / "unrelated").mkdir()
+    with pytest.raises(ValueError, match="n<slow workers>_s<slowdown>"):
+        slow_worker_table(tmp_path, tmp_path / "out")
