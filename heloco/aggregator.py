@@ -6,7 +6,9 @@ pseudo-gradient Δ = start − end together with the version they started from. 
 the staleness τ = current version − base version, optionally down-weights (polynomial or hinge, Liu et
 al. 2024, arXiv 2401.09135) or drops stale Δ, gathers a quorum of q submissions (q = 1: asynchronous
 DiLoCo; q = K: synchronous DiLoCo, Douillard et al. 2023, arXiv 2311.08105), writes their mean into
-``p.grad`` of the masters and runs one outer step. Optionally it hands out momentum look-ahead points.
+``p.grad`` of the masters and runs one outer step. Every Δ can also be scaled by a constant arrival
+weight ρ (the HeLoCo authors use ρ = 1/√K for every asynchronous method). Optionally it hands out
+momentum look-ahead points instead of the plain parameters (``dispatch``).
 
 A synchronous run whose worker is gone for good goes on with the others: ``remove_worker`` lowers
 the effective quorum to the live workers and completes an open round that now has enough
@@ -32,9 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["WEIGHTINGS", "AsyncAggregator", "Update", "staleness_weight"]
+__all__ = ["DISPATCHES", "WEIGHTINGS", "AsyncAggregator", "Update", "staleness_weight"]
 
 WEIGHTINGS = (None, "poly", "hinge")
+DISPATCHES = ("plain", "lookahead", "scaled_lookahead")
 
 
 @dataclass
@@ -129,7 +132,12 @@ class AsyncAggregator:
         staleness_weighting: ``None``, ``"poly"`` or ``"hinge"`` (see ``staleness_weight``).
         staleness_a, staleness_b: the a and b of those weightings.
         max_staleness: drop a Δ whose τ exceeds it (``None``: never drop).
-        lookahead: dispatch momentum look-ahead points (see ``dispatch``).
+        arrival_weight: a constant ρ > 0 every Δ is multiplied by (times its staleness weight);
+            ``None`` is 1. An outer optimizer with a ``weight`` keyword gets it there (HeLoCo can
+            then apply it before its correction); otherwise Δ is pre-scaled.
+        dispatch: which parameters a worker starts from (see ``dispatch``): ``"plain"`` θ,
+            ``"lookahead"`` θ − η·μ·m (HeLoCo's), ``"scaled_lookahead"`` θ − η·τ̂_i·μ·m (ours).
+        lookahead: deprecated alias of ``dispatch="scaled_lookahead"``.
     """
 
     def __init__(
@@ -142,6 +150,8 @@ class AsyncAggregator:
         staleness_a: float = 0.5,
         staleness_b: float = 4,
         max_staleness: int | None = None,
+        arrival_weight: float | None = None,
+        dispatch: str = "plain",
         lookahead: bool = False,
     ) -> None:
         params = list(global_params)
@@ -189,15 +199,30 @@ class AsyncAggregator:
             raise ValueError(f"staleness_b must be a finite number >= 0, got {staleness_b!r}")
         if max_staleness is not None and (not _is_int(max_staleness) or max_staleness < 0):
             raise ValueError(f"max_staleness must be None or an int >= 0, got {max_staleness!r}")
+        if arrival_weight is not None and not (
+            isinstance(arrival_weight, numbers.Real)
+            and not isinstance(arrival_weight, bool)
+            and math.isfinite(arrival_weight)
+            and arrival_weight > 0
+        ):
+            raise ValueError(f"arrival_weight must be None or a finite number > 0, got {arrival_weight!r}")
         if lookahead:
+            if dispatch not in ("plain", "scaled_lookahead"):
+                raise ValueError(
+                    f"lookahead=True means dispatch='scaled_lookahead', got dispatch={dispatch!r}"
+                )
+            dispatch = "scaled_lookahead"
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {list(DISPATCHES)}, got {dispatch!r}")
+        if dispatch != "plain":
             groups = outer_optimizer.param_groups
             if not all("momentum" in g and "lr" in g for g in groups) or not any(
                 g["momentum"] for g in groups
             ):
                 raise ValueError(
-                    "lookahead=True extrapolates along the outer momentum, but "
+                    f"dispatch={dispatch!r} extrapolates along the outer momentum, but "
                     f"{type(outer_optimizer).__name__} has no 'momentum' > 0 in its param groups; "
-                    "use SGD(momentum>0), HeLoCo or DelayedNesterov, or lookahead=False"
+                    "use SGD(momentum>0), HeLoCo or DelayedNesterov, or dispatch='plain'"
                 )
 
         self.global_params: list[Tensor] = params
@@ -208,7 +233,8 @@ class AsyncAggregator:
         self.staleness_a = float(staleness_a)
         self.staleness_b = float(staleness_b)
         self.max_staleness = max_staleness
-        self.lookahead = bool(lookahead)
+        self.arrival_weight = None if arrival_weight is None else float(arrival_weight)
+        self.dispatch_mode = dispatch
 
         self._group_of = [group_of[id(p)] for p in params]
         self._step_takes_staleness = _accepts_keyword(outer_optimizer.step, "staleness")
@@ -256,12 +282,14 @@ class AsyncAggregator:
     def dispatch(self, worker_id: int, *, out: Sequence[Tensor] | None = None) -> Update:
         """Hand ``worker_id`` a copy of the current parameters and record their version as its base.
 
-        With ``lookahead=True`` the copy is heloco's interpretation of momentum look-ahead (ICLR 2025
-        MCDC workshop; the exact published rule is not public): the point the model is expected to
-        reach while the worker trains, θ_t − η·τ̂_i·β·m, where η and β are the ``lr`` and
-        ``momentum`` of the parameter's group, m its ``state["momentum_buffer"]`` (absent: no
-        extrapolation) and τ̂_i the running mean of the worker's observed staleness. The worker's Δ
-        is still measured from the point it received.
+        With η and μ the ``lr`` and ``momentum`` of the parameter's group and m its
+        ``state["momentum_buffer"]`` (absent or zero: no extrapolation), the copy is
+        ``dispatch="lookahead"``: θ_t − η·μ·m, one step along the momentum, as HeLoCo's authors
+        dispatch (arXiv 2606.00271); ``dispatch="scaled_lookahead"``: θ_t − η·τ̂_i·μ·m, heloco's own
+        reading of momentum look-ahead (ICLR 2025 MCDC workshop; the published rule is not public),
+        the point the model is expected to reach while the worker trains, with τ̂_i the running mean
+        of the worker's observed staleness. Either way the worker's Δ is measured from the point it
+        received and applied to θ.
 
         A worker whose Δ waits in an open quorum round gets ``params=None``: it must wait for the
         round to complete (it is then listed in some ``Update.released``).
@@ -328,6 +356,8 @@ class AsyncAggregator:
 
             tau = self._version - int(base_version)
             weight = staleness_weight(tau, self.staleness_weighting, self.staleness_a, self.staleness_b)
+            if self.arrival_weight is not None:
+                weight *= self.arrival_weight
             record = self._workers[worker_id]
 
             if self.max_staleness is not None and tau > self.max_staleness:
@@ -353,7 +383,8 @@ class AsyncAggregator:
             kwargs: dict[str, Any] = {}
             if self.quorum == 1:
                 if self._step_takes_weight:
-                    if self.staleness_weighting is not None:  # without weighting w ≡ 1: pass nothing
+                    if self.staleness_weighting is not None or self.arrival_weight is not None:
+                        # (without any weighting w ≡ 1: pass nothing)
                         kwargs["weight"] = weight
                 elif weight != 1.0:
                     torch._foreach_mul_(incoming, weight)
@@ -601,16 +632,28 @@ class AsyncAggregator:
                     )
         return incoming
 
+    def _lookahead_coefs(self, worker_id: int) -> dict[int, float]:
+        """Per param group, the c of the dispatched point θ − c·m (empty: plain θ)."""
+        if self.dispatch_mode == "plain":
+            return {}
+        scale = 1.0
+        if self.dispatch_mode == "scaled_lookahead":
+            scale = self._workers[worker_id].staleness_mean
+            if scale == 0.0:
+                return {}
+        return {
+            g_idx: float(group["lr"]) * scale * float(group["momentum"])
+            for g_idx, group in enumerate(self.outer_optimizer.param_groups)
+        }
+
     def _params_for(self, worker_id: int, dest: list[Tensor] | None = None) -> list[Tensor]:
-        """Copies of the master parameters, extrapolated along the momentum when look-ahead is on;
+        """Copies of the master parameters, extrapolated along the momentum as ``dispatch`` says;
         written into ``dest`` when given (see ``_params_into``)."""
         if dest is not None:
             return self._params_into(worker_id, dest)
         out = [p.detach().clone() for p in self.global_params]
-        if not self.lookahead:
-            return out
-        tau_hat = self._workers[worker_id].staleness_mean
-        if tau_hat == 0.0:
+        coef_of = self._lookahead_coefs(worker_id)
+        if not coef_of:
             return out
         by_group: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         for i, p in enumerate(self.global_params):
@@ -620,8 +663,7 @@ class AsyncAggregator:
                 dst.append(out[i])
                 src.append(m)
         for g_idx, (dst, src) in by_group.items():
-            group = self.outer_optimizer.param_groups[g_idx]
-            coef = float(group["lr"]) * tau_hat * float(group["momentum"])
+            coef = coef_of[g_idx]
             if coef != 0.0:
                 torch._foreach_add_(dst, src, alpha=-coef)
         return out
@@ -630,11 +672,7 @@ class AsyncAggregator:
         """``_params_for`` into given tensors in one pass each: an extrapolated tensor is computed as
         ``torch.add(θ, m, alpha=−coef, out=d)`` (the same kernel, in the masters' dtype, as the
         allocating path's in-place add, rounded once into ``d``'s dtype), the rest is copied."""
-        coef_of: dict[int, float] = {}
-        tau_hat = self._workers[worker_id].staleness_mean if self.lookahead else 0.0
-        if tau_hat != 0.0:
-            for g_idx, group in enumerate(self.outer_optimizer.param_groups):
-                coef_of[g_idx] = float(group["lr"]) * tau_hat * float(group["momentum"])
+        coef_of = self._lookahead_coefs(worker_id)
         copy_dst, copy_src = [], []
         for i, (p, d) in enumerate(zip(self.global_params, dest, strict=True)):
             coef = coef_of.get(self._group_of[i], 0.0)

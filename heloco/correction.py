@@ -8,8 +8,15 @@ c_b = cos(Δ_b, m_b) and the confidence conf_b = ‖Δ_b‖ / (‖Δ_b‖ + κ�
 * shrink    (c_b < 0):         Δ_b − β_b·c_b·‖Δ_b‖·m_b/‖m_b‖ with β_b = min(k_s·(−c_b)·conf_b, β_max),
   i.e. part of the component that fights the momentum is removed (β_b = 1 is PCGrad's projection,
   Yu et al. 2020, arXiv 2001.06782);
-* reorient  (0 ≤ c_b < c_ok):  Δ_b is turned towards m_b, ũ = (1−λ_b)·Δ_b/‖Δ_b‖ + λ_b·m_b/‖m_b‖ with
-  λ_b = min(k_d·(1−c_b)·conf_b, 1), then rescaled to keep its norm: ‖Δ_b‖·ũ / max(‖ũ‖, ε).
+* reorient  (0 ≤ c_b < c_ok):  Δ_b is turned towards m_b, ũ = (1−λ_b)·Δ_b/‖Δ_b‖ + λ_b·m_b/‖m_b‖,
+  then rescaled to keep its norm: ‖Δ_b‖·ũ / max(‖ũ‖, ε). Two schedules for λ_b:
+  "normalized" (the authors' experiment code): t_b = clamp((c_b − cos_bad)/(c_ok − cos_bad), 0, 1),
+  λ_b = min(k_d·(1 − t_b)·conf_b, 1), which goes to 0 as c_b reaches c_ok (no jump at the threshold);
+  "printed" (the paper's equation as printed): λ_b = min(k_d·(1 − c_b)·conf_b, 1).
+
+``confidence_scale`` w multiplies ‖Δ_b‖ inside conf only: conf_b = w‖Δ_b‖ / (w‖Δ_b‖ + κ‖m_b‖ + ε).
+Correcting wΔ (an arrival weight applied *before* the correction, as the authors' experiments do)
+equals w times the correction of Δ with that confidence, since both branches are linear in ‖Δ_b‖.
 
 Blocks where Δ_b or m_b is zero are kept (cosine reported as 0.0). The variant "project" uses β_b = 1
 and never reorients.
@@ -35,6 +42,7 @@ from torch import Tensor
 
 __all__ = [
     "CORRECTION_VARIANTS",
+    "REORIENT_SCHEDULES",
     "CorrectionPlan",
     "CorrectionStats",
     "apply_correction",
@@ -44,6 +52,7 @@ __all__ = [
 ]
 
 CORRECTION_VARIANTS = ("full", "project")
+REORIENT_SCHEDULES = ("normalized", "printed")
 
 _KEEP, _SHRINK, _REORIENT = 0, 1, 2
 
@@ -59,6 +68,11 @@ class CorrectionStats:
     elements_shrunk: int = 0
     elements_reoriented: int = 0
     cosines: list[float] = field(default_factory=list)  # cos(Δ_b, m_b) per block, 0.0 where a norm is 0
+    betas: list[float] = field(default_factory=list)  # β_b of every shrunk block
+    lambdas: list[float] = field(default_factory=list)  # λ_b of every reoriented block
+    # Σ_b ‖Δ̂_b − Δ_b‖² and Σ_b ‖Δ_b‖² (over all blocks): the relative size of the correction.
+    change_sq: float = 0.0
+    norm_sq: float = 0.0
 
     @property
     def num_blocks(self) -> int:
@@ -79,8 +93,12 @@ class CorrectionStats:
             "frac_elements_kept": self.elements_kept / ne,
             "frac_elements_shrunk": self.elements_shrunk / ne,
             "frac_elements_reoriented": self.elements_reoriented / ne,
+            "frac_blocks_corrected": (self.blocks_shrunk + self.blocks_reoriented) / nb,
             "mean_cosine": sum(cos) / len(cos) if cos else 0.0,
             "min_cosine": min(cos) if cos else 0.0,
+            "mean_beta": _mean(self.betas),
+            "mean_lambda": _mean(self.lambdas),
+            "relative_change": math.sqrt(self.change_sq / self.norm_sq) if self.norm_sq > 0 else 0.0,
         }
 
     @classmethod
@@ -95,7 +113,15 @@ class CorrectionStats:
             out.elements_shrunk += p.elements_shrunk
             out.elements_reoriented += p.elements_reoriented
             out.cosines.extend(p.cosines)
+            out.betas.extend(p.betas)
+            out.lambdas.extend(p.lambdas)
+            out.change_sq += p.change_sq
+            out.norm_sq += p.norm_sq
         return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 def check_number(
@@ -122,11 +148,18 @@ def validate_correction_hparams(
     kappa: float,
     eps: float,
     variant: str,
+    reorient_schedule: str = "normalized",
+    cos_bad: float = -0.2,
     variants: Sequence[str] = CORRECTION_VARIANTS,
 ) -> None:
     """Raise ValueError naming the first bad hyperparameter and its accepted values."""
     if variant not in variants:
         raise ValueError(f"variant must be one of {list(variants)}, got {variant!r}")
+    if reorient_schedule not in REORIENT_SCHEDULES:
+        raise ValueError(
+            f"reorient_schedule must be one of {list(REORIENT_SCHEDULES)}, got {reorient_schedule!r}"
+        )
+    check_number("cos_bad", cos_bad, -1.0, 0.0)
     check_number("keep_threshold", keep_threshold, 0.0, 1.0)
     check_number("shrink_strength", shrink_strength, 0.0)
     check_number("shrink_max", shrink_max, 0.0)
@@ -217,23 +250,32 @@ def _plan_block(
     kappa: float,
     eps: float,
     variant: str,
-) -> tuple[int, float, float, float]:
-    """Branch, cosine and the scalars (s, r) of Δ̂ = s·Δ + r·m for one block, in float64."""
+    reorient_schedule: str,
+    cos_bad: float,
+    confidence_scale: float,
+) -> tuple[int, float, float, float, float]:
+    """Branch, cosine, strength (β or λ; 0 when kept) and the scalars (s, r) of Δ̂ = s·Δ + r·m for
+    one block, in float64."""
     if nd == 0.0 or nm == 0.0:
-        return _KEEP, 0.0, 1.0, 0.0
+        return _KEEP, 0.0, 0.0, 1.0, 0.0
     c = min(max(dot / (nd * nm), -1.0), 1.0)
     if c >= keep_threshold:
-        return _KEEP, c, 1.0, 0.0
-    conf = nd / (nd + kappa * nm + eps)
+        return _KEEP, c, 0.0, 1.0, 0.0
+    scaled = confidence_scale * nd
+    conf = scaled / (scaled + kappa * nm + eps)
     if c < 0.0:
         beta = 1.0 if variant == "project" else min(shrink_strength * (-c) * conf, shrink_max)
-        return _SHRINK, c, 1.0, -beta * c * nd / nm
+        return _SHRINK, c, beta, 1.0, -beta * c * nd / nm
     if variant == "project":
-        return _KEEP, c, 1.0, 0.0
-    lam = min(reorient_strength * (1.0 - c) * conf, 1.0)
+        return _KEEP, c, 0.0, 1.0, 0.0
+    if reorient_schedule == "normalized":  # here cos_bad ≤ 0 ≤ c < keep_threshold
+        t = min(max((c - cos_bad) / (keep_threshold - cos_bad), 0.0), 1.0)
+        lam = min(reorient_strength * (1.0 - t) * conf, 1.0)
+    else:
+        lam = min(reorient_strength * (1.0 - c) * conf, 1.0)
     norm_u = math.sqrt(max((1.0 - lam) ** 2 + lam**2 + 2.0 * lam * (1.0 - lam) * c, 0.0))
     den = max(norm_u, eps)
-    return _REORIENT, c, (1.0 - lam) / den, lam * nd / (nm * den)
+    return _REORIENT, c, lam, (1.0 - lam) / den, lam * nd / (nm * den)
 
 
 def _fits(dtype: torch.dtype, nd: float, nm: float, s: float, r: float) -> bool:
@@ -270,6 +312,9 @@ def plan_correction(
     kappa: float,
     eps: float = 1e-8,
     variant: str = "full",
+    reorient_schedule: str = "normalized",
+    cos_bad: float = -0.2,
+    confidence_scale: float = 1.0,
     foreach: bool | None = None,
 ) -> CorrectionPlan:
     """Validate the inputs, measure every block and decide its branch; modifies nothing.
@@ -285,12 +330,15 @@ def plan_correction(
         kappa=kappa,
         eps=eps,
         variant=variant,
+        reorient_schedule=reorient_schedule,
+        cos_bad=cos_bad,
     )
+    check_number("confidence_scale", confidence_scale, 0.0)
     _check_blocks(deltas, moms)
     plan = CorrectionPlan(CorrectionStats())
     stats = plan.stats
     for i, (nd, nm, dot) in enumerate(_block_statistics(deltas, moms, foreach is not False)):
-        branch, c, s, r = _plan_block(
+        branch, c, strength, s, r = _plan_block(
             nd,
             nm,
             dot,
@@ -301,22 +349,31 @@ def plan_correction(
             kappa=kappa,
             eps=eps,
             variant=variant,
+            reorient_schedule=reorient_schedule,
+            cos_bad=cos_bad,
+            confidence_scale=confidence_scale,
         )
         wide = branch != _KEEP and not _fits(deltas[i].dtype, nd, nm, s, r)
         if wide and not bool(torch.isfinite(_wide_result(deltas[i], moms[i], s, r)).all()):
             branch = _KEEP  # Δ̂ is not representable in the tensor's dtype: leave the block as it is
         stats.cosines.append(c)
+        stats.norm_sq += nd * nd
         numel = deltas[i].numel()
         if branch == _KEEP:
             stats.blocks_kept += 1
             stats.elements_kept += numel
             continue
+        # ‖Δ̂ − Δ‖² = ‖(s − 1)Δ + r·m‖², from the sums already measured.
+        change = (s - 1.0) ** 2 * nd * nd + r * r * nm * nm + 2.0 * (s - 1.0) * r * dot
+        stats.change_sq += max(change, 0.0)
         if branch == _SHRINK:
             stats.blocks_shrunk += 1
             stats.elements_shrunk += numel
+            stats.betas.append(strength)
         else:
             stats.blocks_reoriented += 1
             stats.elements_reoriented += numel
+            stats.lambdas.append(strength)
         if wide:
             plan.wide.append((i, s, r))
         elif branch == _SHRINK:
@@ -407,6 +464,9 @@ def correct_pseudo_gradient(
     kappa: float,
     eps: float = 1e-8,
     variant: str = "full",
+    reorient_schedule: str = "normalized",
+    cos_bad: float = -0.2,
+    confidence_scale: float = 1.0,
     foreach: bool | None = None,
 ) -> CorrectionStats:
     """Correct ``pseudo_grads`` in place, block by block, against ``momentum``; return what was done.
@@ -425,6 +485,9 @@ def correct_pseudo_gradient(
         kappa=kappa,
         eps=eps,
         variant=variant,
+        reorient_schedule=reorient_schedule,
+        cos_bad=cos_bad,
+        confidence_scale=confidence_scale,
         foreach=foreach,
     )
     apply_correction(plan, pseudo_grads, momentum, foreach=foreach)

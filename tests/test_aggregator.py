@@ -21,6 +21,8 @@ HELOCO_KW = {
     "shrink_max": 1.0,
     "reorient_strength": 0.5,
     "kappa": 1.0,
+    "reorient_schedule": "printed",
+    "correct_fresh": False,
 }
 
 
@@ -387,7 +389,7 @@ def test_lookahead_with_drop_returns_extrapolated_fresh_params():
 )
 def test_lookahead_needs_momentum(make_opt):
     params = masters()
-    with pytest.raises(ValueError, match="lookahead=True extrapolates along the outer momentum"):
+    with pytest.raises(ValueError, match="extrapolates along the outer momentum"):
         AsyncAggregator(params, make_opt(params), 2, lookahead=True)
 
 
@@ -1013,3 +1015,74 @@ def test_load_state_dict_counts_every_worker_again():
     agg.remove_worker(2)
     agg.load_state_dict(sd)
     assert agg.removed_workers == [] and agg.effective_quorum == 3
+
+
+# ---------------------------------------------------------------------------- dispatch and arrival weight
+
+
+def test_fixed_lookahead_dispatch_by_hand():
+    """dispatch="lookahead": every worker starts from θ − η·μ·m, and its Δ is applied to θ itself.
+
+    EMA step, η = 1, μ = 0.5, θ0 = 0, no correction:
+      both dispatch θ0 (m = 0: nothing to extrapolate);
+      worker 0, Δ = 2 (τ = 0): m1 = 0.5·2 = 1, θ1 = 0 − (2 + 0.5·1) = −2.5; it gets θ1 − 1·0.5·m1 = −3;
+      worker 1, Δ = 1 (τ = 1): m2 = 0.5·1 + 0.5·1 = 1, θ2 = −2.5 − (1 + 0.5) = −4 (Δ goes to θ, not to
+      the point worker 1 started from); it gets θ2 − 0.5 = −4.5.
+    """
+    params = masters()
+    opt = HeLoCo(params, lr=1.0, momentum=0.5, variant="none")
+    agg = AsyncAggregator(params, opt, 2, dispatch="lookahead")
+    assert agg.dispatch(0).params[0].tolist() == [0.0, 0.0]
+    assert agg.dispatch(1).params[0].tolist() == [0.0, 0.0]
+    u0 = agg.submit(0, delta(2), 0)
+    assert params[0].tolist() == [-2.5, -2.5]
+    assert u0.params[0].tolist() == [-3.0, -3.0] and u0.params[1].tolist() == [[-3.0, -3.0]] * 2
+    u1 = agg.submit(1, delta(1), 0)
+    assert u1.staleness == 1 and params[0].tolist() == [-4.0, -4.0]
+    assert u1.params[0].tolist() == [-4.5, -4.5]
+    out = [torch.empty(s, dtype=torch.bfloat16) for s in SHAPES]
+    assert agg.dispatch(0, out=out).params[0].tolist() == [-4.5, -4.5]  # the buffer path agrees
+    assert agg.snapshot()[0][0].tolist() == [-4.0, -4.0]  # evaluation sees θ, never the look-ahead
+    # the staleness-scaled reading (ours) would have answered worker 0 with θ1 itself (τ̂ = 0)
+    params2 = masters()
+    agg2 = AsyncAggregator(
+        params2, HeLoCo(params2, lr=1.0, momentum=0.5, variant="none"), 2, dispatch="scaled_lookahead"
+    )
+    assert agg2.submit(0, delta(2), 0).params[0].tolist() == [-2.5, -2.5]
+
+
+def test_bad_dispatch_and_arrival_weight_are_refused():
+    params = masters()
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        AsyncAggregator(params, HeLoCo(params), 2, dispatch="ahead")
+    with pytest.raises(ValueError, match="arrival_weight must be None or a finite number > 0"):
+        AsyncAggregator(params, HeLoCo(params), 2, arrival_weight=0.0)
+    with pytest.raises(ValueError, match="has no 'momentum' > 0"):
+        AsyncAggregator(params, torch.optim.SGD(params, lr=0.1), 2, dispatch="lookahead")
+
+
+def test_arrival_weight_prescales_for_a_torch_optimizer_and_multiplies_staleness_weights():
+    # SGD without momentum, η = 1, ρ = 0.5: Δ = 2 moves θ by −1; τ = 1 with poly weighting: 0.5·2^−0.5
+    params, _, agg = make(num_workers=2, arrival_weight=0.5, staleness_weighting="poly")
+    u = agg.submit(0, delta(2), 0)
+    assert u.weight == 0.5 and params[0].tolist() == [-1.0, -1.0]
+    u = agg.submit(1, delta(2), 0)
+    assert u.weight == pytest.approx(0.5 * 2**-0.5)
+    torch.testing.assert_close(params[0], torch.full((2,), -1.0 - 2 * 0.5 * 2**-0.5))
+
+
+def test_arrival_weight_reaches_heloco_before_its_correction():
+    """Aggregator with ρ == HeLoCo.step(weight=ρ) by hand: the correction sees ρΔ (reference default)."""
+    rho = 5**-0.5
+    params = masters()
+    agg = AsyncAggregator(params, HeLoCo(params), 2, arrival_weight=rho)
+    ref = masters()
+    ref_opt = HeLoCo(ref)
+    for worker, base, d in [(0, 0, delta(1, 2)), (1, 0, delta(-1, 0.5)), (0, 1, delta(2, -3))]:
+        u = agg.submit(worker, d, base)
+        for p, g in zip(ref, d, strict=True):
+            p.grad = g.clone()
+        ref_opt.step(staleness=u.staleness, weight=rho)
+        assert u.weight == rho
+        assert_bit_identical(list(params), ref)
+    assert ref_opt.last_stats is not None and ref_opt.last_stats.num_blocks == 2

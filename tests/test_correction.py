@@ -10,8 +10,16 @@ from hypothesis import strategies as st
 from heloco.correction import CorrectionStats, apply_correction, correct_pseudo_gradient, plan_correction
 
 # Hyperparameters used by the hand examples unless a test says otherwise: eps = 0 keeps the
-# arithmetic exact (conf = ‖Δ‖/(‖Δ‖ + κ‖m‖)).
-HP = dict(keep_threshold=0.5, shrink_strength=1.0, shrink_max=1.0, reorient_strength=0.5, kappa=1.0, eps=0.0)
+# arithmetic exact (conf = ‖Δ‖/(‖Δ‖ + κ‖m‖)); the printed λ = min(k_d·(1 − c)·conf, 1).
+HP = dict(
+    keep_threshold=0.5,
+    shrink_strength=1.0,
+    shrink_max=1.0,
+    reorient_strength=0.5,
+    kappa=1.0,
+    eps=0.0,
+    reorient_schedule="printed",
+)
 
 
 def t(*xs: float) -> torch.Tensor:
@@ -103,6 +111,63 @@ def test_reorient_branch_by_hand_positive_cosine():
     expected = 5 * t(0.68, 0.64) / math.sqrt(0.872)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     assert float(out.norm()) == pytest.approx(5.0, rel=1e-6)
+
+
+def test_normalized_schedule_by_hand_orthogonal():
+    # Δ = [1, 0], m = [0, 2]: c = 0, c_ok = 0.5, cos_bad = −0.2: t = (0 + 0.2)/(0.5 + 0.2) = 2/7;
+    # conf = 1/(1 + 1·2) = 1/3; k_d = 0.75: λ = 0.75·(1 − 2/7)·1/3 = 5/28
+    # ũ = (23/28)·[1, 0] + (5/28)·[0, 1];  Δ̂ = ‖Δ‖·ũ/‖ũ‖ = [23, 5]/√554
+    (out,), stats = correct(
+        [t(1, 0)], [t(0, 2)], reorient_strength=0.75, reorient_schedule="normalized", cos_bad=-0.2
+    )
+    torch.testing.assert_close(out, t(23, 5) / math.sqrt(554), rtol=1e-6, atol=1e-7)
+    assert stats.lambdas == pytest.approx([5 / 28])
+
+
+def test_normalized_schedule_by_hand_positive_cosine():
+    # Δ = [3, 4] (‖Δ‖ = 5), m = [1, 0]: c = 0.6; c_ok = 0.8, cos_bad = −0.2: t = 0.8/1.0 = 0.8;
+    # conf = 5/(5 + 1) = 5/6; k_d = 1: λ = 1·0.2·5/6 = 1/6
+    # ũ = (5/6)·[0.6, 0.8] + (1/6)·[1, 0] = [2/3, 2/3];  Δ̂ = 5·ũ/‖ũ‖ = [5/√2, 5/√2]
+    # (the printed λ = 1·(1 − 0.6)·5/6 = 1/3 would give ũ = [11/15, 8/15], Δ̂ = 5·[11, 8]/√185)
+    hp = dict(keep_threshold=0.8, reorient_strength=1.0, cos_bad=-0.2)
+    (out,), stats = correct([t(3, 4)], [t(1, 0)], reorient_schedule="normalized", **hp)
+    torch.testing.assert_close(out, t(5, 5) / math.sqrt(2), rtol=1e-6, atol=1e-6)
+    assert stats.lambdas == pytest.approx([1 / 6])
+    (printed,), stats = correct([t(3, 4)], [t(1, 0)], reorient_schedule="printed", **hp)
+    torch.testing.assert_close(printed, 5 * t(11, 8) / math.sqrt(185), rtol=1e-6, atol=1e-6)
+    assert stats.lambdas == pytest.approx([1 / 3])
+
+
+def test_normalized_schedule_vanishes_at_the_keep_threshold():
+    # just below c_ok the normalised λ is ~0 (no jump between reorient and keep); the printed one is not
+    d, m = [t(0.6, 0.8)], [t(1, 0)]  # c = 0.6
+    _, normalized = correct(d, m, keep_threshold=0.6 + 1e-6, reorient_schedule="normalized")
+    _, printed = correct(d, m, keep_threshold=0.6 + 1e-6, reorient_schedule="printed")
+    assert normalized.lambdas[0] < 1e-5 < 0.05 < printed.lambdas[0]  # printed: 0.5·0.4·0.5
+
+
+def test_confidence_scale_is_a_weight_applied_before_the_correction_by_hand():
+    # Correcting 2Δ with Δ = [3, 4], m = [−1, 0]: conf = 10/(10 + 1) = 10/11, β = 0.6·10/11 = 6/11,
+    # 2Δ − β·(−0.6)·10·[−1, 0] = [6 − 36/11, 8] = [30/11, 8] = 2·(correction of Δ with scale 2)
+    (weighted,), _ = correct([t(6, 8)], [t(-1, 0)])
+    (scaled,), stats = correct([t(3, 4)], [t(-1, 0)], confidence_scale=2.0)
+    torch.testing.assert_close(weighted, t(30 / 11, 8), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(2 * scaled, weighted, rtol=1e-6, atol=1e-6)
+    assert stats.betas == pytest.approx([6 / 11])
+    # without the scale the correction sees conf = 5/6 (β = 0.5) and gives [1.5, 4]
+    (plain,), _ = correct([t(3, 4)], [t(-1, 0)])
+    torch.testing.assert_close(plain, t(1.5, 4), rtol=1e-6, atol=1e-6)
+
+
+def test_relative_change_and_strength_stats_by_hand():
+    # shrink of [3, 4] to [1.5, 4]: ‖Δ̂ − Δ‖ = 1.5, ‖Δ‖ = 5 → 0.3; β = 0.5; plus a kept block [0, 1]
+    # (against m = [0, 1]) adds 1 to Σ‖Δ‖²: sqrt(1.5² / (25 + 1))
+    _, stats = correct([t(3, 4), t(0, 1)], [t(-1, 0), t(0, 1)])
+    assert stats.betas == pytest.approx([0.5]) and stats.lambdas == []
+    summary = stats.as_dict()
+    assert summary["relative_change"] == pytest.approx(1.5 / math.sqrt(26))
+    assert summary["mean_beta"] == pytest.approx(0.5) and summary["mean_lambda"] == 0.0
+    assert summary["frac_blocks_corrected"] == 0.5
 
 
 def test_reorient_lambda_is_capped_at_one():
@@ -259,6 +324,8 @@ hparams = st.fixed_dictionaries(
         "kappa": st.floats(0.0, 10.0),
         "eps": st.sampled_from([0.0, 1e-8, 1e-3]),
         "variant": st.sampled_from(["full", "project"]),
+        "reorient_schedule": st.sampled_from(["normalized", "printed"]),
+        "cos_bad": st.floats(-1.0, 0.0),
     }
 )
 
@@ -352,3 +419,30 @@ def test_plan_then_apply_out_of_place_matches_in_place():
     assert stats == plan.stats
     for r, x in zip(result, in_place, strict=True):
         assert torch.equal(r, x)
+
+
+@settings(max_examples=200, deadline=None)
+@given(block_pairs(), hparams, st.floats(0.01, 10.0))
+def test_confidence_scale_equals_correcting_the_weighted_delta(pair, hp, w):
+    deltas, moms = pair
+    weighted = [d * w for d in deltas]
+    correct_pseudo_gradient(weighted, moms, **hp)
+    scaled = [d.clone() for d in deltas]
+    correct_pseudo_gradient(scaled, moms, **hp, confidence_scale=w)
+    for a, b in zip(weighted, scaled, strict=True):
+        torch.testing.assert_close(a, b * w, rtol=1e-4, atol=1e-3 * (1 + float(a.abs().max())))
+
+
+@settings(max_examples=200, deadline=None)
+@given(block_pairs(), hparams)
+def test_normalized_lambda_never_exceeds_the_printed_one(pair, hp):
+    deltas, moms = pair
+    printed = correct_pseudo_gradient(
+        [d.clone() for d in deltas], moms, **{**hp, "reorient_schedule": "printed"}
+    )
+    normalized = correct_pseudo_gradient(
+        [d.clone() for d in deltas], moms, **{**hp, "reorient_schedule": "normalized"}
+    )
+    assert len(printed.lambdas) == len(normalized.lambdas)
+    for a, b in zip(normalized.lambdas, printed.lambdas, strict=True):
+        assert a <= b + 1e-12

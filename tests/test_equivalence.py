@@ -17,7 +17,7 @@ K, ROUNDS, INNER_LR = 3, 5, 0.1
 # θ ← θ − G; τ = 0 in a full quorum, so nothing is corrected); Delayed Nesterov with N = 1, β = 0.
 OUTER = {
     "sgd": lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.0),
-    "heloco": lambda p: HeLoCo(p, lr=1.0, momentum=0.0),
+    "heloco": lambda p: HeLoCo(p, lr=1.0, momentum=0.0, correct_fresh=False),
     "delayed-nesterov": lambda p: DelayedNesterov(p, lr=1.0, momentum=0.0, buffer_size=1),
 }
 

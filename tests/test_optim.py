@@ -110,7 +110,17 @@ def test_dn_weight_scales_the_arrival_and_staleness_is_ignored():
 #     Δ̂2 = [−3, 4] − 0.5·(−0.6)·5·[1, 0] = [−1.5, 4]
 #     m2 = 0.5·[1, 0] + 0.5·[−1.5, 4] = [−0.25, 2];  θ2 = [−1.5, 1] − ([−1.5, 4] + 0.5·m2) = [0.125, −4]
 #   uncorrected step 2: m2 = [−1, 2];  θ2 = [−1.5, 1] − ([−3, 4] + 0.5·[−1, 2]) = [2, −4]
-HAND = dict(lr=1.0, momentum=0.5, keep_threshold=0.5, shrink_strength=1.0, shrink_max=1.0, kappa=1.0, eps=0.0)
+HAND = dict(
+    lr=1.0,
+    momentum=0.5,
+    keep_threshold=0.5,
+    shrink_strength=1.0,
+    shrink_max=1.0,
+    kappa=1.0,
+    eps=0.0,
+    correct_fresh=False,
+    weight_before_correction=False,
+)
 CORRECTED, UNCORRECTED = t(0.125, -4), t(2, -4)
 
 
@@ -142,7 +152,7 @@ def test_heloco_ema_nesterov_with_asymmetric_momentum_by_hand(foreach):
     #   G2 = [0, 8]: m2 = 0.75·[1, 0] + 0.25·[0, 8] = [0.75, 2]
     #                θ2 = [−3.75, 1] − ([0, 8] + 0.75·[0.75, 2]) = [−4.3125, −8.5]
     p = param(1, 1)
-    opt = HeLoCo([p], lr=1.0, momentum=0.75, foreach=foreach)
+    opt = HeLoCo([p], lr=1.0, momentum=0.75, correct_fresh=False, foreach=foreach)
     push(opt, p, t(4, 0), staleness=0)
     assert torch.equal(p.data, t(-3.75, 1))
     push(opt, p, t(0, 8), staleness=0)
@@ -184,6 +194,50 @@ def test_heloco_weight_scales_after_the_correction():
     #   m2 = [0.5, 0] + [−1.5, 4] = [−1, 4];  θ2 = [−1.5, 1] − ([−3, 8] + [−0.5, 2]) = [2, −9]
     theta, _, _ = two_steps({"staleness": 1, "weight": 2.0})
     torch.testing.assert_close(theta, t(2, -9), rtol=1e-6, atol=1e-6)
+
+
+def test_heloco_weight_before_the_correction_enters_the_confidence_by_hand():
+    # Weight 2 applied before the correction (the authors' experiments): the correction sees 2Δ2,
+    #   conf = 2·5/(2·5 + 1·1) = 10/11, β = min(1·0.6·10/11, 1) = 6/11,
+    #   Δ̂ of 2Δ2 = 2·([−3, 4] − (6/11)·(−0.6)·5·[1, 0]) = 2·[−15/11, 4] = [−30/11, 8] = G,
+    #   m2 = 0.5·[1, 0] + 0.5·G = [−19/22, 4],  θ2 = [−1.5, 1] − (G + 0.5·m2) = [73/44, −9]
+    # (after the correction, above, the same arrival gives θ2 = [2, −9]: conf differs).
+    theta, opt, m = two_steps({"staleness": 1, "weight": 2.0}, weight_before_correction=True)
+    torch.testing.assert_close(m, t(-19 / 22, 4), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(theta, t(73 / 44, -9), rtol=1e-6, atol=1e-6)
+    assert opt.last_stats.betas == pytest.approx([6 / 11])
+
+
+def test_heloco_corrects_a_fresh_arrival_by_default_by_hand():
+    # The authors correct every arrival once m exists: staleness 0 gives the corrected θ2 above.
+    theta, opt, _ = two_steps({"staleness": 0}, correct_fresh=True)
+    torch.testing.assert_close(theta, CORRECTED, rtol=1e-6, atol=1e-6)
+    assert opt.last_stats.blocks_shrunk == 1
+    assert HeLoCo([param(1.0)]).defaults["correct_fresh"] is True
+
+
+def test_heloco_defaults_are_the_reference_values():
+    d = HeLoCo([param(1.0)]).defaults
+    expected = {
+        "lr": 0.7,
+        "momentum": 0.9,
+        "keep_threshold": 0.2,
+        "shrink_strength": 0.5,
+        "shrink_max": 0.5,
+        "reorient_strength": 1.0,
+        "kappa": 3.0,
+        "eps": 1e-8,
+        "correct_fresh": True,
+        "reorient_schedule": "normalized",
+        "cos_bad": -0.2,
+        "weight_before_correction": True,
+    }
+    assert {k: d[k] for k in expected} == expected
+    swept = HeLoCo.from_preset([param(1.0)], "tiny_sweep").defaults
+    assert (swept["lr"], swept["keep_threshold"], swept["correct_fresh"]) == (0.175, 0.0, False)
+    assert HeLoCo.from_preset([param(1.0)], "tiny_sweep", lr=0.3).defaults["lr"] == 0.3
+    with pytest.raises(ValueError, match="preset must be one of"):
+        HeLoCo.from_preset([param(1.0)], "paper")
 
 
 def test_heloco_lr_scheduler_changes_the_step():
