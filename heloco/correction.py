@@ -70,9 +70,7 @@ class CorrectionStats:
     cosines: list[float] = field(default_factory=list)  # cos(Δ_b, m_b) per block, 0.0 where a norm is 0
     betas: list[float] = field(default_factory=list)  # β_b of every shrunk block
     lambdas: list[float] = field(default_factory=list)  # λ_b of every reoriented block
-    # Σ_b ‖Δ̂_b − Δ_b‖² and Σ_b ‖Δ_b‖² (over all blocks): the relative size of the correction.
-    change_sq: float = 0.0
-    norm_sq: float = 0.0
+    relative_changes: list[float] = field(default_factory=list)  # ‖Δ̂_b − Δ_b‖ / ‖Δ_b‖ per block (0: kept)
 
     @property
     def num_blocks(self) -> int:
@@ -96,9 +94,10 @@ class CorrectionStats:
             "frac_blocks_corrected": (self.blocks_shrunk + self.blocks_reoriented) / nb,
             "mean_cosine": sum(cos) / len(cos) if cos else 0.0,
             "min_cosine": min(cos) if cos else 0.0,
-            "mean_beta": _mean(self.betas),
-            "mean_lambda": _mean(self.lambdas),
-            "relative_change": math.sqrt(self.change_sq / self.norm_sq) if self.norm_sq > 0 else 0.0,
+            # over all blocks (a kept one counts 0), as the authors' logs average them
+            "mean_beta": sum(self.betas) / nb,
+            "mean_lambda": sum(self.lambdas) / nb,
+            "mean_relative_change": _mean(self.relative_changes),
         }
 
     @classmethod
@@ -115,8 +114,7 @@ class CorrectionStats:
             out.cosines.extend(p.cosines)
             out.betas.extend(p.betas)
             out.lambdas.extend(p.lambdas)
-            out.change_sq += p.change_sq
-            out.norm_sq += p.norm_sq
+            out.relative_changes.extend(p.relative_changes)
         return out
 
 
@@ -357,15 +355,15 @@ def plan_correction(
         if wide and not bool(torch.isfinite(_wide_result(deltas[i], moms[i], s, r)).all()):
             branch = _KEEP  # Δ̂ is not representable in the tensor's dtype: leave the block as it is
         stats.cosines.append(c)
-        stats.norm_sq += nd * nd
         numel = deltas[i].numel()
         if branch == _KEEP:
             stats.blocks_kept += 1
             stats.elements_kept += numel
+            stats.relative_changes.append(0.0)
             continue
         # ‖Δ̂ − Δ‖² = ‖(s − 1)Δ + r·m‖², from the sums already measured.
         change = (s - 1.0) ** 2 * nd * nd + r * r * nm * nm + 2.0 * (s - 1.0) * r * dot
-        stats.change_sq += max(change, 0.0)
+        stats.relative_changes.append(math.sqrt(max(change, 0.0)) / nd)
         if branch == _SHRINK:
             stats.blocks_shrunk += 1
             stats.elements_shrunk += numel

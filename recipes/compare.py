@@ -34,8 +34,25 @@ from recipes.plots import summarize
 REPO = Path(__file__).resolve().parent.parent
 
 
+def read_matrix_yaml(path: str | Path) -> dict[str, Any]:
+    """A comparison YAML as written. ``extends: other.yaml`` (relative to this file) starts from that
+    file: its ``base`` and ``methods`` are updated key by key (a method set to null is dropped), its
+    other keys replaced."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"comparison config {path} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if "extends" in spec:
+        parent = read_matrix_yaml(path.parent / spec.pop("extends"))
+        for key in ("base", "methods"):
+            spec[key] = {**parent.get(key, {}), **(spec.get(key) or {})}
+        spec = {**parent, **spec}
+        spec["methods"] = {k: v for k, v in spec["methods"].items() if v is not None}  # null: drop
+    return spec
+
+
 def load_matrix(path: str | Path) -> dict[str, Any]:
-    spec = yaml.safe_load(Path(path).read_text())
+    spec = read_matrix_yaml(path)
     for key in ("base", "methods"):
         if key not in spec:
             raise ValueError(f"{path}: a comparison config needs a '{key}' mapping")

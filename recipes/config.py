@@ -16,27 +16,19 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from heloco.optim import HELOCO_DEFAULTS
+from heloco.aggregator import DISPATCHES
+from heloco.correction import REORIENT_SCHEDULES
+from recipes.methods import METHOD_SPECS, METHODS
+from recipes.model import PRESETS
 
-METHODS = ("sync", "async", "async_dn", "lookahead", "heloco", "heloco_project", "async_ema")
 MODES = ("simulate", "distributed")
-MODEL_SIZES = ("tiny", "small", "150m")
+MODEL_SIZES = tuple(PRESETS)
 WEIGHTINGS = ("none", "poly", "hinge")
 REPORTERS = ("none", "tensorboard", "wandb", "trackio")
 PRECISIONS = ("no", "bf16")
-SCHEDULES = ("constant", "cosine")
-
-# Outer learning rates per method. Each method needs its own: naive async Nesterov diverges at the
-# sync value. Chosen by the sweep in docs/results.md.
-DEFAULT_OUTER_LR = {
-    "sync": 0.7,
-    "async": 0.025,
-    "async_dn": 0.35,
-    "lookahead": 0.175,
-    "heloco": HELOCO_DEFAULTS["lr"],
-    "heloco_project": HELOCO_DEFAULTS["lr"],
-    "async_ema": HELOCO_DEFAULTS["lr"],
-}
+# constant; cosine over the run's progress (the same for every worker); worker_cosine: cosine over
+# each worker's own inner steps with period cosine_steps, no warm-up (the HeLoCo authors' schedule).
+SCHEDULES = ("constant", "cosine", "worker_cosine")
 
 
 @dataclass
@@ -63,6 +55,9 @@ class DataArguments:
     sample_p: float = field(default=0.8, metadata={"help": "When building the sample: dominant share p"})
     batch_size: int = field(default=8, metadata={"help": "Sequences per inner step, per worker"})
     eval_sequences: int = field(default=64, metadata={"help": "Validation sequences per language per eval"})
+    eval_batch_size: int | None = field(
+        default=None, metadata={"help": "Sequences per evaluation forward pass (unset: batch_size)"}
+    )
 
 
 @dataclass
@@ -87,12 +82,26 @@ class DiLoCoArguments:
     outer_momentum: float = field(default=0.9)
     dn_buffer_size: int | None = field(default=None, metadata={"help": "Delayed Nesterov N (default K)"})
     dn_activation: float = field(default=0.0, metadata={"help": "Delayed Nesterov c in [0, 1/N]"})
-    keep_threshold: float = field(default=HELOCO_DEFAULTS["keep_threshold"])
-    shrink_strength: float = field(default=HELOCO_DEFAULTS["shrink_strength"])
-    shrink_max: float = field(default=HELOCO_DEFAULTS["shrink_max"])
-    reorient_strength: float = field(default=HELOCO_DEFAULTS["reorient_strength"])
-    kappa: float = field(default=HELOCO_DEFAULTS["kappa"])
-    correct_fresh: bool = field(default=False, metadata={"help": "Also correct updates with staleness 0"})
+    dispatch: str | None = field(
+        default=None, metadata={"help": f"one of {', '.join(DISPATCHES)} (unset: the method's)"}
+    )
+    arrival_weight: float | None = field(
+        default=None, metadata={"help": "ρ multiplying every Δ (unset: the method's, 1/√K for paper async)"}
+    )
+    # HeLoCo's correction; unset: the method's preset (heloco.optim.HELOCO_PRESETS)
+    keep_threshold: float | None = field(default=None, metadata={"help": "c_ok"})
+    shrink_strength: float | None = field(default=None, metadata={"help": "k_s"})
+    shrink_max: float | None = field(default=None, metadata={"help": "β_max"})
+    reorient_strength: float | None = field(default=None, metadata={"help": "k_d"})
+    kappa: float | None = field(default=None, metadata={"help": "κ"})
+    reorient_schedule: str | None = field(
+        default=None, metadata={"help": f"one of {', '.join(REORIENT_SCHEDULES)}"}
+    )
+    cos_bad: float | None = field(default=None, metadata={"help": "normalised schedule's lower cosine"})
+    correct_fresh: bool | None = field(default=None, metadata={"help": "Also correct staleness-0 arrivals"})
+    weight_before_correction: bool | None = field(
+        default=None, metadata={"help": "ρ enters the correction (its confidence) instead of scaling after"}
+    )
     staleness_weighting: str = field(default="none", metadata={"help": f"one of {', '.join(WEIGHTINGS)}"})
     staleness_a: float = field(default=0.5)
     staleness_b: float = field(default=4.0)
@@ -122,8 +131,17 @@ class TrainArguments:
     inner_weight_decay: float = field(default=0.1)
     inner_beta2: float = field(default=0.95)
     grad_clip: float = field(default=1.0)
-    lr_schedule: str = field(default="constant", metadata={"help": f"inner lr over the budget: {SCHEDULES}"})
+    fused_adamw: bool = field(
+        default=False, metadata={"help": "torch's fused AdamW kernel (faster at small batch; not bit-equal)"}
+    )
+    reset_inner_optimizer: bool = field(
+        default=False, metadata={"help": "Re-create each worker's AdamW every round (state not kept)"}
+    )
+    lr_schedule: str = field(default="constant", metadata={"help": f"inner lr: {', '.join(SCHEDULES)}"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, as a fraction of inner_lr"})
+    cosine_steps: int = field(
+        default=2000, metadata={"help": "worker_cosine: a worker's own inner steps to reach the floor"}
+    )
     pretrain_steps: int = field(
         default=300, metadata={"help": "Ordinary training steps before the DiLoCo phase (shared, cached)"}
     )
@@ -171,7 +189,7 @@ class RecipeConfig:
     @property
     def outer_lr(self) -> float:
         d = self.diloco
-        return d.outer_lr if d.outer_lr is not None else DEFAULT_OUTER_LR[d.method]
+        return d.outer_lr if d.outer_lr is not None else METHOD_SPECS[d.method].lr
 
 
 def _all_field_names() -> set[str]:
@@ -242,6 +260,18 @@ def validate(config: RecipeConfig) -> None:
     _one_of("report_to", t.report_to, REPORTERS)
     _one_of("lr_schedule", t.lr_schedule, SCHEDULES)
     _one_of("wire_dtype", o.wire_dtype, ("float32", "bfloat16"))
+    if o.dispatch is not None:
+        _one_of("dispatch", o.dispatch, DISPATCHES)
+    if o.reorient_schedule is not None:
+        _one_of("reorient_schedule", o.reorient_schedule, REORIENT_SCHEDULES)
+    if o.arrival_weight is not None and not (math.isfinite(o.arrival_weight) and o.arrival_weight > 0):
+        raise ValueError(f"arrival_weight must be a finite number > 0 or unset, got {o.arrival_weight}")
+    if o.cos_bad is not None and not -1.0 <= o.cos_bad <= 0.0:
+        raise ValueError(f"cos_bad must be in [-1, 0] or unset, got {o.cos_bad}")
+    if t.cosine_steps < 1 or not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ValueError(
+            f"cosine_steps must be >= 1 and min_lr_ratio in [0, 1], got {t.cosine_steps} and {t.min_lr_ratio}"
+        )
     if o.num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {o.num_workers}")
     if len(o.worker_speeds) != o.num_workers:
@@ -256,6 +286,7 @@ def validate(config: RecipeConfig) -> None:
         "inner_steps": o.inner_steps,
         "batch_size": d.batch_size,
         "eval_sequences": d.eval_sequences,
+        "eval_batch_size": d.eval_batch_size or d.batch_size,
         "eval_every": t.eval_every,
     }
     for name, value in positive_ints.items():

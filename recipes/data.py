@@ -6,6 +6,7 @@ method sees the same data order per worker, and the position is part of the chec
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,47 @@ def to_tensor(dataset: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
+def evaluate_metrics(
+    model: torch.nn.Module,
+    validation: dict[str, torch.Tensor],
+    batch_size: int,
+    device: torch.device,
+    autocast: Any,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Next-token loss and token accuracy per language on fixed sequences (so evals are comparable),
+    and over the pooled set ("mean"): every language contributes the same number of sequences of the
+    same length, so the pooled value is the mean of the languages' values.
+
+    Computed from the logits of the one forward pass on the device; the ``evaluate`` library is not
+    used because its accuracy module is downloaded from the Hub at run time and would need every
+    prediction moved to the host.
+    """
+    was_training = model.training
+    model.eval()
+    losses: dict[str, float] = {}
+    accuracies: dict[str, float] = {}
+    for language, sequences in validation.items():
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        count = 0
+        for start in range(0, sequences.shape[0], batch_size):
+            batch = sequences[start : start + batch_size].to(device)
+            with autocast():
+                logits = model(input_ids=batch).logits[:, :-1].float()
+            targets = batch[:, 1:]
+            loss_sum += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
+            correct += (logits.argmax(dim=-1) == targets).sum()
+            count += targets.numel()
+        losses[language] = float(loss_sum) / count
+        accuracies[language] = int(correct) / count
+    losses["mean"] = sum(losses[lang] for lang in validation) / len(validation)
+    accuracies["mean"] = sum(accuracies[lang] for lang in validation) / len(validation)
+    model.train(was_training)
+    return losses, accuracies
+
+
 def evaluate(
     model: torch.nn.Module,
     validation: dict[str, torch.Tensor],
@@ -72,19 +114,15 @@ def evaluate(
     device: torch.device,
     autocast: Any,
 ) -> dict[str, float]:
-    """Mean next-token loss per language (fixed sequences, so evals are comparable) and their mean."""
-    was_training = model.training
-    model.eval()
-    losses: dict[str, float] = {}
-    for language, sequences in validation.items():
-        total, count = 0.0, 0
-        for start in range(0, sequences.shape[0], batch_size):
-            batch = sequences[start : start + batch_size].to(device)
-            with autocast():
-                loss = model(input_ids=batch, labels=batch).loss
-            total += float(loss) * batch.shape[0]
-            count += batch.shape[0]
-        losses[language] = total / count
-    losses["mean"] = sum(losses[lang] for lang in validation) / len(validation)
-    model.train(was_training)
-    return losses
+    """Mean next-token loss per language and pooled ("mean"); see evaluate_metrics."""
+    return evaluate_metrics(model, validation, batch_size, device, autocast)[0]
+
+
+def eval_record(losses: dict[str, float], accuracies: dict[str, float]) -> dict[str, float]:
+    """The metrics JSONL fields of one evaluation: loss and token accuracy per language and pooled,
+    and the pooled perplexity exp(loss)."""
+    return {
+        **{f"val_loss/{k}": v for k, v in losses.items()},
+        **{f"val_accuracy/{k}": v for k, v in accuracies.items()},
+        "val_perplexity/mean": math.exp(min(losses["mean"], 700.0)),
+    }

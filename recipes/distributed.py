@@ -68,7 +68,7 @@ from heloco.checkpoint import atomic_directory, prune_checkpoints, save_state
 from heloco.simulation import dylu_steps
 from heloco.transport import TransportError, setup_transport
 from recipes.config import RecipeConfig
-from recipes.data import TokenStream, evaluate
+from recipes.data import TokenStream, eval_record, evaluate_metrics
 from recipes.distributed_server import _Background, _Gate
 from recipes.distributed_utils import (
     _job_store,
@@ -259,7 +259,9 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         def run_eval(reason: str, info: dict[str, Any], params: list[torch.Tensor]) -> dict[str, float]:
             with torch.no_grad():
                 torch._foreach_copy_(list(global_model.parameters()), list(params))
-            losses = evaluate(global_model, validation, d.batch_size, device, accelerator.autocast)
+            losses, accuracies = evaluate_metrics(
+                global_model, validation, d.eval_batch_size or d.batch_size, device, accelerator.autocast
+            )
             record = {
                 "event": "eval",
                 "reason": reason,
@@ -267,7 +269,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
                 "time": info["time"],
                 "tokens": info["tokens"],
                 "version": info["version"],
-                **{f"val_loss/{k}": v for k, v in losses.items()},
+                **eval_record(losses, accuracies),
             }
             log.write(record, step=info["arrival"])
             if t.progress:

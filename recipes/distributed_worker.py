@@ -15,7 +15,7 @@ from heloco.transport import QuorumUnreachable, ServerStopped
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream
 from recipes.distributed_utils import _synchronize, emulate_slowdown
-from recipes.train import inner_lr_factor, inner_step
+from recipes.train import begin_round, inner_step, set_inner_lr
 
 if TYPE_CHECKING:
     from recipes.distributed_server import _Gate
@@ -112,12 +112,14 @@ def _train_worker(
                     if t.budget_time is not None and time.monotonic() - start >= t.budget_time:
                         reason = "budget_time"  # a round started now could not count
                         break
-                    for group in optimizer.param_groups:
-                        group["lr"] = t.inner_lr * inner_lr_factor(config, progress())
+                    begin_round(config, optimizer)
+                    set_inner_lr(config, optimizer, progress(), worker.local_step)
                     timer.new_round()
                     loss_sum = torch.zeros((), device=device)
                     abandoned = False
                     for _ in range(worker.sync_every):
+                        if t.lr_schedule == "worker_cosine":
+                            set_inner_lr(config, optimizer, progress(), worker.local_step)
                         batch = stream.next_batch()
                         timer.begin_step()
                         # the H-th step's hook submits Δ and loads the server's answer

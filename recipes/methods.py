@@ -1,43 +1,130 @@
-"""Map a method name to its outer optimizer and server configuration.
+"""One registry: a method name → its outer optimizer, server settings and default outer lr.
 
-sync            synchronous DiLoCo: quorum K, average, torch SGD with Nesterov (Douillard et al. 2023)
-async           naive asynchronous DiLoCo: every arrival gets a torch Nesterov step
+The paper's methods, as the HeLoCo authors' experiment code runs them (arXiv 2606.00271):
+sync            synchronous DiLoCo: quorum K, mean of the K Δ, torch SGD Nesterov, η 0.7
+async_nesterov  every arrival ρΔ gets a torch SGD Nesterov step, η 0.07, ρ = 1/√K
+mla             momentum look-ahead as the authors run it: the EMA-form Nesterov step on each ρΔ,
+                η 0.7, no dispatch look-ahead, no correction
+heloco          the correction (reference values) + the fixed look-ahead dispatch θ − η·μ·m + ρ, η 0.7
+
+Ours (kept for the studies of docs/results.md; not the paper's definitions):
+async           naive async Nesterov without ρ, at our swept η 0.025
 async_dn        Delayed Nesterov (Liu et al. 2024); add `dylu: true` for DN + DyLU
-lookahead       EMA-form Nesterov, parameters dispatched extrapolated along −momentum (our reading
-                of the momentum look-ahead idea; the exact published rule is not public)
-heloco          EMA-form Nesterov + HeLoCo's correction of stale pseudo-gradients
-heloco_project  ablation: conflicting blocks projected off the momentum (PCGrad), no reorientation
-async_ema       ablation: EMA-form Nesterov without correction (isolates what the correction adds)
+lookahead       the EMA-form step with our staleness-scaled dispatch θ − η·τ̂·μ·m, no ρ
+async_ema       the EMA-form step alone, no ρ (= mla without ρ)
+heloco_tiny     HeLoCo with the values our sweeps chose on the tiny model (preset "tiny_sweep"):
+                stale arrivals only, c_ok 0, plain dispatch, no ρ, η 0.175
+heloco_project  heloco_tiny with conflicting blocks projected off the momentum (PCGrad), no reorientation
+
+Any method's dispatch, arrival weight and correction knobs can be overridden from the config
+(`dispatch`, `arrival_weight`, `keep_threshold`, ...), which is how the ablations are written.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
 import torch
 
 from heloco import AsyncAggregator, DelayedNesterov, HeLoCo
-from recipes.config import RecipeConfig
+from heloco.optim import HELOCO_PRESETS
 
-_CORRECTION_FIELDS = {"keep_threshold", "shrink_strength", "shrink_max", "reorient_strength", "kappa"}
+if TYPE_CHECKING:
+    from recipes.config import RecipeConfig
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    optimizer: str  # "nesterov" (torch SGD), "delayed_nesterov" or "heloco"
+    lr: float  # default outer learning rate
+    variant: str = "none"  # HeLoCo's correction: "full", "project" or "none"
+    preset: str = "reference"  # HeLoCo hyperparameters (heloco.optim.HELOCO_PRESETS)
+    synchronous: bool = False  # quorum K instead of 1
+    dispatch: str = "plain"
+    inverse_sqrt_k_weight: bool = False  # arrival weight ρ = 1/√K
+    paper: bool = False  # defined as the HeLoCo authors define it
+
+
+METHOD_SPECS = MappingProxyType(
+    {
+        "sync": MethodSpec("nesterov", 0.7, synchronous=True, paper=True),
+        "async_nesterov": MethodSpec("nesterov", 0.07, inverse_sqrt_k_weight=True, paper=True),
+        "mla": MethodSpec("heloco", 0.7, inverse_sqrt_k_weight=True, paper=True),
+        "heloco": MethodSpec(
+            "heloco", 0.7, variant="full", dispatch="lookahead", inverse_sqrt_k_weight=True, paper=True
+        ),
+        "async": MethodSpec("nesterov", 0.025),
+        "async_dn": MethodSpec("delayed_nesterov", 0.35),
+        "lookahead": MethodSpec("heloco", 0.175, dispatch="scaled_lookahead"),
+        "async_ema": MethodSpec("heloco", 0.175),
+        "heloco_tiny": MethodSpec("heloco", 0.175, variant="full", preset="tiny_sweep"),
+        "heloco_project": MethodSpec("heloco", 0.175, variant="project", preset="tiny_sweep"),
+    }
+)
+METHODS = tuple(METHOD_SPECS)
+
+# Config fields that override the preset of a HeLoCo method (None in the config: the preset's value).
+CORRECTION_FIELDS = (
+    "keep_threshold",
+    "shrink_strength",
+    "shrink_max",
+    "reorient_strength",
+    "kappa",
+    "reorient_schedule",
+    "cos_bad",
+    "correct_fresh",
+    "weight_before_correction",
+)
 
 
 def fields_not_read(method: str) -> set[str]:
     """Config fields that ``method``'s optimizer never reads (see build_outer_optimizer), so a finished
     run stays valid when only their values or defaults change."""
+    spec = METHOD_SPECS[method]
     unused = set()
-    if method != "async_dn":
+    if spec.optimizer != "delayed_nesterov":
         unused |= {"dn_buffer_size", "dn_activation"}
-    if method != "heloco":  # heloco_project always projects fully (β = 1) and never reorients
-        unused |= _CORRECTION_FIELDS
-    if method not in ("heloco", "heloco_project"):
-        unused.add("correct_fresh")
+    if spec.variant == "none":
+        unused |= set(CORRECTION_FIELDS)
+    elif spec.variant == "project":  # always projects fully (β = 1) and never reorients
+        unused |= set(CORRECTION_FIELDS) - {"correct_fresh", "weight_before_correction"}
     return unused
+
+
+def heloco_hyperparameters(config: RecipeConfig) -> dict[str, object]:
+    """The method's preset with the config's explicit overrides."""
+    o = config.diloco
+    spec = METHOD_SPECS[o.method]
+    values = dict(HELOCO_PRESETS[spec.preset])
+    for name in CORRECTION_FIELDS:
+        if getattr(o, name) is not None:
+            values[name] = getattr(o, name)
+    values.update(lr=config.outer_lr, momentum=o.outer_momentum, variant=spec.variant)
+    return values
+
+
+def arrival_weight(config: RecipeConfig) -> float | None:
+    """ρ: the config's value, else 1/√K for the paper's asynchronous methods, else none."""
+    o = config.diloco
+    if o.arrival_weight is not None:
+        return o.arrival_weight
+    return 1.0 / math.sqrt(o.num_workers) if METHOD_SPECS[o.method].inverse_sqrt_k_weight else None
+
+
+def dispatch_mode(config: RecipeConfig) -> str:
+    o = config.diloco
+    return o.dispatch if o.dispatch is not None else METHOD_SPECS[o.method].dispatch
 
 
 def build_outer_optimizer(config: RecipeConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     o, lr = config.diloco, config.outer_lr
-    if o.method in ("sync", "async"):
+    spec = METHOD_SPECS[o.method]
+    if spec.optimizer == "nesterov":
         return torch.optim.SGD(params, lr=lr, momentum=o.outer_momentum, nesterov=True)
-    if o.method == "async_dn":
+    if spec.optimizer == "delayed_nesterov":
         return DelayedNesterov(
             params,
             lr=lr,
@@ -45,34 +132,20 @@ def build_outer_optimizer(config: RecipeConfig, params: list[torch.Tensor]) -> t
             buffer_size=o.dn_buffer_size or o.num_workers,
             activation=o.dn_activation,
         )
-    variant = {"heloco": "full", "heloco_project": "project", "lookahead": "none", "async_ema": "none"}[
-        o.method
-    ]
-    return HeLoCo(
-        params,
-        lr=lr,
-        momentum=o.outer_momentum,
-        keep_threshold=o.keep_threshold,
-        shrink_strength=o.shrink_strength,
-        shrink_max=o.shrink_max,
-        reorient_strength=o.reorient_strength,
-        kappa=o.kappa,
-        correct_fresh=o.correct_fresh,
-        variant=variant,
-    )
+    return HeLoCo(params, **heloco_hyperparameters(config))
 
 
 def build_aggregator(config: RecipeConfig, params: list[torch.Tensor]) -> AsyncAggregator:
     o = config.diloco
-    outer = build_outer_optimizer(config, params)
     return AsyncAggregator(
         params,
-        outer,
+        build_outer_optimizer(config, params),
         num_workers=o.num_workers,
-        quorum=o.num_workers if o.method == "sync" else 1,
+        quorum=o.num_workers if METHOD_SPECS[o.method].synchronous else 1,
         staleness_weighting=None if o.staleness_weighting == "none" else o.staleness_weighting,
         staleness_a=o.staleness_a,
         staleness_b=o.staleness_b,
         max_staleness=o.max_staleness,
-        lookahead=o.method == "lookahead",
+        arrival_weight=arrival_weight(config),
+        dispatch=dispatch_mode(config),
     )

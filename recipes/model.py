@@ -1,10 +1,17 @@
-"""Model construction: Llama size presets built from a transformers config (no download), or any
-causal-LM checkpoint by name or path."""
+"""Model construction: size presets built from a transformers config (no download), or any causal-LM
+checkpoint by name or path."""
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 # Parameter counts are for the sample corpus' 8k vocabulary (embeddings are untied).
 PRESETS: dict[str, dict[str, int]] = {
@@ -15,6 +22,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "150m": dict(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
     ),  # ≈126M+emb
+    # The HeLoCo authors' model shape: GPT-2, 8 layers, width 128, 4 heads, untied head, 128 positions
+    # (≈3.7M parameters with 8k vocabulary; ≈15M with GPT-2's 50k, which their runs used).
+    "paper": dict(n_embd=128, n_layer=8, n_head=4),
 }
 
 
@@ -31,6 +41,20 @@ def build_model(
         return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32)
     if size not in PRESETS:
         raise ValueError(f"model_size must be one of {', '.join(PRESETS)}; got {size!r}")
+    if size == "paper":
+        gpt2 = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max_positions,
+            bos_token_id=eos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=False,
+            resid_pdrop=0.0,  # the authors train without dropout
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **PRESETS[size],
+        )
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(gpt2)
     config = LlamaConfig(
         vocab_size=vocab_size,
         max_position_embeddings=max_positions,

@@ -48,7 +48,7 @@ from heloco.checkpoint import (
 )
 from heloco.simulation import VirtualClock, dylu_steps
 from recipes.config import RecipeConfig, parse_config
-from recipes.data import TokenStream, evaluate, to_tensor
+from recipes.data import TokenStream, eval_record, evaluate_metrics, to_tensor
 from recipes.methods import build_aggregator
 from recipes.model import build_model, count_parameters
 
@@ -85,19 +85,41 @@ class MetricsLog:
         self._file.close()
 
 
-def inner_lr_factor(config: RecipeConfig, progress: float) -> float:
-    """Inner learning-rate multiplier as a function of the run's progress in [0, 1] (same for every
-    method at equal progress, so schedules never favour one)."""
-    if config.train.lr_schedule == "constant":
+def inner_lr_factor(config: RecipeConfig, progress: float, worker_step: int = 0) -> float:
+    """Inner learning-rate multiplier. ``cosine`` follows the run's progress in [0, 1] (the same for
+    every method at equal progress, so schedules never favour one); ``worker_cosine`` follows the
+    worker's own inner steps, reaching the floor after ``cosine_steps`` and staying there."""
+    t = config.train
+    if t.lr_schedule == "constant":
         return 1.0
-    floor = config.train.min_lr_ratio
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    x = progress if t.lr_schedule == "cosine" else worker_step / t.cosine_steps
+    floor = t.min_lr_ratio
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(x, 1.0)))
+
+
+def set_inner_lr(
+    config: RecipeConfig, optimizer: torch.optim.Optimizer, progress: float, worker_step: int
+) -> None:
+    lr = config.train.inner_lr * inner_lr_factor(config, progress, worker_step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def begin_round(config: RecipeConfig, optimizer: torch.optim.Optimizer) -> None:
+    """With ``reset_inner_optimizer`` the round starts from a fresh AdamW (no moments, step 0), as if
+    re-created: its state is rebuilt lazily at the first step."""
+    if config.train.reset_inner_optimizer:
+        optimizer.state.clear()
 
 
 def make_inner_optimizer(config: RecipeConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = config.train
     return torch.optim.AdamW(
-        model.parameters(), lr=t.inner_lr, betas=(0.9, t.inner_beta2), weight_decay=t.inner_weight_decay
+        model.parameters(),
+        lr=t.inner_lr,
+        betas=(0.9, t.inner_beta2),
+        weight_decay=t.inner_weight_decay,
+        fused=True if t.fused_adamw else None,
     )
 
 
@@ -408,7 +430,9 @@ def run(config: RecipeConfig, command: str | None = None) -> dict[str, Any]:
 
     def run_eval(virtual_time: float, reason: str) -> dict[str, float]:
         load_global(run_state)
-        losses = evaluate(global_model, validation, d.batch_size, device, autocast)
+        losses, accuracies = evaluate_metrics(
+            global_model, validation, d.eval_batch_size or d.batch_size, device, autocast
+        )
         counters["last_eval_version"] = aggregator.version
         record = {
             "event": "eval",
@@ -417,7 +441,7 @@ def run(config: RecipeConfig, command: str | None = None) -> dict[str, Any]:
             "time": virtual_time,
             "tokens": counters["tokens"],
             "version": aggregator.version,
-            **{f"val_loss/{k}": v for k, v in losses.items()},
+            **eval_record(losses, accuracies),
         }
         log.write(record, step=counters["arrivals"])
         return losses
@@ -458,14 +482,17 @@ def run(config: RecipeConfig, command: str | None = None) -> dict[str, Any]:
 
         now, k = clock.pop()
         worker, optimizer, stream = workers[k], optimizers[k], streams[k]
-        for group in optimizer.param_groups:
-            group["lr"] = t.inner_lr * inner_lr_factor(config, progress())
+        begin_round(config, optimizer)
+        per_step_lr = t.lr_schedule == "worker_cosine"
+        set_inner_lr(config, optimizer, progress(), worker.local_step)
         if o.offload_idle_workers:
             move_worker(worker.model, optimizer, device)
         loss_sum = torch.zeros((), device=device)
         checksum = 0
         with worker:  # the hook submits Δ after the H-th step and loads the server's answer
             for _ in range(worker.sync_every):
+                if per_step_lr:
+                    set_inner_lr(config, optimizer, progress(), worker.local_step)
                 batch = stream.next_batch()
                 checksum += int(batch.sum())
                 loss_sum += inner_step(worker.model, optimizer, batch.to(device), accelerator, t.grad_clip)

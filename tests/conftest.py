@@ -40,7 +40,7 @@ def build_tiny_shards(tmp: Path, num_workers: int, **overrides) -> Path:
     from data_prep.config import BuildConfig
 
     corpus = write_corpus(tmp / "corpus")
-    config = BuildConfig(
+    settings = dict(
         output_dir=str(tmp / f"shards-k{num_workers}"),
         source="local",
         languages=list(LANGUAGES),
@@ -54,8 +54,8 @@ def build_tiny_shards(tmp: Path, num_workers: int, **overrides) -> Path:
         seq_len=32,
         validation_fraction=0.1,
         seed=0,
-        **overrides,
     )
+    config = BuildConfig(**{**settings, **overrides})
     return build_shards(config)
 
 

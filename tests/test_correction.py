@@ -160,13 +160,14 @@ def test_confidence_scale_is_a_weight_applied_before_the_correction_by_hand():
 
 
 def test_relative_change_and_strength_stats_by_hand():
-    # shrink of [3, 4] to [1.5, 4]: ‖Δ̂ − Δ‖ = 1.5, ‖Δ‖ = 5 → 0.3; β = 0.5; plus a kept block [0, 1]
-    # (against m = [0, 1]) adds 1 to Σ‖Δ‖²: sqrt(1.5² / (25 + 1))
+    # shrink of [3, 4] to [1.5, 4]: ‖Δ̂ − Δ‖ = 1.5, ‖Δ‖ = 5 → 0.3, β = 0.5; a kept block [0, 1]
+    # (against m = [0, 1]) counts 0 in both means, as in the authors' logs: 0.15 and 0.25
     _, stats = correct([t(3, 4), t(0, 1)], [t(-1, 0), t(0, 1)])
     assert stats.betas == pytest.approx([0.5]) and stats.lambdas == []
+    assert stats.relative_changes == pytest.approx([0.3, 0.0])
     summary = stats.as_dict()
-    assert summary["relative_change"] == pytest.approx(1.5 / math.sqrt(26))
-    assert summary["mean_beta"] == pytest.approx(0.5) and summary["mean_lambda"] == 0.0
+    assert summary["mean_relative_change"] == pytest.approx(0.15)
+    assert summary["mean_beta"] == pytest.approx(0.25) and summary["mean_lambda"] == 0.0
     assert summary["frac_blocks_corrected"] == 0.5
 
 

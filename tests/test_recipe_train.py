@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from recipes.config import config_from_dict
+from recipes.methods import METHOD_SPECS
 from recipes.train import run
 
-METHODS = ["sync", "async", "async_dn", "lookahead", "heloco", "heloco_project", "async_ema"]
+METHODS = list(METHOD_SPECS)
 
 
 def base_values(shards: Path, out: Path, **overrides) -> dict:
