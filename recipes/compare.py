@@ -1,6 +1,6 @@
 """Run a method matrix on the same shards and seeds, then plot and tabulate the comparison.
 
-    python recipes/compare.py --config recipes/configs/demo.yaml [--jobs 2] [--output_dir DIR]
+    python recipes/compare.py --config recipes/configs/demo.yaml [--jobs 2] [--output_dir DIR] [--only LABEL ...]
 
 The YAML has a ``base`` mapping (recipes/train.py keys shared by every run), a ``methods`` mapping
 (label → overrides), ``seeds``, and where to put the results. Finished runs (summary.json present) are
@@ -29,7 +29,7 @@ import yaml
 from heloco.checkpoint import latest_checkpoint
 from recipes.config import config_from_dict
 from recipes.methods import fields_not_read
-from recipes.plots import summarize
+from recipes.plots import final_eval, read_evals, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -173,12 +173,24 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--output_dir", default=None)
     parser.add_argument("--docs_dir", default=None, help="also copy plots + table here")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="run just these method labels and print their final losses (no plots, no table)",
+    )
     args = parser.parse_args(argv)
     spec = load_matrix(args.config)
     if args.output_dir:
         spec["output_dir"] = args.output_dir
     jobs = args.jobs or int(spec["jobs"])
     runs = run_configs(spec)
+    if args.only:
+        unknown = sorted(set(args.only) - {label for label, _, _ in runs})
+        if unknown:
+            raise SystemExit(f"--only: unknown labels {unknown}; the config has {sorted(spec['methods'])}")
+        runs = [r for r in runs if r[0] in args.only]
     seq_len = prepare_shared(spec)
     wallclock = equal_wallclock(spec["base"], seq_len)
     for _, _, values in runs:
@@ -192,6 +204,14 @@ def main(argv: list[str] | None = None) -> str:
     paths: dict[str, dict[int, Path]] = {}
     for label, seed, values in runs:
         paths.setdefault(label, {})[seed] = Path(values["output_dir"])
+    if args.only:
+        text = "\n".join(
+            f"{label} seed {seed}: final val_loss/mean {final_eval(read_evals(path))['val_loss/mean']:.4f}"
+            for label, seeds in paths.items()
+            for seed, path in seeds.items()
+        )
+        print(text)
+        return text
     out_dir = Path(spec["output_dir"])
     text = summarize(paths, out_dir, wallclock, spec["reference"], spec.get("title", spec["name"]))
     docs_dir = args.docs_dir or spec.get("docs_dir")

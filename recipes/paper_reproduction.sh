@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun every experiment of docs/paper_reproduction.md (about 2.5 hours on 2 CPU cores; not in CI).
 #   bash recipes/paper_reproduction.sh            # everything, in this order
-#   bash recipes/paper_reproduction.sh tuning     # one part: moderate | extreme | ablations | tuning
+#   bash recipes/paper_reproduction.sh tuning     # one part: moderate | logged | extreme | ablations | tuning
 # Finished runs are reused (compare.py refuses a finished run computed with other settings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,9 @@ configs=recipes/configs/reproduction
 
 if [[ $part == all || $part == moderate ]]; then
   $PY recipes/compare.py --config $configs/moderate_noniid.yaml
+fi
+if [[ $part == all || $part == logged ]]; then
+  $PY recipes/compare.py --config $configs/logged_run_noniid.yaml
 fi
 if [[ $part == all || $part == extreme ]]; then
   $PY recipes/compare.py --config $configs/extreme_noniid.yaml

@@ -52,21 +52,49 @@ def _mean_curve(runs: list[list[dict[str, Any]]], x: str) -> tuple[np.ndarray, n
     return grid, ys.mean(0), ys.std(0)
 
 
-def plot_curves(results: dict[str, list[list[dict[str, Any]]]], x: str, path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, runs in results.items():
-        grid, mean, std = _mean_curve(runs, x)
-        ax.plot(grid, mean, label=method, lw=1.6)
-        if len(runs) > 1:
-            ax.fill_between(grid, mean - std, mean + std, alpha=0.15)
-    ax.set_xlabel({"tokens": "tokens (DiLoCo phase, all workers)", "time": "virtual wall-clock (s)"}[x])
-    ax.set_ylabel("validation loss (mean over languages)")
-    ax.set_title(title, fontsize=9)
+def _draw_curves(ax, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], x_max: float) -> None:
+    for method, (grid, mean, std) in curves.items():
+        keep = grid <= x_max * (1 + 1e-9)
+        (line,) = ax.plot(grid[keep], mean[keep], label=method, lw=1.6, marker=".", ms=3)
+        ax.fill_between(
+            grid[keep], (mean - std)[keep], (mean + std)[keep], alpha=0.15, color=line.get_color()
+        )
     ax.grid(alpha=0.3)
-    ax.legend()
+
+
+def plot_curves(
+    results: dict[str, list[list[dict[str, Any]]]],
+    x: str,
+    path: Path,
+    title: str,
+    horizon: float | None = None,
+) -> list[float]:
+    """Mean ± std over seeds of the validation loss along ``x``. On the wall-clock axis, when some method
+    (sync, typically) runs more than 1.5x past ``horizon`` (the time the async runs need for the budget),
+    a second panel zooms on [0, horizon] so the async curves are not squeezed into a corner. Returns the
+    right end of each panel's axis."""
+    curves = {method: _mean_curve(runs, x) for method, runs in results.items()}
+    x_end = max(float(c[0][-1]) for c in curves.values())
+    zoom = x == "time" and horizon is not None and x_end > 1.5 * horizon
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4.5), squeeze=False)
+    _draw_curves(axes[0, 0], curves, x_end)
+    label = {"tokens": "tokens (DiLoCo phase, all workers)", "time": "virtual wall-clock (s)"}[x]
+    axes[0, 0].set_xlabel(label)
+    axes[0, 0].set_ylabel("validation loss (mean over languages)")
+    axes[0, 0].legend(fontsize=8)
+    if zoom:
+        axes[0, 0].axvline(horizon, color="grey", ls="--", lw=1)
+        axes[0, 0].set_title("whole runs", fontsize=9)
+        ax = axes[0, 1]
+        _draw_curves(ax, curves, horizon)
+        ax.set_xlim(0, horizon * 1.02)
+        ax.set_xlabel(label)
+        ax.set_title(f"zoom on 0 - {horizon:.0f} s, the equal wall-clock point", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return [x_end, horizon] if zoom else [x_end]
 
 
 def plot_languages(
@@ -145,7 +173,13 @@ def summarize(
     plot_curves(
         {m: list(v.values()) for m, v in evals.items()}, "tokens", out_dir / "loss_vs_tokens.png", title
     )
-    plot_curves({m: list(v.values()) for m, v in evals.items()}, "time", out_dir / "loss_vs_time.png", title)
+    plot_curves(
+        {m: list(v.values()) for m, v in evals.items()},
+        "time",
+        out_dir / "loss_vs_time.png",
+        title,
+        horizon=wallclock,
+    )
     finals = {m: [final_eval(e) for e in v.values()] for m, v in evals.items()}
     languages = [
         k.split("/", 1)[1]

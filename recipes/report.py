@@ -80,64 +80,90 @@ def sweep_table(compare_dir: Path, out_dir: Path) -> str:
     return text
 
 
+STAT_COLUMNS = {
+    "tensors corrected": "correction/frac_blocks_corrected",
+    "shrunk": "correction/frac_blocks_shrunk",
+    "reoriented": "correction/frac_blocks_reoriented",
+    "mean λ": "correction/mean_lambda",
+    "mean β": "correction/mean_beta",
+    "mean cos": "correction/mean_cosine",
+    "relative change": "correction/mean_relative_change",
+}
+
+
 def correction_table(compare_dir: Path, out_dir: Path) -> str:
-    """Per corrected method: share of blocks kept / shrunk / reoriented and mean cosine to the momentum,
-    over stale (τ > 0) and fresh (τ = 0) arrivals, averaged over seeds; and mean staleness per worker."""
+    """Per corrected method, over fresh (τ = 0) and stale (τ > 0) arrivals pooled over seeds: how many,
+    the share of blocks (tensors) the correction touched, mean λ and β (over all blocks, an untouched one
+    counting 0, as the authors' logs average them), mean cosine to the momentum and the relative size of
+    the change; and the mean staleness of each worker."""
     runs = finished_runs(compare_dir)
     lines = [
-        "| method | updates | stale share | kept | shrunk | reoriented | mean cos (stale) | min cos (stale) | mean τ per worker |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | arrivals | mean τ per worker | kind | share | " + " | ".join(STAT_COLUMNS) + " |",
+        "|---|---|---|---|---|" + "---|" * len(STAT_COLUMNS),
     ]
     for label, seeds in runs.items():
         arrivals = [r for p in seeds.values() for r in read_arrivals(p)]
-        stale = [r for r in arrivals if r["staleness"] > 0 and "correction/mean_cosine" in r]
         per_worker = defaultdict(list)
         for r in arrivals:
             per_worker[r["worker"]].append(r["staleness"])
         tau = ", ".join(f"{np.mean(per_worker[w]):.1f}" for w in sorted(per_worker))
-        if not stale:
-            lines.append(
-                f"| {label} | {len(arrivals)} | {np.mean([r['staleness'] > 0 for r in arrivals]):.2f} "
-                f"| — | — | — | — | — | {tau} |"
-            )
+        corrected = [r for r in arrivals if "correction/mean_cosine" in r]
+        if not corrected:
             continue
-
-        def mean(key: str, rows: list = stale) -> float:
-            return float(np.mean([r[key] for r in rows]))
-
-        lines.append(
-            f"| {label} | {len(arrivals)} | {len(stale) / len(arrivals):.2f} | {mean('correction/frac_blocks_kept'):.2f} "
-            f"| {mean('correction/frac_blocks_shrunk'):.2f} | {mean('correction/frac_blocks_reoriented'):.2f} "
-            f"| {mean('correction/mean_cosine'):.3f} | {min(r['correction/min_cosine'] for r in stale):.3f} | {tau} |"
-        )
+        for kind, rows in (
+            ("fresh", [r for r in corrected if r["staleness"] == 0]),
+            ("stale", [r for r in corrected if r["staleness"] > 0]),
+        ):
+            if not rows:
+                continue
+            cells = [f"{np.mean([r.get(key, np.nan) for r in rows]):.3f}" for key in STAT_COLUMNS.values()]
+            lines.append(
+                f"| {label} | {len(arrivals)} | {tau} | {kind} | {len(rows) / len(arrivals):.2f} | "
+                + " | ".join(cells)
+                + " |"
+            )
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "corrections.md").write_text(text + "\n")
+    (out_dir / "corrections.md").write_text(
+        text + "\n\n![corrections over training](corrections_over_time.png)\n"
+    )
     return text
 
 
 def correction_over_time(compare_dir: Path, out_dir: Path, label: str = "heloco") -> None:
-    """Cosine between arriving Δ and the momentum, and the share of reoriented blocks, over training."""
+    """Share of tensors corrected, mean λ, mean β and mean cosine per arrival along training, fresh
+    arrivals (τ = 0) and stale ones apart, every seed of ``label``."""
     runs = finished_runs(compare_dir).get(label)
     if not runs:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for seed, path in runs.items():
-        stale = [r for r in read_arrivals(path) if "correction/mean_cosine" in r]
-        tokens = [r["tokens"] for r in stale]
-        axes[0].scatter(tokens, [r["correction/mean_cosine"] for r in stale], s=8, label=f"seed {seed}")
-        axes[1].scatter(
-            tokens,
-            [r["correction/frac_blocks_reoriented"] + r["correction/frac_blocks_shrunk"] for r in stale],
-            s=8,
-        )
-    axes[0].set_ylabel("mean cos(Δ_b, m_b), stale updates")
-    axes[1].set_ylabel("share of blocks corrected")
-    for ax in axes:
+    panels = ["tensors corrected", "mean λ", "mean β", "mean cos"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    for kind, marker, color in (("fresh", "o", "tab:blue"), ("stale", "^", "tab:red")):
+        rows = [
+            r
+            for path in runs.values()
+            for r in read_arrivals(path)
+            if "correction/mean_cosine" in r and (r["staleness"] > 0) == (kind == "stale")
+        ]
+        for ax, panel in zip(axes, panels, strict=True):
+            key = STAT_COLUMNS[panel]
+            ax.scatter(
+                [r["tokens"] for r in rows],
+                [r.get(key, np.nan) for r in rows],
+                s=9,
+                marker=marker,
+                color=color,
+                alpha=0.6,
+                label=f"{kind} (τ {'> 0' if kind == 'stale' else '= 0'})",
+            )
+    for ax, panel in zip(axes, panels, strict=True):
+        ax.set_title(panel, fontsize=9)
         ax.set_xlabel("tokens")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"{label}: the correction per arrival over training ({len(runs)} seeds)", fontsize=9)
     fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_dir / "corrections_over_time.png", dpi=120)
     plt.close(fig)
 

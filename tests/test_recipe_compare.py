@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from recipes.compare import equal_wallclock, main
+from recipes.plots import final_eval, read_evals
 from tests.test_recipe_train import base_values
 
 
@@ -43,6 +45,13 @@ def test_compare_runs_plots_and_tables(tiny_shards, tmp_path):
             assert (out / "runs" / f"{method}-seed{seed}" / "summary.json").exists()
     # a second invocation skips finished runs and rewrites the same table
     assert main(["--config", str(config)]) == text
+    # --only reports the chosen label's finished runs, and names the labels when one is unknown
+    only = main(["--config", str(config), "--only", "sync"]).splitlines()
+    assert [line.split(": ")[0] for line in only] == ["sync seed 0", "sync seed 1"]
+    final = final_eval(read_evals(out / "runs" / "sync-seed0"))["val_loss/mean"]
+    assert only[0] == f"sync seed 0: final val_loss/mean {final:.4f}"
+    with pytest.raises(SystemExit, match="unknown labels \\['nope'\\]"):
+        main(["--config", str(config), "--only", "nope"])
 
 
 def test_equal_wallclock_by_hand():

@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from recipes.report import cell_losses, grid_table, paired_improvement, slow_worker_table
+from recipes.plots import plot_curves
+from recipes.report import (
+    cell_losses,
+    correction_over_time,
+    correction_table,
+    grid_table,
+    paired_improvement,
+    slow_worker_table,
+)
 
 
 def fake_run(compare_dir: Path, label: str, seed: int, final: float, at_time: float, wallclock: float = 50.0):
@@ -86,3 +94,53 @@ def test_slow_worker_table_on_a_directory_without_cells_says_what_it_expects(tmp
     (tmp_path / "unrelated").mkdir()
     with pytest.raises(ValueError, match="n<slow workers>_s<slowdown>"):
         slow_worker_table(tmp_path, tmp_path / "out")
+
+
+def evals_until(end: float, loss: float) -> list[dict]:
+    return [
+        {"event": "eval", "reason": r, "time": t, "tokens": int(t), "val_loss/mean": loss}
+        for r, t in (("start", 0.0), ("periodic", end / 2), ("final", end))
+    ]
+
+
+def test_wallclock_plot_zooms_on_the_async_horizon_only_when_sync_runs_much_longer(tmp_path):
+    async_runs = [evals_until(600.0, 5.0)]
+    long_sync = {"sync": [evals_until(1200.0, 4.0)], "heloco": async_runs}
+    assert plot_curves(long_sync, "time", tmp_path / "t.png", "x", horizon=600.0) == [1200.0, 600.0]
+    assert (tmp_path / "t.png").exists()
+    close_sync = {"sync": [evals_until(800.0, 4.0)], "heloco": async_runs}
+    assert plot_curves(close_sync, "time", tmp_path / "c.png", "x", horizon=600.0) == [800.0]
+    assert plot_curves(long_sync, "tokens", tmp_path / "k.png", "x", horizon=600.0) == [1200.0]
+
+
+def test_correction_table_splits_fresh_and_stale_arrivals(tmp_path):
+    run = tmp_path / "runs" / "heloco-seed0"
+    run.mkdir(parents=True)
+    stats = {"correction/mean_cosine": 0.1, "correction/frac_blocks_shrunk": 0.0}
+    arrivals = [
+        {"worker": 0, "staleness": 0, "correction/frac_blocks_corrected": 0.5, "correction/mean_lambda": 0.1},
+        {"worker": 0, "staleness": 0, "correction/frac_blocks_corrected": 1.0, "correction/mean_lambda": 0.3},
+        {
+            "worker": 1,
+            "staleness": 4,
+            "correction/frac_blocks_corrected": 0.25,
+            "correction/mean_lambda": 0.5,
+        },
+        {"worker": 1, "staleness": 2},  # an arrival without correction stats (e.g. a sync round)
+    ]
+    lines = [
+        json.dumps({"event": "arrival", "tokens": 10 * i, **stats, **a}) for i, a in enumerate(arrivals[:3])
+    ]
+    lines.append(json.dumps({"event": "arrival", "tokens": 40, **arrivals[3]}))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "summary.json").write_text("{}")
+    rows = [line.split(" | ") for line in correction_table(tmp_path, tmp_path / "out").splitlines()[2:]]
+    # method, arrivals, mean τ per worker (0: 0, 1: 3), kind, share of arrivals, tensors corrected, ..., mean λ
+    assert [r[1:6] for r in rows] == [
+        ["4", "0.0, 3.0", "fresh", "0.50", "0.750"],
+        ["4", "0.0, 3.0", "stale", "0.25", "0.250"],
+    ]
+    assert [r[8] for r in rows] == ["0.200", "0.500"]
+    assert (tmp_path / "out" / "corrections.md").exists()
+    correction_over_time(tmp_path, tmp_path / "out")
+    assert (tmp_path / "out" / "corrections_over_time.png").exists()
