@@ -125,6 +125,9 @@ def plot_languages(
     plt.close(fig)
 
 
+FINAL_METRICS = ("val_loss/mean", "val_accuracy/mean", "val_perplexity/mean")
+
+
 def mean_std(values: list[float]) -> str:
     """ "m ± s" over seeds, or the single value when there is one seed."""
     if len(values) == 1:
@@ -196,12 +199,20 @@ def summarize(
         for lang in languages:
             per_language[m][lang] = float(np.mean([r[f"val_loss/{lang}"] for r in rs]))
     table = results_table(at_tokens, at_time, reference)
+    metrics_table = "| method | loss | token accuracy | perplexity |\n|---|---|---|---|\n" + "".join(
+        f"| {m} | "
+        + " | ".join(mean_std([r.get(key, float("nan")) for r in rs]) for key in FINAL_METRICS)
+        + " |\n"
+        for m, rs in finals.items()
+    )
     lang_table = "| method | " + " | ".join(languages) + " |\n|---|" + "---|" * len(languages) + "\n"
     for m, v in per_language.items():
         lang_table += f"| {m} | " + " | ".join(f"{v[lang]:.4f}" for lang in languages) + " |\n"
     text = (
         f"# {title}\n\nEqual wall-clock = {wallclock:.1f} virtual seconds (when the async runs reach the token "
         f"budget). Lower is better; improvement = (L_method − L_{reference}) / L_method.\n\n{table}\n\n"
+        "Final evaluation on the pooled validation set (equal shares of every language; mean ± std "
+        f"over seeds):\n\n{metrics_table}\n"
         f"Final validation loss per language (mean over seeds):\n\n{lang_table}\n"
         "![loss vs tokens](loss_vs_tokens.png)\n![loss vs wall-clock](loss_vs_time.png)\n"
         "![loss per language](loss_per_language.png)\n"

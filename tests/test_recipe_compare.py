@@ -40,6 +40,14 @@ def test_compare_runs_plots_and_tables(tiny_shards, tmp_path):
     assert len(rows) >= 2
     sync_row = next(r for r in rows if r.startswith("| sync |"))
     assert "%" in sync_row and "per seed" in sync_row
+    # the final pooled metrics: the same loss as the equal-tokens column, an accuracy, a perplexity
+    metrics_row = next(
+        line for line in text.splitlines() if line.startswith("| heloco |") and line.count("±") == 3
+    )
+    results_row = next(line for line in rows if line.startswith("| heloco |") and "—" in line)
+    loss, accuracy, perplexity = (cell.split(" ± ")[0] for cell in metrics_row.split(" | ")[1:4])
+    assert loss == results_row.split(" | ")[1].split(" ± ")[0]
+    assert 0.0 < float(accuracy) < 1.0 and float(perplexity) > 1.0
     for method in ("sync", "heloco"):
         for seed in (0, 1):
             assert (out / "runs" / f"{method}-seed{seed}" / "summary.json").exists()
