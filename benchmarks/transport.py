@@ -44,7 +44,8 @@ from torch import nn
 from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
 from heloco.aggregator import AsyncAggregator, Update
-from heloco.transport import DistributedServer, DistributedTransport
+from heloco.distributed.client import DistributedTransport
+from heloco.distributed.server import DistributedServer
 from heloco.worker import DiLoCoWorker
 
 TIMEOUT = datetime.timedelta(seconds=300)

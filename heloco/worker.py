@@ -6,28 +6,22 @@ the parameters it answers with. The inner optimizer's state (AdamW moments) stay
 is never reset, as in DiLoCo (arXiv 2311.08105).
 
 A transport that sends from its own buffers (``DistributedTransport``) may offer them with an
-optional ``pseudo_grad_buffers()`` method: Δ is then computed straight into them (one pass, which
+optional ``pseudo_grad_buffers()`` method (``heloco.distributed.protocol.BufferedTransport``): Δ is then computed straight into them (one pass, which
 also converts to the wire dtype) instead of into the worker's buffers and copied again when sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from heloco.distributed.protocol import Transport
+
 if TYPE_CHECKING:
     from heloco.aggregator import Update
-
-
-class Transport(Protocol):
-    """What a worker needs from the server, wherever it runs."""
-
-    def dispatch(self, worker_id: int) -> Update: ...
-
-    def submit(self, worker_id: int, pseudo_grads: list[torch.Tensor], base_version: int) -> Update: ...
 
 
 def _usable_buffers(

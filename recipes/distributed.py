@@ -10,12 +10,12 @@ shard ``worker_{rank}``, inner AdamW state of its own. Setup is the only collect
 start is computed once (rank 0 fills the cache, the others load it), all ranks check they hold
 identical parameters, exchange measured speeds (DyLU) and wait at one barrier. From then on nothing
 uses the job's process group: rank 0 serves the aggregator over one gloo pair group per worker
-(``heloco.transport``), so a worker that dies takes down only its own connection.
+(``heloco.distributed``), so a worker that dies takes down only its own connection.
 
 Heterogeneity on equal hardware: rank r sleeps ``(slowdown_r − 1) ×`` the measured compute time after
 each inner step (``slowdown_r = max(worker_speeds) / worker_speeds[r]``), before the round's Δ is sent.
 
-Budget and stopping (the server decides): rank 0 wraps the aggregator in a ``_Gate`` that counts
+Budget and stopping (the server decides): rank 0 wraps the aggregator in a ``Gate`` that counts
 every arrival's tokens (``H_w × batch × seq_len``, H known to all ranks after the speed exchange) and
 the real wall-clock time since the barrier. The arrival that reaches ``budget_tokens`` is applied and
 its reply carries ``stats["stop"] = 1``, so that worker ends at once; an arrival after
@@ -65,22 +65,23 @@ from accelerate.utils import InitProcessGroupKwargs
 from transformers import AutoTokenizer
 
 from heloco.checkpoint import atomic_directory, prune_checkpoints, save_state
+from heloco.distributed.client import setup_transport
+from heloco.distributed.protocol import ServerHandle, TransportError
 from heloco.simulation import dylu_steps
-from heloco.transport import TransportError, setup_transport
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream, eval_record, evaluate_metrics
-from recipes.distributed_server import _Background, _Gate
+from recipes.distributed_server import Background, Gate
 from recipes.distributed_utils import (
-    _job_store,
-    _JsonLines,
-    _LockedLog,
+    JsonLines,
+    LockedLog,
     check_distributed_options,
     check_world_size,
+    job_store,
     measure_speed,
     parameter_checksum,
     slowdown_factors,
 )
-from recipes.distributed_worker import _train_worker
+from recipes.distributed_worker import train_worker
 from recipes.methods import build_aggregator
 from recipes.model import count_parameters
 from recipes.train import MetricsLog, load_data, make_inner_optimizer, make_model, warm_start
@@ -145,7 +146,7 @@ class _Signals:
 
 
 def _collect_reports(
-    store: dist.Store, server: Any, world: int, exclude: set[int], timeout: float, signals: _Signals
+    store: dist.Store, server: ServerHandle, world: int, exclude: set[int], timeout: float, signals: _Signals
 ) -> dict[int, dict[str, Any]]:
     """Remote ranks' end-of-run reports from the store; gives up on ranks that died (or after
     ``timeout`` seconds, e.g. a worker still finishing a long round)."""
@@ -243,13 +244,13 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
 
     # -- rank 0: aggregator behind the gate, evaluation thread --------------------------------------
     tokens_per_step = d.batch_size * seq_len
-    gate: _Gate | None = None
-    background: _Background | None = None
-    log: _LockedLog | None = None
+    gate: Gate | None = None
+    background: Background | None = None
+    log: LockedLog | None = None
     if rank == 0:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(d.data_dir) / "tokenizer"))
         global_model = copy.deepcopy(model)  # evaluation / export model
-        log = _LockedLog(MetricsLog(output_dir / "metrics.jsonl", accelerator))
+        log = LockedLog(MetricsLog(output_dir / "metrics.jsonl", accelerator))
         pusher = None
         if t.push_to_hub:
             from recipes.hub import CheckpointPusher
@@ -300,9 +301,9 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
                 pusher.push_checkpoint(path, info["tokens"], state["version"], losses)
             return path
 
-        background = _Background(run_eval, run_checkpoint)
+        background = Background(run_eval, run_checkpoint)
         masters = [p.detach().clone().float() for p in model.parameters()]
-        gate = _Gate(build_aggregator(config, masters), config, steps, tokens_per_step, log, background)
+        gate = Gate(build_aggregator(config, masters), config, steps, tokens_per_step, log, background)
 
     # -- transport: rank 0 serves, every other rank connects ----------------------------------------
     transport, server = setup_transport(
@@ -315,12 +316,12 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         rejoin_timeout=o.rejoin_timeout_s,
     )
     # Created before the barrier: a replacement of this rank appends to it only after the start.
-    rank_log = _JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=True)
+    rank_log = JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=True)
     accelerator.wait_for_everyone()  # all connected: the rounds start together
     start = time.monotonic()
     signals = _Signals()
     if rank == 0:
-        _job_store().set(_START_KEY, repr(time.time()))  # for workers that rejoin later
+        job_store().set(_START_KEY, repr(time.time()))  # for workers that rejoin later
         signals.interrupt()
         accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in config.to_dict().items()})
         background.start()
@@ -341,7 +342,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
     interrupted = False
     error: BaseException | None = None
     try:
-        report = _train_worker(
+        report = train_worker(
             config=config,
             rank=rank,
             model=model,
@@ -371,7 +372,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         with contextlib.suppress(TransportError):
             transport.leave()  # a no-op when the server already answered STOPPED
         try:
-            _job_store().set(_REPORT_KEY.format(rank=rank), json.dumps(report))
+            job_store().set(_REPORT_KEY.format(rank=rank), json.dumps(report))
         except Exception as e:  # rank 0 (the store) is gone: nothing left to report to
             logger.warning("rank %d could not report to rank 0: %s", rank, e)
         rank_log.close()
@@ -396,7 +397,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         path = run_checkpoint(end, gate.aggregator.state_dict(), final)
         accelerator.print(f"final checkpoint {path}")
         reports = _collect_reports(
-            _job_store(), server, world, rejoining, 5.0 if interrupted else o.comm_timeout_s, signals
+            job_store(), server, world, rejoining, 5.0 if interrupted else o.comm_timeout_s, signals
         )
         reports[0] = report
         hub_history = pusher.close() if pusher is not None else None
@@ -445,7 +446,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
 # a restarted worker
 
 
-class _Standalone:
+class Standalone:
     """What the worker loop needs from an Accelerator, for a process outside the job's process group."""
 
     def __init__(self, device: torch.device, mixed_precision: str) -> None:
@@ -465,7 +466,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
     parameters, the warm-start AdamW state (from the cache) and the start of its shard, with the
     round length the server assigned to this rank; it appends to its metrics-rank{r}.jsonl.
     """
-    from heloco.transport import DistributedTransport
+    from heloco.distributed.client import DistributedTransport
 
     d, o, t = config.data, config.diloco, config.train
     rank, world = int(os.environ.get("RANK", "-1")), int(os.environ.get("WORLD_SIZE", "0"))
@@ -480,7 +481,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     cuda = torch.cuda.is_available() and not use_cpu
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    shim = _Standalone(device, config.model.mixed_precision)
+    shim = Standalone(device, config.model.mixed_precision)
     shards, _, metadata = load_data(config)
     model = make_model(config, metadata).to(device)
     warm_state = warm_start(config, model, shards, metadata, shim)  # the cache, normally
@@ -489,7 +490,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
         optimizer.load_state_dict(copy.deepcopy(warm_state))
     output_dir = Path(t.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    rank_log = _JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=False)
+    rank_log = JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=False)
 
     timeout = datetime.timedelta(seconds=o.comm_timeout_s)
     store = dist.TCPStore(addr, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
@@ -516,7 +517,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
             "time": time.monotonic() - start,
         }
     )
-    report = _train_worker(
+    report = train_worker(
         config=config,
         rank=rank,
         model=model,

@@ -1,5 +1,5 @@
-"""Distributed mode, rank 0's server side: the ``_Gate`` in front of the aggregator (budget, stopping,
-metrics.jsonl, when to evaluate and checkpoint) and the ``_Background`` thread that evaluates and
+"""Distributed mode, rank 0's server side: the ``Gate`` in front of the aggregator (budget, stopping,
+metrics.jsonl, when to evaluate and checkpoint) and the ``Background`` thread that evaluates and
 writes checkpoints off the serving path."""
 
 from __future__ import annotations
@@ -12,25 +12,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from heloco.transport import ServerStopped
+from heloco.distributed.protocol import ServerStopped
 from recipes.config import RecipeConfig
 
 if TYPE_CHECKING:
-    from recipes.distributed_utils import _LockedLog
+    from recipes.distributed_utils import LockedLog
 
 logger = logging.getLogger(__name__)
 
 _MAX_PENDING_EVALS = 4  # evaluation snapshots waiting for the evaluation thread (each one model copy)
 
 
-class _Gate:
+class Gate:
     """What the ``DistributedServer`` serves on rank 0: the aggregator plus the run's bookkeeping.
 
     Every submission passes here (from the server threads, and rank 0's worker in process), one at a
     time: it is refused once the budget is spent, counted (tokens = H_w × batch × seq_len), logged to
     metrics.jsonl, and schedules evaluations (every ``eval_every`` outer updates, and at the
     ``eval_times`` in seconds) and checkpoints (every ``save_every`` arrivals) from consistent
-    snapshots taken here; the work itself runs in the ``_Background`` thread.
+    snapshots taken here; the work itself runs in the ``Background`` thread.
     """
 
     def __init__(
@@ -39,8 +39,8 @@ class _Gate:
         config: RecipeConfig,
         steps: list[int],
         tokens_per_step: int,
-        log: _LockedLog,
-        background: _Background,
+        log: LockedLog,
+        background: Background,
     ) -> None:
         t = config.train
         self.aggregator = aggregator
@@ -164,7 +164,7 @@ class _Gate:
         self.background.put_eval(reason, info, params)
 
 
-class _Background(threading.Thread):
+class Background(threading.Thread):
     """Rank 0's evaluations and periodic checkpoints, off the serving path: training never waits
     for them. Jobs run in order; ``finish(cancel=True)`` drops those not started yet."""
 

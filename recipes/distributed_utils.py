@@ -71,7 +71,8 @@ def parameter_checksum(model: torch.nn.Module) -> int:
     return int.from_bytes(h.digest()[:6], "big")
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a step's wall-clock time is its real cost."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -99,12 +100,12 @@ def measure_speed(
     device = batch.device
     times = []
     for i in range(repeats + 1):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         with accelerator.autocast():
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
-        _synchronize(device)
+        synchronize(device)
         emulate_slowdown(time.perf_counter() - start, slowdown)
         if i > 0:
             times.append(time.perf_counter() - start)
@@ -112,7 +113,7 @@ def measure_speed(
     return 1.0 / statistics.median(times)
 
 
-def _job_store() -> dist.Store:
+def job_store() -> dist.Store:
     """The TCPStore underneath the default group's store (the one the transport uses as well)."""
     store = dist.distributed_c10d._get_default_store()
     while isinstance(store, dist.PrefixStore):
@@ -120,7 +121,7 @@ def _job_store() -> dist.Store:
     return store
 
 
-class _JsonLines:
+class JsonLines:
     """A rank's own append-only JSONL file (no trackers: those belong to rank 0's metrics.jsonl)."""
 
     def __init__(self, path: Path, fresh: bool) -> None:
@@ -138,7 +139,7 @@ class _JsonLines:
         self._file.close()
 
 
-class _LockedLog:
+class LockedLog:
     """``MetricsLog`` shared by the server threads and the evaluation thread."""
 
     def __init__(self, log: MetricsLog) -> None:

@@ -1,4 +1,4 @@
-"""Distributed mode, the worker side every rank runs: the round loop (``_train_worker``) and the
+"""Distributed mode, the worker side every rank runs: the round loop (``train_worker``) and the
 ``_RoundTimer`` that measures compute, emulated sleep and time blocked in the server call."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import torch
 from accelerate import Accelerator
 
 from heloco import DiLoCoWorker
-from heloco.transport import QuorumUnreachable, ServerStopped
+from heloco.distributed.protocol import QuorumUnreachable, ServerStopped
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream
-from recipes.distributed_utils import _synchronize, emulate_slowdown
+from recipes.distributed_utils import emulate_slowdown, synchronize
 from recipes.train import begin_round, inner_step, set_inner_lr
 
 if TYPE_CHECKING:
-    from recipes.distributed_server import _Gate
-    from recipes.distributed_utils import _JsonLines
+    from recipes.distributed_server import Gate
+    from recipes.distributed_utils import JsonLines
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class _RoundTimer:
         self._step_start = time.perf_counter()
 
     def after_step(self, *_: Any) -> None:  # registered before the worker's hook: runs before a submit
-        _synchronize(self.device)
+        synchronize(self.device)
         compute = time.perf_counter() - self._step_start
         slept = emulate_slowdown(compute, self.slowdown)
         self.compute += compute
@@ -62,7 +62,7 @@ class _RoundTimer:
         self.round = {"compute_s": 0.0, "sleep_s": 0.0, "idle_s": 0.0}
 
 
-def _train_worker(
+def train_worker(
     *,
     config: RecipeConfig,
     rank: int,
@@ -74,8 +74,8 @@ def _train_worker(
     slowdown: float,
     accelerator: Accelerator,
     start: float,
-    rank_log: _JsonLines,
-    gate: _Gate | None,
+    rank_log: JsonLines,
+    gate: Gate | None,
 ) -> dict[str, Any]:
     """Rounds of ``steps`` inner steps until the server says stop; returns this rank's report."""
     t = config.train

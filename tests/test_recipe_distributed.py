@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from heloco.aggregator import AsyncAggregator
-from heloco.transport import ServerStopped
+from heloco.distributed.protocol import ServerStopped
 from recipes import distributed_utils
 from recipes.config import config_from_dict
-from recipes.distributed_server import _Gate
+from recipes.distributed_server import Gate
 from recipes.distributed_utils import (
     check_distributed_options,
     check_world_size,
@@ -142,7 +142,7 @@ def test_checksum_detects_a_one_ulp_difference():
 
 
 def test_speed_probe_includes_the_slowdown_and_leaves_the_model_unchanged(monkeypatch):
-    from recipes.distributed import _Standalone
+    from recipes.distributed import Standalone
     from recipes.distributed_utils import measure_speed
     from recipes.model import build_model
 
@@ -151,7 +151,7 @@ def test_speed_probe_includes_the_slowdown_and_leaves_the_model_unchanged(monkey
     slept = []
     monkeypatch.setattr(distributed_utils.time, "sleep", slept.append)
     batch = torch.randint(0, 64, (2, 16))
-    speed = measure_speed(model, batch, _Standalone(torch.device("cpu"), "no"), slowdown=3.0, repeats=3)
+    speed = measure_speed(model, batch, Standalone(torch.device("cpu"), "no"), slowdown=3.0, repeats=3)
     assert speed > 0 and len(slept) == 4  # one warm-up and three timed steps, each padded to 3×
     assert all(p.grad is None for p in model.parameters())
     after = model.state_dict()
@@ -186,7 +186,7 @@ def make_gate(quorum=1, steps=(2, 1), start_offset=0.0, **overrides):
     speeds = [1.0] * len(steps)
     config = config_from_dict(values(num_workers=len(steps), worker_speeds=speeds, **overrides))
     log, background = _Log(), _Background()
-    gate = _Gate(agg, config, list(steps), 10, log, background)
+    gate = Gate(agg, config, list(steps), 10, log, background)
     gate.start(time.monotonic() - start_offset)
     return gate, agg, log, background
 

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from heloco.aggregator import AsyncAggregator
-from heloco.transport import DistributedTransport, setup_transport
+from heloco.distributed.client import DistributedTransport, setup_transport
 from heloco.worker import DiLoCoWorker
 
 # About 6-10 s each here (three processes importing torch): the async and kill runs stay in the
@@ -66,7 +66,7 @@ def _async_rounds(transport, rank, rounds, delay, die_after=None):
 def _rank_main(rank, world, port, scenario, queue):
     torch.set_num_threads(1)
     records = _Records()
-    log = logging.getLogger("heloco.transport")
+    log = logging.getLogger("heloco.distributed")  # the server's modules log under the package
     log.addHandler(records)
     log.setLevel(logging.INFO)
     dist.init_process_group(

@@ -144,7 +144,7 @@ class WireServer:
     """
 
     def __init__(self, params, wire_dtype, offer, buffers=None):
-        from heloco.transport import FlatMessage, MessageHeader, MessageKind
+        from heloco.distributed.wire import FlatMessage, MessageHeader, MessageKind
 
         self.server = RecordingServer(params)
         self.message = FlatMessage([p.shape for p in self.server.params], wire_dtype)
@@ -153,12 +153,14 @@ class WireServer:
         if offer:
             self.pseudo_grad_buffers = lambda: list(self.offered)
         self.sent = []  # (bytes, whether the payload was already in place)
+        self.submitted = []  # data_ptr() of each submitted tensor
 
     def dispatch(self, worker_id):
         return self.server.dispatch(worker_id)
 
     def submit(self, worker_id, pseudo_grads, base_version):
         in_place = self.message.holds(pseudo_grads)
+        self.submitted.append([g.data_ptr() for g in pseudo_grads])
         data = self.message.pack(self.header(worker_id, base_version), pseudo_grads)
         self.sent.append((data.clone(), in_place))
         return self.server.submit(worker_id, self.message.views, base_version)
@@ -205,7 +207,7 @@ def test_delta_in_transport_buffers_is_start_minus_now_exactly():
         start = [p.detach().clone() for p in model.parameters()]
         run_rounds(model, opt, server, rounds=1, sync_every=3)  # no sync: only 3 of 100 steps
         delta = worker.pseudo_gradient()
-        assert delta is not worker._delta and server.message.holds(delta)
+        assert server.message.holds(delta)  # the offered buffers, not the worker's own
         for d, s, p in zip(delta, start, model.parameters(), strict=True):
             assert torch.equal(d, s - p.detach())
 
@@ -229,8 +231,11 @@ def test_unfit_transport_buffers_fall_back_to_the_workers_own(buffers):
         model_b.parameters(), torch.float32, offer=True, buffers=buffers(list(model_b.parameters()))
     )
     run_rounds(model_a, opt_a, plain)
-    worker = run_rounds(model_b, opt_b, odd)
-    assert worker._delta is not None  # Δ went through the worker's own buffers
+    run_rounds(model_b, opt_b, odd)
+    offered = {b.data_ptr() for b in odd.offered}
+    assert odd.submitted and all(  # Δ went through the worker's own buffers, never the offered ones
+        ptr not in offered for ptrs in odd.submitted for ptr in ptrs
+    )
     assert [b for b, _ in plain.sent] and all(
         torch.equal(a, b) for (a, _), (b, _) in zip(plain.sent, odd.sent, strict=True)
     )

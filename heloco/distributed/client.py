@@ -1,0 +1,297 @@
+"""A remote worker's end of distributed mode (``DistributedTransport``) and ``setup_transport``.
+
+A module of its own, imported only where a process joins a distributed run: a worker rank needs this
+end and the wire format, not the server (``setup_transport`` imports ``heloco.distributed.server``
+on the server rank only).
+
+Each gloo operation has a timeout; in gloo a timeout closes the connection, so the operation timeout
+is the longest a worker may stay silent (one round) and the longest a worker may wait for its reply
+(a synchronous round), not a polling interval.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.distributed import PrefixStore, ProcessGroupGloo, Store
+
+from heloco.aggregator import Update
+from heloco.distributed.protocol import InProcessTransport, QuorumUnreachable, ServerStopped, TransportError
+from heloco.distributed.wire import (
+    MESSAGE_TAG,
+    SERVER_PAIR_RANK,
+    WORKER_PAIR_RANK,
+    FlatMessage,
+    MessageHeader,
+    MessageKind,
+    as_timedelta,
+    check_wire_dtype,
+    incarnation_key,
+    pair_store,
+    shapes_and_dtype,
+)
+
+if TYPE_CHECKING:
+    from heloco.distributed.server import DistributedServer
+
+__all__ = ["DistributedTransport", "setup_transport"]
+
+
+class DistributedTransport:
+    """A remote worker's end: ``dispatch``/``submit`` over its own gloo pair group with the server.
+
+    Creating it registers a new incarnation of ``worker_id`` in the store and connects (blocking up to
+    ``connect_timeout``). A worker restarted after a crash simply creates a new one (with a store
+    client of the same job, e.g. ``TCPStore(host, port, is_master=False)``) and calls ``dispatch`` to
+    resume from the latest global parameters; the server must run with ``rejoin_timeout > 0``.
+
+    Args:
+        worker_id: this worker's id (= its rank).
+        params_like: tensors shaped like the global parameters (e.g. the model's parameters); their
+            dtype is the wire dtype when ``wire_dtype`` is None.
+        store: the job's store (the one the server uses).
+        server_rank: the server's rank, for messages only (the pair group has its own ranks).
+        wire_dtype, timeout, connect_timeout, prefix, info_capacity: as for ``DistributedServer``;
+            both ends must use the same ``wire_dtype``, ``prefix`` and ``info_capacity``.
+
+    ``Update.params`` are CPU views into the transport's receive buffer in the wire dtype (no copy:
+    on a loopback link a copy costs a third of the transfer): they stay valid until the next call on
+    this transport receives its reply. ``DiLoCoWorker`` copies them into the model at once; clone them
+    to keep them longer. ``Update.released`` is always empty (a remote worker is answered only once
+    its own round completed). Errors: ``ValueError`` when the server refused a
+    request (bad Δ, layout mismatch), ``QuorumUnreachable`` when a synchronous round can no longer
+    complete, ``RuntimeError`` when the aggregator failed on the server (which keeps serving),
+    ``ServerStopped`` after ``server.stop()``, ``TransportError`` when the connection is lost or
+    times out. ``leave()`` (or leaving the ``with`` block) ends the
+    session cleanly; leaving it by an exception drops the connection without a LEAVE (the server
+    sees what a crash looks like).
+    """
+
+    def __init__(
+        self,
+        worker_id: int,
+        params_like: Sequence[Tensor],
+        store: Store,
+        *,
+        server_rank: int = 0,
+        wire_dtype: torch.dtype | None = None,
+        timeout: float | datetime.timedelta = 1800.0,
+        connect_timeout: float | datetime.timedelta = 300.0,
+        prefix: str = "heloco",
+        info_capacity: int = 4096,
+    ) -> None:
+        if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
+            raise ValueError(f"worker_id must be an int >= 0, got {worker_id!r}")
+        if worker_id == server_rank:
+            raise ValueError(
+                f"worker {worker_id} is on the server rank; use InProcessTransport(server) there"
+            )
+        if not isinstance(store, Store):
+            raise ValueError(
+                f"store must be a torch.distributed Store (e.g. TCPStore), got {type(store).__name__}"
+            )
+        shapes, self.dtype = shapes_and_dtype(list(params_like))
+        check_wire_dtype(wire_dtype)
+        self.worker_id = worker_id
+        self.server_rank = server_rank
+        self.wire_dtype = wire_dtype or self.dtype
+        self.timeout = as_timedelta(timeout, "timeout")
+        self.connect_timeout = as_timedelta(connect_timeout, "connect_timeout")
+        self.prefix = prefix
+        # Separate send and receive buffers, so the parameters of a reply survive the packing of
+        # the next pseudo-gradient.
+        self.send_message = FlatMessage(shapes, self.wire_dtype, info_capacity)
+        self.recv_message = FlatMessage(shapes, self.wire_dtype, info_capacity)
+        self.incarnation = store.add(incarnation_key(prefix, worker_id), 1)
+        try:
+            self._pg: ProcessGroupGloo | None = ProcessGroupGloo(
+                pair_store(store, prefix, worker_id, self.incarnation),
+                WORKER_PAIR_RANK,
+                2,
+                self.connect_timeout,
+            )
+        except RuntimeError as e:
+            raise TransportError(
+                f"worker {worker_id} could not connect to the heloco server (rank {server_rank}) within "
+                f"connect_timeout={self.connect_timeout.total_seconds()} s: {str(e).splitlines()[0]}"
+            ) from e
+        self.messages = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        hello = MessageHeader(MessageKind.HELLO, worker_id, info=self.send_message.layout())
+        try:
+            self._exchange(self.send_message.pack(hello), "hello")
+        except ValueError:
+            self._pg = None
+            raise
+
+    def _check_id(self, worker_id: int) -> None:
+        if worker_id != self.worker_id:
+            raise ValueError(
+                f"this transport belongs to worker {self.worker_id}, got worker_id={worker_id!r}"
+            )
+
+    def _exchange(self, data: Tensor, what: str) -> MessageHeader:
+        if self._pg is None:
+            raise TransportError(f"worker {self.worker_id}'s transport is closed")
+        try:
+            self._pg.send([data], SERVER_PAIR_RANK, MESSAGE_TAG).wait(self.timeout)
+            self._pg.recv([self.recv_message.buffer], SERVER_PAIR_RANK, MESSAGE_TAG).wait(self.timeout)
+        except RuntimeError as e:
+            self._pg = None
+            raise TransportError(
+                f"worker {self.worker_id}: {what} failed, lost the connection to the heloco server "
+                f"(rank {self.server_rank}): {str(e).splitlines()[0]}"
+            ) from e
+        header = self.recv_message.read_header()
+        self.messages += 1
+        self.bytes_sent += data.numel()
+        self.bytes_received += self.recv_message.message_nbytes(header)
+        if header.kind == MessageKind.ERROR:
+            text = f"heloco server refused worker {self.worker_id}'s {what}: {header.info.get('error')}"
+            kinds = {
+                "ValueError": ValueError,
+                "TimeoutError": TimeoutError,
+                "QuorumUnreachable": QuorumUnreachable,
+            }
+            raise kinds.get(header.info.get("type"), RuntimeError)(text)
+        if header.kind == MessageKind.STOPPED:
+            self._pg = None
+            raise ServerStopped(f"the heloco server was stopped; worker {self.worker_id} must end")
+        return header
+
+    def _update(self, header: MessageHeader) -> Update:
+        if header.kind != MessageKind.REPLY or not header.has_payload:
+            raise TransportError(f"expected a REPLY with parameters, got {header.kind.name}")
+        return Update(
+            params=list(self.recv_message.views),
+            version=header.version,
+            staleness=header.staleness,
+            applied=header.applied,
+            dropped=header.dropped,
+            weight=header.weight,
+            released=[],
+            stats=dict(header.info.get("stats", {})),
+        )
+
+    def dispatch(self, worker_id: int) -> Update:
+        """Fetch the current global parameters and their version."""
+        self._check_id(worker_id)
+        data = self.send_message.pack(MessageHeader(MessageKind.DISPATCH, worker_id))
+        return self._update(self._exchange(data, "dispatch"))
+
+    def pseudo_grad_buffers(self) -> list[Tensor]:
+        """The send buffer's tensors (wire dtype, CPU). A worker that writes Δ straight into them
+        (e.g. ``torch.sub(start, now, out=buf)``, which also converts to bf16) and submits them
+        saves one copy of the model per round."""
+        return list(self.send_message.views)
+
+    def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int) -> Update:
+        """Send Δ computed from parameters of ``base_version``; return what to continue from."""
+        self._check_id(worker_id)
+        if isinstance(base_version, bool) or not isinstance(base_version, int) or base_version < 0:
+            raise ValueError(f"base_version must be an int >= 0, got {base_version!r}")
+        header = MessageHeader(MessageKind.SUBMIT, worker_id, version=base_version)
+        data = self.send_message.pack(header, list(pseudo_grads))  # no copy if written in place
+        return self._update(self._exchange(data, "submit"))
+
+    def leave(self, worker_id: int | None = None) -> None:
+        """Tell the server this worker is done and close the connection (idempotent)."""
+        if worker_id is not None:
+            self._check_id(worker_id)
+        if self._pg is None:
+            return
+        data = self.send_message.pack(MessageHeader(MessageKind.LEAVE, self.worker_id))
+        header = self._exchange(data, "leave")
+        self._pg = None
+        if header.kind != MessageKind.ACK:
+            raise TransportError(f"expected ACK to LEAVE, got {header.kind.name}")
+
+    @property
+    def connected(self) -> bool:
+        return self._pg is not None
+
+    def __enter__(self) -> DistributedTransport:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.leave()
+        else:
+            self._pg = None  # the peer sees the connection close when this process exits
+
+
+def setup_transport(
+    params_like: Sequence[Tensor],
+    aggregator_factory: Callable[[], Any] | Any | None = None,
+    *,
+    server_rank: int = 0,
+    store: Store | None = None,
+    wire_dtype: torch.dtype | None = None,
+    timeout: float | datetime.timedelta = 1800.0,
+    connect_timeout: float | datetime.timedelta = 300.0,
+    rejoin_timeout: float = 0.0,
+    prefix: str = "heloco",
+    shrink_quorum: bool = True,
+) -> tuple[InProcessTransport | DistributedTransport, DistributedServer | None]:
+    """Build this rank's transport once ``torch.distributed`` is initialised (any backend).
+
+    On ``server_rank`` the aggregator (or a zero-argument callable building it, so other ranks never
+    build one) is wrapped in a started ``DistributedServer`` and the local worker gets
+    ``InProcessTransport(server)``; every other rank gets a connected ``DistributedTransport``. The
+    traffic always uses gloo pair groups over CPU buffers, even when the default backend is NCCL.
+    Returns ``(transport, server)``, ``server`` being ``None`` off the server rank. ``shrink_quorum``
+    is the server's (ignored off the server rank).
+
+    The store is the TCPStore underneath the default group's store, so a restarted worker can reach
+    the same keys with a plain ``TCPStore(MASTER_ADDR, MASTER_PORT, is_master=False)``.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("setup_transport needs torch.distributed.init_process_group() to have run")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if isinstance(server_rank, bool) or not isinstance(server_rank, int) or not 0 <= server_rank < world:
+        raise ValueError(f"server_rank must be an int in [0, world_size={world}), got {server_rank!r}")
+    if store is None:
+        store = dist.distributed_c10d._get_default_store()
+        while isinstance(store, PrefixStore):
+            store = store.underlying_store
+    if rank == server_rank:
+        from heloco.distributed.server import DistributedServer  # only the server rank needs it
+
+        if aggregator_factory is None:
+            raise ValueError(
+                f"rank {rank} is the server rank: pass the aggregator (or a factory building it)"
+            )
+        has_api = callable(getattr(aggregator_factory, "submit", None))
+        aggregator = aggregator_factory if has_api else aggregator_factory()
+        server = DistributedServer(
+            aggregator,
+            store,
+            world,
+            params_like,
+            server_rank=server_rank,
+            wire_dtype=wire_dtype,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            rejoin_timeout=rejoin_timeout,
+            prefix=prefix,
+            shrink_quorum=shrink_quorum,
+        ).start()
+        return InProcessTransport(server), server
+    transport = DistributedTransport(
+        rank,
+        params_like,
+        store,
+        server_rank=server_rank,
+        wire_dtype=wire_dtype,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        prefix=prefix,
+    )
+    return transport, None

@@ -1,0 +1,149 @@
+"""How workers reach the aggregator, as interfaces: what a worker calls, what answers it, the errors.
+
+A module of its own, and a light one (no gloo, no wire format), so that a worker, the simulator and
+``import heloco`` get the interfaces and ``InProcessTransport`` without loading the distributed
+machinery (``heloco.distributed.server``/``.client``), which is imported only when used.
+
+Every transport has the aggregator's two calls, ``dispatch(worker_id)`` and
+``submit(worker_id, pseudo_grads, base_version)``, both returning an ``Update``, so a worker does not
+care where the server lives: in this process (``InProcessTransport``) or on another rank
+(``DistributedTransport`` talking to a ``DistributedServer``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from heloco.aggregator import Update
+
+__all__ = [
+    "BufferedTransport",
+    "InProcessTransport",
+    "QuorumUnreachable",
+    "Server",
+    "ServerHandle",
+    "ServerStopped",
+    "Transport",
+    "TransportError",
+]
+
+
+class Server(Protocol):
+    """What answers a worker's requests: an ``AsyncAggregator``, a wrapper around one (the recipes'
+    budget gate), or a ``DistributedServer``. ``InProcessTransport`` forwards to one; a
+    ``DistributedServer`` serves one to remote workers.
+
+    Optional, used when present: ``out=`` on both calls (tensors to write the reply parameters into;
+    the distributed server passes its message buffer), ``leave(worker_id)`` (called by
+    ``InProcessTransport.leave``), and for ``DistributedServer``: ``num_workers``, ``global_params``
+    (defaults for its arguments), ``quorum``, ``remove_worker(worker_id) -> Update | None`` and
+    ``effective_quorum`` (shrinking a synchronous quorum when a worker is gone for good).
+    """
+
+    def dispatch(self, worker_id: int) -> Update:
+        """The current global parameters and their version (``Update.params``, ``Update.version``)."""
+        ...
+
+    def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int) -> Update:
+        """Take Δ computed from parameters of ``base_version``; return what the worker continues from
+        (``params=None`` while a synchronous round is open, unless the server waits for it)."""
+        ...
+
+
+class Transport(Protocol):
+    """A worker's end of the connection to the server, wherever the server runs.
+
+    ``DiLoCoWorker`` calls ``dispatch`` (at the start) and ``submit`` (every ``sync_every`` steps);
+    the recipes call ``leave`` when the worker is done. Implemented by ``InProcessTransport`` and
+    ``DistributedTransport`` (whose ``worker_id`` argument to ``leave`` is optional).
+    """
+
+    def dispatch(self, worker_id: int) -> Update:
+        """Fetch the current global parameters and their version."""
+        ...
+
+    def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int) -> Update:
+        """Send Δ computed from parameters of ``base_version``; return the parameters to continue from."""
+        ...
+
+    def leave(self, worker_id: int) -> None:
+        """Tell the server this worker is done."""
+        ...
+
+
+class BufferedTransport(Transport, Protocol):
+    """A transport that sends from its own buffers (``DistributedTransport``) and offers them.
+
+    ``DiLoCoWorker`` looks for ``pseudo_grad_buffers`` (it is optional: any ``Transport`` works) and,
+    if the tensors fit (same shapes and device as the parameters, contiguous, floating point), writes
+    Δ straight into them and submits them, so sending copies nothing.
+    """
+
+    def pseudo_grad_buffers(self) -> list[Tensor]:
+        """The send buffer's tensors, in the wire dtype."""
+        ...
+
+
+class ServerHandle(Protocol):
+    """What the server rank's own code does with a running ``DistributedServer`` besides serving
+    its local worker (``setup_transport`` returns one on the server rank)."""
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``stop()`` ran."""
+        ...
+
+    def stop(self) -> None:
+        """Stop serving; on return no thread is inside the aggregator and none will enter it again."""
+        ...
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until every remote worker has left, died or never connected (or ``stop()`` ran)."""
+        ...
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Per worker (index = id): connection state and traffic counters."""
+        ...
+
+
+class TransportError(ConnectionError):
+    """The connection between a worker and the server is lost, refused or timed out."""
+
+
+class ServerStopped(TransportError):
+    """The server was stopped (``DistributedServer.stop()``); it serves no more rounds."""
+
+
+class QuorumUnreachable(TransportError):
+    """A synchronous round cannot complete: fewer workers remain than the quorum needs."""
+
+
+class InProcessTransport:
+    """Forwards ``dispatch``/``submit`` to an aggregator (or a ``DistributedServer``) in this process.
+
+    Used by the simulator, and by the server rank's own worker in distributed mode (wrapping the
+    ``DistributedServer``, whose ``submit`` waits for a synchronous round to complete).
+    """
+
+    def __init__(self, aggregator: Server) -> None:
+        for method in ("dispatch", "submit"):
+            if not callable(getattr(aggregator, method, None)):
+                raise ValueError(
+                    f"aggregator must have a callable {method}(); got {type(aggregator).__name__}"
+                )
+        self.aggregator = aggregator
+
+    def dispatch(self, worker_id: int) -> Update:
+        return self.aggregator.dispatch(worker_id)
+
+    def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int) -> Update:
+        return self.aggregator.submit(worker_id, pseudo_grads, base_version)
+
+    def leave(self, worker_id: int) -> None:
+        """Tell the target this worker is done, if it keeps track of that (a ``DistributedServer``)."""
+        leave = getattr(self.aggregator, "leave", None)
+        if callable(leave):
+            leave(worker_id)
