@@ -1,0 +1,97 @@
+"""Import hygiene: ``import heloco`` stays light (the distributed machinery and the Hub client load
+only when used), ``heloco.distributed`` resolves its names lazily, and no module imports another
+module's underscore-prefixed (private) names."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ["heloco.distributed.wire", "heloco.distributed.server", "heloco.distributed.session"]
+HEAVY += ["heloco.distributed.client", "huggingface_hub"]
+
+
+def loaded_after(code: str) -> list[str]:
+    """The modules in sys.modules after running ``code`` in a fresh interpreter."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_import_heloco_loads_no_distributed_machinery_nor_the_hub():
+    modules = loaded_after("import heloco\nassert heloco.InProcessTransport")
+    assert "heloco.distributed.protocol" in modules  # InProcessTransport's home, light
+    assert [m for m in HEAVY if m in modules] == []
+
+
+def test_distributed_package_resolves_names_on_first_use():
+    modules = loaded_after(
+        "import sys\n"
+        "import heloco.distributed as d\n"
+        "assert 'heloco.distributed.server' not in sys.modules\n"
+        "assert d.DistributedServer.__module__ == 'heloco.distributed.server'\n"
+        "assert d.FlatMessage.__module__ == 'heloco.distributed.wire'"
+    )
+    assert "heloco.distributed.server" in modules and "heloco.distributed.client" not in modules
+
+
+def test_a_worker_rank_does_not_load_the_server():
+    modules = loaded_after("from heloco.distributed.client import DistributedTransport, setup_transport")
+    assert "heloco.distributed.wire" in modules
+    assert "heloco.distributed.server" not in modules and "heloco.distributed.session" not in modules
+
+
+def test_every_exported_name_resolves_and_unknown_names_are_attribute_errors():
+    import heloco.distributed
+    from heloco.distributed import wire
+
+    values = {name: getattr(heloco.distributed, name) for name in heloco.distributed.__all__}
+    assert values.pop("WIRE_DTYPES") is wire.WIRE_DTYPES
+    assert all(v.__module__.startswith("heloco.distributed.") for v in values.values())
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        heloco.distributed.nope  # noqa: B018
+
+
+def private_imports(path: Path) -> list[str]:
+    """Underscore-prefixed names imported in one file, as ``from m import`` or ``import m.x`` (``__future__``
+    and dunders aside)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            parts = (node.module or "").split(".")
+            names = [a.name for a in node.names]
+            bad = [n for n in [*parts, *names] if n.startswith("_") and not n.startswith("__")]
+        elif isinstance(node, ast.Import):
+            bad = [
+                p
+                for a in node.names
+                for p in a.name.split(".")
+                if p.startswith("_") and not p.startswith("__")
+            ]
+        else:
+            continue
+        found += [f"{path.relative_to(ROOT)}:{node.lineno}: {name}" for name in bad]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    files = [
+        p
+        for d in ("heloco", "recipes", "tests", "benchmarks", "data_prep", "examples")
+        for p in (ROOT / d).rglob("*.py")
+    ]
+    assert files
+    assert [hit for p in files for hit in private_imports(p)] == []
