@@ -92,7 +92,7 @@ STAT_COLUMNS = {
 
 
 def correction_table(compare_dir: Path, out_dir: Path) -> str:
-    """Per corrected method, over fresh (τ = 0) and stale (τ > 0) arrivals pooled over seeds: how many,
+    """Per corrected method, over fresh (τ = 0), stale (τ > 0) and all arrivals pooled over seeds: how many,
     the share of blocks (tensors) the correction touched, mean λ and β (over all blocks, an untouched one
     counting 0, as the authors' logs average them), mean cosine to the momentum and the relative size of
     the change; and the mean staleness of each worker."""
@@ -113,6 +113,7 @@ def correction_table(compare_dir: Path, out_dir: Path) -> str:
         for kind, rows in (
             ("fresh", [r for r in corrected if r["staleness"] == 0]),
             ("stale", [r for r in corrected if r["staleness"] > 0]),
+            ("all", corrected),
         ):
             if not rows:
                 continue

@@ -139,8 +139,9 @@ def test_correction_table_splits_fresh_and_stale_arrivals(tmp_path):
     assert [r[1:6] for r in rows] == [
         ["4", "0.0, 3.0", "fresh", "0.50", "0.750"],
         ["4", "0.0, 3.0", "stale", "0.25", "0.250"],
+        ["4", "0.0, 3.0", "all", "0.75", "0.583"],
     ]
-    assert [r[8] for r in rows] == ["0.200", "0.500"]
+    assert [r[8] for r in rows] == ["0.200", "0.500", "0.300"]
     assert (tmp_path / "out" / "corrections.md").exists()
     correction_over_time(tmp_path, tmp_path / "out")
     assert (tmp_path / "out" / "corrections_over_time.png").exists()
