@@ -1,6 +1,6 @@
-"""Import hygiene: ``import heloco`` stays light (the distributed machinery and the Hub client load
-only when used), ``heloco.distributed`` resolves its names lazily, and no module imports another
-module's underscore-prefixed (private) names."""
+"""Import hygiene: ``import heloco`` stays light (the distributed machinery loads only when used, the
+Hub client never: Hub upload lives in recipes/hub), ``heloco.distributed`` resolves its names lazily,
+and no module imports another module's underscore-prefixed (private) names."""
 
 import ast
 import json
@@ -35,6 +35,21 @@ def test_import_heloco_loads_no_distributed_machinery_nor_the_hub():
     modules = loaded_after("import heloco\nassert heloco.InProcessTransport")
     assert "heloco.distributed.protocol" in modules  # InProcessTransport's home, light
     assert [m for m in HEAVY if m in modules] == []
+
+
+def test_the_library_never_imports_the_hub_client():
+    """Hub upload is the recipes' business (recipes/hub); heloco needs only torch and safetensors."""
+    hits = []
+    for path in (ROOT / "heloco").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            hits += [
+                f"{path.relative_to(ROOT)}:{node.lineno}"
+                for n in names
+                if n.split(".")[0] == "huggingface_hub"
+            ]
+    assert hits == []
 
 
 def test_distributed_package_resolves_names_on_first_use():

@@ -38,8 +38,11 @@ def test_checkpoints_arrive_with_a_model_card(tiny_shards, tmp_path, fake_hub):
         "loss.png",
     ):
         assert name in files, name
-    local = out / f"checkpoint-{summary['arrivals']}" / "model" / "model.safetensors"
+    checkpoint = out / f"checkpoint-{summary['arrivals']}"
+    local = checkpoint / "model" / "model.safetensors"
     assert hashlib.sha256(files["model.safetensors"]).digest() == hashlib.sha256(local.read_bytes()).digest()
+    # The card and plot went to the Hub only: the checkpoint folder is never written to.
+    assert not (checkpoint / "loss.png").exists() and not (checkpoint / "model" / "README.md").exists()
     card = files["README.md"].decode()
     metadata = yaml.safe_load(card.split("---")[1])
     assert "heloco" in metadata["tags"] and set(metadata["language"]) == {"de", "en", "es", "fr"}
@@ -61,6 +64,7 @@ def test_unreachable_hub_never_stops_training_or_touches_the_checkpoint(tiny_sha
     )
     summary = run(config_from_dict(values))
     assert summary["hub_pushes"][-1]["state"] == "failed"
+    assert "ConnectError" in summary["hub_pushes"][-1]["error"]
     checkpoint = out / f"checkpoint-{summary['arrivals']}"
     from transformers import AutoModelForCausalLM
 
