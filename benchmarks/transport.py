@@ -9,7 +9,8 @@ ways, measured in the same run, in interleaved blocks:
   ``DiLoCoWorker.sync()`` computes Δ = start − now straight into the transport's send buffer
   (``pseudo_grad_buffers()``), ``DistributedTransport.submit`` sends it, the server thread hands it
   to a real ``AsyncAggregator`` (finiteness check, Δ converted into its scratch unless it is fp32
-  already, pre-step backup, outer step, reply written into the server's message buffer with
+  already, outer step (no pre-step backup since the aggregator validates before it mutates),
+  reply written into the server's message buffer with
   ``out=``), the worker loads the reply into the model and θ_start. The outer optimizer is a no-op, so the line measures everything but the outer
   step's own math (which is the same wherever the server runs).
 - before: the same without the shortcuts, as the code was before them: Δ in the worker's own

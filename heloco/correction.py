@@ -23,30 +23,37 @@ and never reorients.
 
 Implementation: every corrected block is Δ̂_b = s_b·Δ_b + r_b·m_b for two scalars. The sums ‖Δ_b‖²,
 ‖m_b‖² and ⟨Δ_b, m_b⟩ are computed on the device as dot products and brought to the host in one
-transfer; the scalars are computed there in float64 (‖ũ‖ follows from c_b in closed form:
-‖ũ‖² = (1−λ)² + λ² + 2λ(1−λ)c); the updates are applied with ``torch._foreach_*`` ops grouped by
-branch, without temporary tensors. :func:`plan_correction` (measure and decide) and
-:func:`apply_correction` (write Δ̂ in place or into caller-provided buffers) are separate so that an
-optimizer can correct into preallocated buffers and leave ``p.grad`` alone.
+transfer (:mod:`heloco.correction_measure`); the scalars are computed there in float64 (‖ũ‖ follows
+from c_b in closed form: ‖ũ‖² = (1−λ)² + λ² + 2λ(1−λ)c); the updates are applied with
+``torch._foreach_*`` ops grouped by branch (or a per-tensor loop, chosen once), without temporary
+tensors. :func:`plan_correction` (validate the hyperparameters, then :func:`plan_blocks`: measure and
+decide) and :func:`apply_correction` (write Δ̂ in place or into caller-provided buffers) are separate
+so that an optimizer can correct into preallocated buffers and leave ``p.grad`` alone; an optimizer,
+whose :class:`CorrectionHParams` were validated when they were set, calls :func:`plan_blocks`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from numbers import Real
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
 
+from heloco.correction_measure import block_statistics, check_blocks
+from heloco.correction_stats import CorrectionStats
+from heloco.validation import check_number
+
 __all__ = [
     "CORRECTION_VARIANTS",
     "REORIENT_SCHEDULES",
+    "CorrectionHParams",
     "CorrectionPlan",
     "CorrectionStats",
     "apply_correction",
     "correct_pseudo_gradient",
+    "plan_blocks",
     "plan_correction",
     "validate_correction_hparams",
 ]
@@ -55,86 +62,6 @@ CORRECTION_VARIANTS = ("full", "project")
 REORIENT_SCHEDULES = ("normalized", "printed")
 
 _KEEP, _SHRINK, _REORIENT = 0, 1, 2
-
-
-@dataclass
-class CorrectionStats:
-    """What one correction did, counted over blocks (= parameter tensors) and over their elements."""
-
-    blocks_kept: int = 0
-    blocks_shrunk: int = 0
-    blocks_reoriented: int = 0
-    elements_kept: int = 0
-    elements_shrunk: int = 0
-    elements_reoriented: int = 0
-    cosines: list[float] = field(default_factory=list)  # cos(Δ_b, m_b) per block, 0.0 where a norm is 0
-    betas: list[float] = field(default_factory=list)  # β_b of every shrunk block
-    lambdas: list[float] = field(default_factory=list)  # λ_b of every reoriented block
-    relative_changes: list[float] = field(default_factory=list)  # ‖Δ̂_b − Δ_b‖ / ‖Δ_b‖ per block (0: kept)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.blocks_kept + self.blocks_shrunk + self.blocks_reoriented
-
-    @property
-    def num_elements(self) -> int:
-        return self.elements_kept + self.elements_shrunk + self.elements_reoriented
-
-    def as_dict(self) -> dict[str, float]:
-        """Flat, JSON-able summary for logging: fractions of blocks/elements per branch, cosine stats."""
-        nb, ne = max(self.num_blocks, 1), max(self.num_elements, 1)
-        cos = self.cosines
-        return {
-            "frac_blocks_kept": self.blocks_kept / nb,
-            "frac_blocks_shrunk": self.blocks_shrunk / nb,
-            "frac_blocks_reoriented": self.blocks_reoriented / nb,
-            "frac_elements_kept": self.elements_kept / ne,
-            "frac_elements_shrunk": self.elements_shrunk / ne,
-            "frac_elements_reoriented": self.elements_reoriented / ne,
-            "frac_blocks_corrected": (self.blocks_shrunk + self.blocks_reoriented) / nb,
-            "mean_cosine": sum(cos) / len(cos) if cos else 0.0,
-            "min_cosine": min(cos) if cos else 0.0,
-            # over all blocks (a kept one counts 0), as the authors' logs average them
-            "mean_beta": sum(self.betas) / nb,
-            "mean_lambda": sum(self.lambdas) / nb,
-            "mean_relative_change": _mean(self.relative_changes),
-        }
-
-    @classmethod
-    def concat(cls, parts: Iterable[CorrectionStats]) -> CorrectionStats:
-        """Combine the statistics of several corrections (e.g. one per parameter group)."""
-        out = cls()
-        for p in parts:
-            out.blocks_kept += p.blocks_kept
-            out.blocks_shrunk += p.blocks_shrunk
-            out.blocks_reoriented += p.blocks_reoriented
-            out.elements_kept += p.elements_kept
-            out.elements_shrunk += p.elements_shrunk
-            out.elements_reoriented += p.elements_reoriented
-            out.cosines.extend(p.cosines)
-            out.betas.extend(p.betas)
-            out.lambdas.extend(p.lambdas)
-            out.relative_changes.extend(p.relative_changes)
-        return out
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def check_number(
-    name: str, value: object, low: float, high: float | None = None, high_open: bool = False
-) -> None:
-    """Raise ValueError unless ``value`` is a finite real number in [low, high] (or [low, high))."""
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        if high is None:
-            rng = f"a finite number >= {low:g}"
-        else:
-            rng = f"in [{low:g}, {high:g})" if high_open else f"in [{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be {rng}, got {value!r}")
 
 
 def validate_correction_hparams(
@@ -166,113 +93,50 @@ def validate_correction_hparams(
     check_number("eps", eps, 0.0)
 
 
-def _check_blocks(deltas: list[Tensor], moms: list[Tensor]) -> None:
-    if len(deltas) != len(moms):
-        raise ValueError(
-            f"pseudo_grads and momentum must have the same number of tensors, got {len(deltas)} and {len(moms)}"
-        )
-    for i, (d, m) in enumerate(zip(deltas, moms, strict=True)):
-        if not isinstance(d, Tensor) or not isinstance(m, Tensor):
-            raise ValueError(f"block {i}: pseudo_grads and momentum must hold tensors")
-        if d.shape != m.shape:
-            raise ValueError(
-                f"block {i}: pseudo-gradient shape {tuple(d.shape)} != momentum shape {tuple(m.shape)}"
-            )
-        if d.dtype != m.dtype or d.device != m.device:
-            raise ValueError(
-                f"block {i}: pseudo-gradient ({d.dtype}, {d.device}) and momentum ({m.dtype}, {m.device}) "
-                "must share dtype and device"
-            )
-        if not d.is_floating_point() or d.layout != torch.strided:
-            raise ValueError(
-                f"block {i}: only dense floating-point tensors are supported, got {d.dtype}/{d.layout}"
-            )
+@dataclass(frozen=True)
+class CorrectionHParams:
+    """The correction's hyperparameters (see the module docstring), unchecked until ``validate``."""
 
+    keep_threshold: float
+    shrink_strength: float
+    shrink_max: float
+    reorient_strength: float
+    kappa: float
+    eps: float = 1e-8
+    variant: str = "full"
+    reorient_schedule: str = "normalized"
+    cos_bad: float = -0.2
 
-def _dot(d: Tensor, m: Tensor) -> Tensor:
-    return torch.dot(d.reshape(-1), m.reshape(-1))
-
-
-def _block_statistics(
-    deltas: list[Tensor], moms: list[Tensor], batched: bool
-) -> list[tuple[float, float, float]]:
-    """(‖Δ_b‖, ‖m_b‖, ⟨Δ_b, m_b⟩) per block as Python floats.
-
-    All three come from dot products: on CPU, torch's (MKL) dot is both faster and more accurate than
-    its norm kernel for large fp32 tensors. ``batched`` stacks the 3·n device scalars and moves them
-    to the host in one transfer per device; otherwise each is read with ``.item()``.
-    """
-    n = len(deltas)
-    sums: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * n
-    if batched:
-        by_device: dict[torch.device, list[int]] = {}
-        for i, d in enumerate(deltas):
-            by_device.setdefault(d.device, []).append(i)
-        for idx in by_device.values():
-            parts = [_dot(deltas[i], deltas[i]) for i in idx]
-            parts += [_dot(moms[i], moms[i]) for i in idx]
-            parts += [_dot(deltas[i], moms[i]) for i in idx]
-            host = torch.stack(parts).to("cpu", torch.float64).tolist()  # the one sync
-            k = len(idx)
-            for j, i in enumerate(idx):
-                sums[i] = (host[j], host[k + j], host[2 * k + j])
-    else:
-        sums = [
-            (_dot(d, d).item(), _dot(m, m).item(), _dot(d, m).item())
-            for d, m in zip(deltas, moms, strict=True)
-        ]
-    out = []
-    for i, (dd, mm, dm) in enumerate(sums):
-        stat = (math.sqrt(dd), math.sqrt(mm), dm)
-        small = math.sqrt(torch.finfo(deltas[i].dtype).tiny) * 1e4
-        if not all(math.isfinite(v) for v in stat) or 0.0 < stat[0] < small or 0.0 < stat[1] < small:
-            # Non-finite input, or a sum that overflowed (huge values) or lost precision to subnormals
-            # (tiny values) in the tensor dtype: redo this block in float64.
-            d, m = deltas[i].double(), moms[i].double()
-            stat = (math.sqrt(_dot(d, d).item()), math.sqrt(_dot(m, m).item()), _dot(d, m).item())
-            if not all(math.isfinite(v) for v in stat):
-                raise ValueError(f"block {i}: pseudo-gradient or momentum contains NaN or Inf")
-        out.append(stat)
-    return out
+    def validate(self, variants: Sequence[str] = CORRECTION_VARIANTS) -> CorrectionHParams:
+        """Raise ValueError naming the first bad value (``validate_correction_hparams``); return self."""
+        validate_correction_hparams(**asdict(self), variants=variants)
+        return self
 
 
 def _plan_block(
-    nd: float,
-    nm: float,
-    dot: float,
-    *,
-    keep_threshold: float,
-    shrink_strength: float,
-    shrink_max: float,
-    reorient_strength: float,
-    kappa: float,
-    eps: float,
-    variant: str,
-    reorient_schedule: str,
-    cos_bad: float,
-    confidence_scale: float,
+    nd: float, nm: float, dot: float, hp: CorrectionHParams, confidence_scale: float
 ) -> tuple[int, float, float, float, float]:
     """Branch, cosine, strength (β or λ; 0 when kept) and the scalars (s, r) of Δ̂ = s·Δ + r·m for
     one block, in float64."""
     if nd == 0.0 or nm == 0.0:
         return _KEEP, 0.0, 0.0, 1.0, 0.0
     c = min(max(dot / (nd * nm), -1.0), 1.0)
-    if c >= keep_threshold:
+    if c >= hp.keep_threshold:
         return _KEEP, c, 0.0, 1.0, 0.0
     scaled = confidence_scale * nd
-    conf = scaled / (scaled + kappa * nm + eps)
+    conf = scaled / (scaled + hp.kappa * nm + hp.eps)
     if c < 0.0:
-        beta = 1.0 if variant == "project" else min(shrink_strength * (-c) * conf, shrink_max)
+        beta = 1.0 if hp.variant == "project" else min(hp.shrink_strength * (-c) * conf, hp.shrink_max)
         return _SHRINK, c, beta, 1.0, -beta * c * nd / nm
-    if variant == "project":
+    if hp.variant == "project":
         return _KEEP, c, 0.0, 1.0, 0.0
-    if reorient_schedule == "normalized":  # here cos_bad ≤ 0 ≤ c < keep_threshold
-        t = min(max((c - cos_bad) / (keep_threshold - cos_bad), 0.0), 1.0)
-        lam = min(reorient_strength * (1.0 - t) * conf, 1.0)
+    if hp.reorient_schedule == "normalized":  # here cos_bad ≤ 0 ≤ c < keep_threshold
+        t = min(max((c - hp.cos_bad) / (hp.keep_threshold - hp.cos_bad), 0.0), 1.0)
+        lam = min(hp.reorient_strength * (1.0 - t) * conf, 1.0)
     else:
-        lam = min(reorient_strength * (1.0 - c) * conf, 1.0)
+        lam = min(hp.reorient_strength * (1.0 - c) * conf, 1.0)
     norm_u = math.sqrt(max((1.0 - lam) ** 2 + lam**2 + 2.0 * lam * (1.0 - lam) * c, 0.0))
-    den = max(norm_u, eps)
+    den = max(norm_u, hp.eps)
     return _REORIENT, c, lam, (1.0 - lam) / den, lam * nd / (nm * den)
 
 
@@ -315,12 +179,11 @@ def plan_correction(
     confidence_scale: float = 1.0,
     foreach: bool | None = None,
 ) -> CorrectionPlan:
-    """Validate the inputs, measure every block and decide its branch; modifies nothing.
+    """Validate the hyperparameters, then ``plan_blocks``; modifies nothing.
 
     Raises ValueError on bad hyperparameters, mismatched blocks, or NaN/Inf in the inputs.
     """
-    deltas, moms = list(pseudo_grads), list(momentum)
-    validate_correction_hparams(
+    hp = CorrectionHParams(
         keep_threshold=keep_threshold,
         shrink_strength=shrink_strength,
         shrink_max=shrink_max,
@@ -330,27 +193,31 @@ def plan_correction(
         variant=variant,
         reorient_schedule=reorient_schedule,
         cos_bad=cos_bad,
-    )
+    ).validate()
     check_number("confidence_scale", confidence_scale, 0.0)
-    _check_blocks(deltas, moms)
+    return plan_blocks(pseudo_grads, momentum, hp, confidence_scale=confidence_scale, foreach=foreach)
+
+
+def plan_blocks(
+    pseudo_grads: Sequence[Tensor],
+    momentum: Sequence[Tensor],
+    hp: CorrectionHParams,
+    *,
+    confidence_scale: float = 1.0,
+    foreach: bool | None = None,
+) -> CorrectionPlan:
+    """Measure every block and decide its branch; modifies nothing. ``hp`` and ``confidence_scale``
+    are taken as valid (an optimizer checks them once, when they are set).
+
+    Raises ValueError on mismatched blocks (shape, dtype, device) or NaN/Inf in the inputs, found
+    from the sums the plan needs anyway (no extra pass over the tensors).
+    """
+    deltas, moms = list(pseudo_grads), list(momentum)
+    check_blocks(deltas, moms)
     plan = CorrectionPlan(CorrectionStats())
     stats = plan.stats
-    for i, (nd, nm, dot) in enumerate(_block_statistics(deltas, moms, foreach is not False)):
-        branch, c, strength, s, r = _plan_block(
-            nd,
-            nm,
-            dot,
-            keep_threshold=keep_threshold,
-            shrink_strength=shrink_strength,
-            shrink_max=shrink_max,
-            reorient_strength=reorient_strength,
-            kappa=kappa,
-            eps=eps,
-            variant=variant,
-            reorient_schedule=reorient_schedule,
-            cos_bad=cos_bad,
-            confidence_scale=confidence_scale,
-        )
+    for i, (nd, nm, dot) in enumerate(block_statistics(deltas, moms, foreach is not False)):
+        branch, c, strength, s, r = _plan_block(nd, nm, dot, hp, confidence_scale)
         wide = branch != _KEEP and not _fits(deltas[i].dtype, nd, nm, s, r)
         if wide and not bool(torch.isfinite(_wide_result(deltas[i], moms[i], s, r)).all()):
             branch = _KEEP  # Δ̂ is not representable in the tensor's dtype: leave the block as it is
@@ -398,9 +265,10 @@ def apply_correction(
 
     Returns the corrected pseudo-gradient as a list: ``out[i]`` for corrected blocks and
     ``pseudo_grads[i]`` for kept ones, so kept blocks are never copied. ``x += r·m`` is done with
-    ``_foreach_addcmul_(x, m, one, r)`` (a broadcast scalar 1), since ``_foreach_add_`` has no
-    per-tensor alpha; nothing is allocated besides those scalars. (Because of the broadcast, CUDA runs
-    this through torch's per-tensor fallback rather than a fused kernel; the result is the same.)
+    ``addcmul_(x, m, one, r)`` (a broadcast scalar 1), since ``_foreach_add_`` has no per-tensor
+    alpha; nothing is allocated besides those scalars. (Because of the broadcast, CUDA runs this
+    through torch's per-tensor fallback rather than a fused kernel; the result is the same.)
+    ``foreach=False`` picks the per-tensor implementation, anything else ``torch._foreach_*``.
     """
     deltas, moms = list(pseudo_grads), list(momentum)
     dst = list(deltas) if out is None else list(out)
@@ -410,45 +278,70 @@ def apply_correction(
     for i in plan.corrected:
         result[i] = dst[i]
     copies = [i for i in plan.corrected if dst[i] is not deltas[i]]
-    shrink_idx = [i for i, _ in plan.shrink]
-    reo_idx = [i for i, _, _ in plan.reorient]
-    ones: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-    def one(t: Tensor) -> Tensor:
-        key = (t.device, t.dtype)
-        if key not in ones:
-            ones[key] = torch.ones((), device=t.device, dtype=t.dtype)
-        return ones[key]
-
-    if foreach is not False:
-        if copies:
-            torch._foreach_copy_([dst[i] for i in copies], [deltas[i] for i in copies])
-        if shrink_idx:
-            torch._foreach_addcmul_(
-                [dst[i] for i in shrink_idx],
-                [moms[i] for i in shrink_idx],
-                [one(moms[i]) for i in shrink_idx],
-                [r for _, r in plan.shrink],
-            )
-        if reo_idx:
-            targets = [dst[i] for i in reo_idx]
-            torch._foreach_mul_(targets, [s for _, s, _ in plan.reorient])
-            torch._foreach_addcmul_(
-                targets,
-                [moms[i] for i in reo_idx],
-                [one(moms[i]) for i in reo_idx],
-                [r for _, _, r in plan.reorient],
-            )
-    else:
-        for i in copies:
-            dst[i].copy_(deltas[i])
-        for i, r in plan.shrink:
-            dst[i].addcmul_(moms[i], one(moms[i]), value=r)
-        for i, s, r in plan.reorient:
-            dst[i].mul_(s).addcmul_(moms[i], one(moms[i]), value=r)
+    impl = _apply_single_tensor if foreach is False else _apply_multi_tensor
+    impl(plan, deltas, moms, dst, copies, _Ones())
     for i, s, r in plan.wide:
         dst[i].copy_(_wide_result(deltas[i], moms[i], s, r))
     return result
+
+
+class _Ones:
+    """A scalar 1 per (device, dtype), made on first use."""
+
+    def __init__(self) -> None:
+        self._ones: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def __call__(self, t: Tensor) -> Tensor:
+        key = (t.device, t.dtype)
+        if key not in self._ones:
+            self._ones[key] = torch.ones((), device=t.device, dtype=t.dtype)
+        return self._ones[key]
+
+
+def _apply_multi_tensor(
+    plan: CorrectionPlan,
+    deltas: list[Tensor],
+    moms: list[Tensor],
+    dst: list[Tensor],
+    copies: list[int],
+    one: _Ones,
+) -> None:
+    shrink_idx = [i for i, _ in plan.shrink]
+    reo_idx = [i for i, _, _ in plan.reorient]
+    if copies:
+        torch._foreach_copy_([dst[i] for i in copies], [deltas[i] for i in copies])
+    if shrink_idx:
+        torch._foreach_addcmul_(
+            [dst[i] for i in shrink_idx],
+            [moms[i] for i in shrink_idx],
+            [one(moms[i]) for i in shrink_idx],
+            [r for _, r in plan.shrink],
+        )
+    if reo_idx:
+        targets = [dst[i] for i in reo_idx]
+        torch._foreach_mul_(targets, [s for _, s, _ in plan.reorient])
+        torch._foreach_addcmul_(
+            targets,
+            [moms[i] for i in reo_idx],
+            [one(moms[i]) for i in reo_idx],
+            [r for _, _, r in plan.reorient],
+        )
+
+
+def _apply_single_tensor(
+    plan: CorrectionPlan,
+    deltas: list[Tensor],
+    moms: list[Tensor],
+    dst: list[Tensor],
+    copies: list[int],
+    one: _Ones,
+) -> None:
+    for i in copies:
+        dst[i].copy_(deltas[i])
+    for i, r in plan.shrink:
+        dst[i].addcmul_(moms[i], one(moms[i]), value=r)
+    for i, s, r in plan.reorient:
+        dst[i].mul_(s).addcmul_(moms[i], one(moms[i]), value=r)
 
 
 def correct_pseudo_gradient(

@@ -3,31 +3,33 @@
 The pseudo-gradient Δ = θ_global − θ_local is read from ``p.grad`` (parameters without a grad are
 skipped), so these work wherever a torch optimizer is expected (LR schedulers, checkpointing, other
 DiLoCo wrappers). The outer momentum lives in ``state[p]["momentum_buffer"]`` as in ``torch.optim.SGD``.
-``step`` takes two optional keyword arguments from an asynchronous server: ``staleness`` (τ of the
-submitted Δ, ``None`` = unknown) and ``weight`` (a scalar the update is multiplied by).
+Both implement ``heloco.protocols.StalenessAwareOptimizer``: ``step`` takes two optional keyword
+arguments from an asynchronous server, ``staleness`` (τ of the submitted Δ, ``None`` = unknown) and
+``weight`` (a scalar the update is multiplied by), and ``last_stats`` tells what the step did.
 
-``foreach=None`` selects the ``torch._foreach_*`` path on every device: on CPU those ops run the same
-per-tensor kernels in one C++ loop, which saves Python overhead, and on accelerators they are fused.
+The classes are thin, as torch's are: ``step`` validates its arguments, gathers each param group's
+tensors (checking everything before changing anything) and calls the functional step of
+:mod:`heloco.functional`. Hyperparameters are validated once, when they are set (constructor,
+``add_param_group``, ``load_state_dict``), not on every step. ``foreach=None`` selects the
+``torch._foreach_*`` path on every device: on CPU those ops run the same per-tensor kernels in one
+C++ loop, which saves Python overhead, and on accelerators they are fused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from numbers import Integral
-from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from heloco.correction import (
-    CorrectionStats,
-    apply_correction,
-    check_number,
-    plan_correction,
-    validate_correction_hparams,
-)
+from heloco.correction import CorrectionHParams, CorrectionStats, validate_correction_hparams
+from heloco.functional import delayed_nesterov_step, heloco_step, plan_heloco_correction
+from heloco.presets import DELAYED_NESTEROV_DEFAULTS, HELOCO_DEFAULTS, HELOCO_PRESETS, HELOCO_VARIANTS
+from heloco.validation import check_number
 
 __all__ = [
     "DELAYED_NESTEROV_DEFAULTS",
@@ -37,57 +39,6 @@ __all__ = [
     "DelayedNesterov",
     "HeLoCo",
 ]
-
-# The single place where HeLoCo's default hyperparameters live: the authors' reference values (their
-# "Table 3" in the experiment code of arXiv 2606.00271): c_ok 0.2, k_s 0.5, β_max 0.5, k_d 1, κ 3,
-# μ 0.9, η 0.7, the normalised reorientation schedule with cos_bad = −0.2, every arrival corrected,
-# and the arrival weight applied before the correction.
-HELOCO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
-    {
-        "lr": 0.7,
-        "momentum": 0.9,
-        "keep_threshold": 0.2,
-        "shrink_strength": 0.5,
-        "shrink_max": 0.5,
-        "reorient_strength": 1.0,
-        "kappa": 3.0,
-        "eps": 1e-8,
-        "correct_fresh": True,
-        "reorient_schedule": "normalized",
-        "cos_bad": -0.2,
-        "weight_before_correction": True,
-        "variant": "full",
-    }
-)
-
-# Named hyperparameter sets. "reference" = HELOCO_DEFAULTS. "tiny_sweep" is ours, not the paper's:
-# the values our sweeps chose on the 3M-parameter model, severe speeds, 80%-one-language shards
-# (docs/results.md §1): only blocks with a negative cosine are corrected, stale arrivals only, the
-# printed reorientation schedule (unused at c_ok = 0), η 0.175, and no arrival weight was used there.
-HELOCO_PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
-    {
-        "reference": HELOCO_DEFAULTS,
-        "tiny_sweep": MappingProxyType(
-            {
-                **HELOCO_DEFAULTS,
-                "lr": 0.175,
-                "keep_threshold": 0.0,
-                "shrink_strength": 2.0,
-                "shrink_max": 1.0,
-                "reorient_strength": 0.5,
-                "kappa": 1.0,
-                "correct_fresh": False,
-                "reorient_schedule": "printed",
-                "weight_before_correction": False,
-            }
-        ),
-    }
-)
-HELOCO_VARIANTS = ("full", "project", "none")
-
-DELAYED_NESTEROV_DEFAULTS: Mapping[str, Any] = MappingProxyType(
-    {"lr": 0.7, "momentum": 0.9, "buffer_size": 1, "activation": 0.0}
-)
 
 
 def _check_foreach(foreach: object) -> None:
@@ -104,26 +55,50 @@ def _check_step_args(staleness: int | None, weight: float | None) -> None:
         check_number("weight", weight, 0.0)
 
 
-def _collect(opt: Optimizer, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-    params, grads = [], []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            raise ValueError(f"{type(opt).__name__} does not support sparse gradients")
-        params.append(p)
-        grads.append(p.grad)
-    return params, grads
+def _group_hparams(group: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A loaded group's hyperparameters, missing ones filled in from ``defaults`` (``params`` left out)."""
+    return {**defaults, "foreach": None, **{k: v for k, v in group.items() if k != "params"}}
 
 
-def _momentum_buffers(opt: Optimizer, params: list[Tensor]) -> list[Tensor]:
-    bufs = []
-    for p in params:
-        state = opt.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        bufs.append(state["momentum_buffer"])
-    return bufs
+class _Gathered:
+    """One param group's tensors for a step: those with a grad, their grads and momentum buffers.
+    Buffers a first step needs are made here but enter the state only in ``install``, so a step
+    that fails validation leaves the state as it was."""
+
+    def __init__(self, opt: Optimizer, group: dict[str, Any]) -> None:
+        self.opt = opt
+        self.group = group
+        self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self.momentum_buffers: list[Tensor] = []
+        self.new: dict[Tensor, dict[str, Any]] = {}  # state entries to add, per parameter
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(f"{type(opt).__name__} does not support sparse gradients")
+            self.params.append(p)
+            self.grads.append(p.grad)
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is None:
+                buf = self.add_state(
+                    p, momentum_buffer=torch.zeros_like(p, memory_format=torch.preserve_format)
+                )["momentum_buffer"]
+            self.momentum_buffers.append(buf)
+
+    def add_state(self, p: Tensor, **entries: Any) -> dict[str, Any]:
+        """Record state entries for ``p`` to add in ``install``; return p's state as it will be."""
+        self.new.setdefault(p, {}).update(entries)
+        return {**self.opt.state.get(p, {}), **self.new[p]}
+
+    def install(self) -> None:
+        for p, entries in self.new.items():
+            self.opt.state[p].update(entries)
+        self.new = {}
+
+    @property
+    def foreach(self) -> bool:
+        return self.group["foreach"] is not False
 
 
 class HeLoCo(Optimizer):
@@ -143,7 +118,8 @@ class HeLoCo(Optimizer):
     ``p.grad`` is never modified: corrected blocks go to per-parameter scratch buffers that are
     reused across steps and are not part of ``state_dict``. m starts at zero, so the first update is
     never corrected. ``last_stats`` holds the :class:`~heloco.correction.CorrectionStats` of the latest
-    step, or None if nothing was corrected.
+    step, or None if nothing was corrected. Every group is measured and planned before any is
+    updated, so a step that raises (NaN or Inf in Δ or m) changes nothing.
     """
 
     def __init__(
@@ -205,18 +181,7 @@ class HeLoCo(Optimizer):
     def _validate(group: Mapping[str, Any]) -> None:
         check_number("lr", group["lr"], 0.0)
         check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        validate_correction_hparams(
-            keep_threshold=group["keep_threshold"],
-            shrink_strength=group["shrink_strength"],
-            shrink_max=group["shrink_max"],
-            reorient_strength=group["reorient_strength"],
-            kappa=group["kappa"],
-            eps=group["eps"],
-            variant=group["variant"],
-            reorient_schedule=group["reorient_schedule"],
-            cos_bad=group["cos_bad"],
-            variants=HELOCO_VARIANTS,
-        )
+        validate_correction_hparams(**_correction_kwargs(group), variants=HELOCO_VARIANTS)
         for flag in ("correct_fresh", "weight_before_correction"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"{flag} must be True or False, got {group[flag]!r}")
@@ -228,6 +193,9 @@ class HeLoCo(Optimizer):
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also what ``load_state_dict`` calls: the loaded groups are validated before they are set."""
+        for group in state.get("param_groups", []):
+            self._validate(_group_hparams(group, HELOCO_DEFAULTS))
         super().__setstate__(state)
         self.__dict__.setdefault("last_stats", None)
         self.__dict__.setdefault("_scratch", {})
@@ -252,64 +220,47 @@ class HeLoCo(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Phase 1: measure and plan every group's correction (may raise on NaN/Inf; nothing changes).
-        plans = []
-        for group in self.param_groups:
-            params, grads = _collect(self, group)
-            if not params:
-                continue
-            bufs = _momentum_buffers(self, params)
-            foreach = group["foreach"] is not False
-            plan = None
-            if group["variant"] != "none" and (staleness is None or staleness > 0 or group["correct_fresh"]):
-                w_in = 1.0 if weight is None or not group["weight_before_correction"] else weight
-                plan = plan_correction(
-                    grads,
-                    bufs,
-                    keep_threshold=group["keep_threshold"],
-                    shrink_strength=group["shrink_strength"],
-                    shrink_max=group["shrink_max"],
-                    reorient_strength=group["reorient_strength"],
-                    kappa=group["kappa"],
-                    eps=group["eps"],
-                    variant=group["variant"],
-                    reorient_schedule=group["reorient_schedule"],
-                    cos_bad=group["cos_bad"],
-                    confidence_scale=w_in,
-                    foreach=foreach,
-                )
-            plans.append((group, params, grads, bufs, foreach, plan))
-
-        # Phase 2: G = weight·Δ̂ (corrected blocks written to scratch buffers, p.grad is only read),
-        # then the EMA-form Nesterov update.
-        for group, params, grads, bufs, foreach, plan in plans:
-            updates = grads
+        # Validate: gather and plan every group's correction (raises on NaN/Inf; nothing changes).
+        gathered = [g for g in (_Gathered(self, group) for group in self.param_groups) if g.params]
+        plans = [
+            plan_heloco_correction(
+                g.grads,
+                g.momentum_buffers,
+                CorrectionHParams(**_correction_kwargs(g.group)),
+                staleness=staleness,
+                weight=weight,
+                correct_fresh=g.group["correct_fresh"],
+                weight_before_correction=g.group["weight_before_correction"],
+                foreach=g.foreach,
+            )
+            for g in gathered
+        ]
+        # Mutate: corrected blocks go to scratch buffers (p.grad is only read), then the update.
+        for g, plan in zip(gathered, plans, strict=True):
+            g.install()
+            out = None
             if plan is not None and plan.corrected:
-                out = list(grads)
+                out = list(g.grads)
                 for i in plan.corrected:
-                    out[i] = self._scratch_for(params[i], grads[i])
-                updates = apply_correction(plan, grads, bufs, out=out, foreach=foreach)
-            lr, mu = group["lr"], group["momentum"]
-            w = 1.0 if weight is None else weight
-            if foreach:
-                if weight is None:
-                    torch._foreach_lerp_(bufs, updates, 1.0 - mu)
-                else:
-                    torch._foreach_mul_(bufs, mu)
-                    torch._foreach_add_(bufs, updates, alpha=(1.0 - mu) * w)
-                torch._foreach_add_(params, updates, alpha=-lr * w)
-                torch._foreach_add_(params, bufs, alpha=-lr * mu)
-            else:
-                for p, g, m in zip(params, updates, bufs, strict=True):
-                    if weight is None:
-                        m.lerp_(g, 1.0 - mu)
-                    else:
-                        m.mul_(mu).add_(g, alpha=(1.0 - mu) * w)
-                    p.add_(g, alpha=-lr * w)
-                    p.add_(m, alpha=-lr * mu)
-        stats = [plan.stats for *_, plan in plans if plan is not None]
+                    out[i] = self._scratch_for(g.params[i], g.grads[i])
+            heloco_step(
+                g.params,
+                g.grads,
+                g.momentum_buffers,
+                plan=plan,
+                correction_out=out,
+                lr=g.group["lr"],
+                momentum=g.group["momentum"],
+                weight=weight,
+                foreach=g.foreach,
+            )
+        stats = [plan.stats for plan in plans if plan is not None]
         self.last_stats = CorrectionStats.concat(stats) if stats else None
         return loss
+
+
+def _correction_kwargs(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {f.name: group[f.name] for f in fields(CorrectionHParams)}
 
 
 class DelayedNesterov(Optimizer):
@@ -325,8 +276,10 @@ class DelayedNesterov(Optimizer):
 
     With c = 0, N arrivals of the same g move θ exactly like one torch Nesterov step on g. State per
     parameter: ``momentum_buffer`` (m), ``delay_buffer`` (D) and ``step`` (the arrival counter, an int).
-    ``staleness`` is accepted for a uniform interface and ignored.
+    ``staleness`` is accepted for a uniform interface and ignored; ``last_stats`` is always None.
     """
+
+    last_stats: CorrectionStats | None = None
 
     def __init__(
         self,
@@ -363,11 +316,27 @@ class DelayedNesterov(Optimizer):
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also what ``load_state_dict`` calls: the loaded groups are validated before they are set."""
+        for group in state.get("param_groups", []):
+            self._validate(_group_hparams(group, DELAYED_NESTEROV_DEFAULTS))
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in DELAYED_NESTEROV_DEFAULTS.items():
                 group.setdefault(key, value)
             group.setdefault("foreach", None)
+
+    def _gather(self, group: dict[str, Any]) -> tuple[_Gathered, list[Tensor], list[bool]]:
+        """A group's tensors, delay buffers and which of them this arrival flushes (nothing changes)."""
+        g = _Gathered(self, group)
+        dbufs, flush = [], []
+        for p in g.params:
+            state = self.state.get(p, {})
+            if "delay_buffer" not in state:
+                d = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state = g.add_state(p, delay_buffer=d, step=0)
+            dbufs.append(state["delay_buffer"])
+            flush.append((state["step"] + 1) % group["buffer_size"] == 0)
+        return g, dbufs, flush
 
     @torch.no_grad()
     def step(
@@ -384,52 +353,24 @@ class DelayedNesterov(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
-            params, grads = _collect(self, group)
-            if not params:
-                continue
-            lr, beta, n, c = group["lr"], group["momentum"], group["buffer_size"], group["activation"]
-            foreach = group["foreach"] is not False
-            mbufs = _momentum_buffers(self, params)
-            dbufs, flush = [], []
-            for p in params:
-                state = self.state[p]
-                if "delay_buffer" not in state:
-                    state["delay_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["step"] = 0
-                dbufs.append(state["delay_buffer"])
-                flush.append((state["step"] + 1) % n == 0)
-                state["step"] += 1
-            if weight is not None:
-                grads = torch._foreach_mul(grads, weight) if foreach else [g.mul(weight) for g in grads]
-
-            f_idx = [i for i, f in enumerate(flush) if f]
-            h_idx = [i for i, f in enumerate(flush) if not f]
-            if foreach:
-                torch._foreach_add_(dbufs, grads)
-                if f_idx:
-                    p_f, g_f = [params[i] for i in f_idx], [grads[i] for i in f_idx]
-                    m_f, d_f = [mbufs[i] for i in f_idx], [dbufs[i] for i in f_idx]
-                    torch._foreach_mul_(m_f, beta)
-                    torch._foreach_add_(m_f, d_f, alpha=1.0 / n)
-                    torch._foreach_add_(p_f, m_f, alpha=-lr * (1.0 - c * n + c) * beta)
-                    torch._foreach_add_(p_f, g_f, alpha=-lr / n)
-                    torch._foreach_zero_(d_f)
-                if h_idx:
-                    p_h, g_h = [params[i] for i in h_idx], [grads[i] for i in h_idx]
-                    if c != 0.0:
-                        torch._foreach_add_(p_h, [mbufs[i] for i in h_idx], alpha=-lr * c * beta)
-                    torch._foreach_add_(p_h, g_h, alpha=-lr / n)
-            else:
-                for i, (p, g, m, d) in enumerate(zip(params, grads, mbufs, dbufs, strict=True)):
-                    d.add_(g)
-                    if flush[i]:
-                        m.mul_(beta).add_(d, alpha=1.0 / n)
-                        p.add_(m, alpha=-lr * (1.0 - c * n + c) * beta)
-                        p.add_(g, alpha=-lr / n)
-                        d.zero_()
-                    else:
-                        if c != 0.0:
-                            p.add_(m, alpha=-lr * c * beta)
-                        p.add_(g, alpha=-lr / n)
+        # Validate every group (sparse gradients) before any changes.
+        gathered = [t for t in (self._gather(group) for group in self.param_groups) if t[0].params]
+        for g, dbufs, flush in gathered:
+            g.install()
+            for p in g.params:
+                self.state[p]["step"] += 1
+            group = g.group
+            delayed_nesterov_step(
+                g.params,
+                g.grads,
+                g.momentum_buffers,
+                dbufs,
+                flush,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                buffer_size=group["buffer_size"],
+                activation=group["activation"],
+                weight=weight,
+                foreach=g.foreach,
+            )
         return loss

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from heloco.distributed.protocol import Transport
 
@@ -141,7 +142,12 @@ class DiLoCoWorker:
         parameters), Δ is written there, in their dtype (the wire dtype, e.g. bf16), by one
         ``torch.sub(start, now, out=buf)`` per tensor: the values the transport would send anyway,
         without a second copy. Otherwise (in process) it goes into the worker's own buffers.
+        Shows up as ``heloco.pseudo_gradient`` in a ``torch.profiler`` trace.
         """
+        with record_function("heloco.pseudo_gradient"):
+            return self._pseudo_gradient()
+
+    def _pseudo_gradient(self) -> list[torch.Tensor]:
         now = [p.detach() for p in self.params]
         offered = getattr(self.transport, "pseudo_grad_buffers", None)
         if callable(offered):
@@ -185,11 +191,13 @@ class DiLoCoWorker:
 
     @torch.no_grad()
     def load(self, params: list[torch.Tensor], version: int) -> None:
-        """Load global parameters into the replica and remember them as the round's start point."""
+        """Load global parameters into the replica and remember them as the round's start point
+        (``heloco.load`` in a ``torch.profiler`` trace)."""
         if len(params) != len(self.params):
             raise ValueError(f"server sent {len(params)} tensors, the model has {len(self.params)}")
-        torch._foreach_copy_([p.data for p in self.params], list(params))
-        torch._foreach_copy_(self._start, list(params))
+        with record_function("heloco.load"):
+            torch._foreach_copy_([p.data for p in self.params], list(params))
+            torch._foreach_copy_(self._start, list(params))
         self.base_version = int(version)
         self.waiting = False
 

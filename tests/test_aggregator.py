@@ -1,5 +1,5 @@
-"""AsyncAggregator: versions and staleness, weighting/dropping, quorum, look-ahead, validation,
-rollback, dtype conversion, thread safety and state_dict round trips. Expected values are by hand."""
+"""AsyncAggregator: versions and staleness, weighting/dropping, quorum, look-ahead, validation before
+mutation, dtype conversion, thread safety and state_dict round trips. Expected values are by hand."""
 
 import copy
 import threading
@@ -106,8 +106,20 @@ class KeywordSGD(torch.optim.Optimizer):
         self.last_stats = _Stats()
 
 
+class RefusingSGD(torch.optim.SGD):
+    """SGD whose step raises before changing anything (as an optimizer refusing its input would),
+    until ``refuse`` is set to False."""
+
+    refuse = True
+
+    def step(self, closure=None):
+        if self.refuse:
+            raise RuntimeError("boom")
+        return super().step(closure)
+
+
 class ExplodingSGD(torch.optim.SGD):
-    """Completes a real SGD step (θ and momentum change), then fails: the aggregator must roll back."""
+    """Completes a real SGD step (θ and momentum change), then fails. Nothing is rolled back."""
 
     def step(self, closure=None):
         super().step()
@@ -393,7 +405,7 @@ def test_lookahead_needs_momentum(make_opt):
         AsyncAggregator(params, make_opt(params), 2, lookahead=True)
 
 
-# ---------------------------------------------------------------------------- validation and rollback
+# ---------------------------------------------------------------------------- validation before mutation
 
 
 def _bad_inputs():
@@ -429,11 +441,13 @@ def _bad_inputs():
     ]
 
 
+@pytest.mark.parametrize("outer", ["sgd", "heloco", "dn"])
 @pytest.mark.parametrize(
     ("worker", "grads", "base", "message"), [c[1:] for c in _bad_inputs()], ids=[c[0] for c in _bad_inputs()]
 )
-def test_rejections_leave_everything_bit_identical(worker, grads, base, message):
-    params, _, agg = make(num_workers=3, quorum=2, momentum=0.9, nesterov=True)
+def test_rejections_leave_everything_bit_identical(worker, grads, base, message, outer):
+    params = masters()
+    agg = AsyncAggregator(params, OUTER[outer](params), 3, quorum=2)
     agg.submit(0, delta(1, 2), 0)
     agg.submit(1, delta(3, -1), 0)  # v1, momentum state exists
     agg.submit(2, delta(0.5, 0.25), 1)  # pending in the open round
@@ -449,35 +463,64 @@ def test_rejections_leave_everything_bit_identical(worker, grads, base, message)
     assert u.applied and u.released == [2]
 
 
-def test_exception_in_outer_step_rolls_back_and_recovers():
+@pytest.mark.parametrize(
+    ("worker", "grads", "base", "message"), [c[1:] for c in _bad_inputs()], ids=[c[0] for c in _bad_inputs()]
+)
+def test_async_heloco_rejections_leave_params_momentum_and_version_bit_identical(
+    worker, grads, base, message
+):
+    """The recipes' HeLoCo setting (quorum 1, arrival weight, look-ahead dispatch), after two
+    corrected steps: a rejected Δ changes neither θ, nor the momentum, nor the version."""
+    params = masters()
+    opt = HeLoCo(params, **HELOCO_KW)
+    agg = AsyncAggregator(params, opt, 3, arrival_weight=3**-0.5, dispatch="lookahead")
+    agg.submit(0, delta(1, 2), 0)
+    agg.submit(1, delta(-3, 1), 0)  # τ = 1: corrected against the momentum
+    assert agg.version == 2 and opt.last_stats is not None
+    before = frozen(agg)
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    if "newer" in message:  # the table's versions are one behind this aggregator's
+        base, message = 3, r"base_version 3 is newer than the server version 2"
+    with pytest.raises(ValueError, match=message):
+        agg.submit(worker, grads, base)
+    assert_bit_identical(frozen(agg), before)
+    assert_bit_identical([opt.state[p]["momentum_buffer"] for p in params], momentum)
+    assert agg.version == 2 and all(p.grad is None for p in params)
+
+
+def test_outer_step_that_raises_changes_no_bookkeeping_and_the_round_recovers():
     params = masters((1.0, 2.0))
-    opt = ExplodingSGD(params, lr=0.5, momentum=0.9)
+    opt = RefusingSGD(params, lr=0.5, momentum=0.9)
     agg = AsyncAggregator(params, opt, 2, quorum=2)
     agg.submit(0, delta(1), 0)  # pending
     before = frozen(agg)
     with pytest.raises(RuntimeError, match="boom"):
-        agg.submit(1, delta(3), 0)  # completes the round; the step changes θ and state, then raises
+        agg.submit(1, delta(3), 0)  # completes the round; the step raises before changing anything
     assert_bit_identical(frozen(agg), before)
-    assert opt.state == {} or all(
-        not s for s in opt.state.values()
-    )  # state created by the failed step is gone
-    assert opt.param_groups[0]["lr"] == 0.5
+    assert not opt.state
     assert agg.pending_workers == [0] and agg.version == 0
     assert all(p.grad is None for p in params)
     assert agg.worker_stats()[1]["submissions"] == 0
 
-    # Now the state exists (from a successful step) and the failing step mutates it in place.
-    good = torch.optim.SGD.step
-    opt.step = lambda closure=None: good(opt)
-    agg.submit(1, delta(3), 0)  # mean Δ = 2: m = 2, θ = (1, 2) − 0.5·2 = (0, 1)
+    opt.refuse = False  # the same submission now completes the still-open round
+    u = agg.submit(1, delta(3), 0)  # mean Δ = 2: m = 2, θ = (1, 2) − 0.5·2 = (0, 1)
+    assert u.applied and u.released == [0] and u.version == 1
     assert_params(params, 0, 1)
-    del opt.step
-    agg.submit(0, delta(1), 1)
-    before = frozen(agg)
+
+
+def test_an_outer_step_failing_midway_is_not_rolled_back_but_the_round_stays_open():
+    """Validate, then mutate: no rollback copies. The aggregator's bookkeeping is untouched by a
+    failing step; what the optimizer itself changed before raising stays."""
+    params = masters((1.0, 2.0))
+    opt = ExplodingSGD(params, lr=0.5, momentum=0.9)
+    agg = AsyncAggregator(params, opt, 2, quorum=2)
+    agg.submit(0, delta(1), 0)
     with pytest.raises(RuntimeError, match="boom"):
-        agg.submit(1, delta(1), 1)
-    assert_bit_identical(frozen(agg), before)
-    assert set(opt.state[params[0]]) == {"momentum_buffer"}
+        agg.submit(1, delta(3), 0)
+    assert agg.pending_workers == [0] and agg.version == 0
+    assert agg.worker_stats()[1]["submissions"] == 0
+    assert all(p.grad is None for p in params)
+    assert_params(params, 0, 1)  # the SGD step ran before the failure
 
 
 # ---------------------------------------------------------------------------- construction errors
@@ -767,30 +810,6 @@ def test_async_delayed_nesterov_matches_sync_quorum_nesterov():
     assert agg_async.version == 9 and agg_sync.version == 3
 
 
-class ExplodingDN(DelayedNesterov):
-    def step(self, closure=None, *, staleness=None, weight=None):
-        super().step(staleness=staleness, weight=weight)
-        raise RuntimeError("boom")
-
-
-def test_rollback_restores_delayed_nesterov_counters_and_buffers():
-    params = masters()
-    opt = ExplodingDN(params, lr=0.5, momentum=0.9, buffer_size=2)
-    agg = AsyncAggregator(params, opt, 2, staleness_weighting="hinge", staleness_b=0)
-    good = DelayedNesterov.step
-    opt.step = lambda closure=None, *, staleness=None, weight=None: good(
-        opt, staleness=staleness, weight=weight
-    )
-    agg.submit(0, delta(1), 0)  # state now holds an int counter, m and D
-    del opt.step
-    assert opt.state[params[0]]["step"] == 1
-    before = frozen(agg)
-    with pytest.raises(RuntimeError, match="boom"):
-        agg.submit(1, delta(3), 0)
-    assert_bit_identical(frozen(agg), before)
-    assert opt.state[params[0]]["step"] == 1
-
-
 def test_snapshot_is_a_copy_of_the_current_globals():
     import torch
 
@@ -1010,7 +1029,7 @@ def test_remove_in_async_mode_changes_nothing_for_the_others():
 
 def test_failed_step_while_removing_leaves_the_round_open():
     params = masters((1.0, 2.0))
-    opt = ExplodingSGD(params, lr=0.5, momentum=0.9)
+    opt = RefusingSGD(params, lr=0.5, momentum=0.9)
     agg = AsyncAggregator(params, opt, 3, quorum=3)
     agg.submit(0, delta(1), 0)
     agg.submit(1, delta(3), 0)

@@ -1,5 +1,6 @@
 """Outer optimizers: torch Nesterov reference, Delayed Nesterov and HeLoCo against hand-computed steps."""
 
+import copy
 import io
 
 import pytest
@@ -284,10 +285,12 @@ def test_closure_is_evaluated_with_grad_enabled():
         assert p.grad is not None
 
 
-def _run(opt_cls, foreach, steps, **kw):
+def _run(opt_cls, foreach, steps, mixed=False, **kw):
     gen = torch.Generator().manual_seed(1)
     shapes = [(4, 3), (7,), (2, 2, 2)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    if mixed:  # one group holding two dtypes: the foreach path groups tensors by device and dtype
+        params[1] = torch.nn.Parameter(params[1].detach().double())
     opt = opt_cls(params, foreach=foreach, **kw)
     for i in range(steps):
         for p in params:
@@ -306,9 +309,10 @@ def _run(opt_cls, foreach, steps, **kw):
         (DelayedNesterov, {"buffer_size": 3, "activation": 0.2}),
     ],
 )
-def test_foreach_and_per_tensor_paths_are_bit_identical(opt_cls, kw):
-    pa, oa = _run(opt_cls, True, 7, **kw)
-    pb, ob = _run(opt_cls, False, 7, **kw)
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "fp32+fp64"])
+def test_foreach_and_per_tensor_paths_are_bit_identical(opt_cls, kw, mixed):
+    pa, oa = _run(opt_cls, True, 7, mixed=mixed, **kw)
+    pb, ob = _run(opt_cls, False, 7, mixed=mixed, **kw)
     for x, y in zip(pa, pb, strict=True):
         assert torch.equal(x, y)
     for x, y in zip(oa.state.values(), ob.state.values(), strict=True):
@@ -419,15 +423,62 @@ def test_defaults_live_in_one_place():
         assert opt.defaults[key] == value
 
 
-def test_scratch_buffers_stay_out_of_the_state_and_are_reused():
+def test_corrected_blocks_leave_p_grad_alone_and_stay_out_of_the_state():
+    """Corrected blocks go to buffers of the optimizer's own (not p.grad, not the state), reused from
+    step to step without carrying anything over: a copy of the optimizer taken before each step, whose
+    buffers are fresh, ends bit for bit at the same point."""
     params, opt = _run(HeLoCo, None, 4, keep_threshold=0.3)
     assert all(set(s) == {"momentum_buffer"} for s in opt.state_dict()["state"].values())
-    seen = {}
     for _ in range(2):
-        for p in params:  # Δ = −m: cos = −1, every block is shrunk and needs a buffer
-            p.grad = -opt.state[p]["momentum_buffer"].clone()
+        grads = [-opt.state[p]["momentum_buffer"].clone() for p in params]  # cos = −1: all shrunk
+        twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        twin = HeLoCo(twin_params, keep_threshold=0.3)
+        twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # (its tensors would be shared)
+        for ps in (params, twin_params):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
         opt.step(staleness=2)
+        twin.step(staleness=2)
         assert opt.last_stats.blocks_shrunk == len(params)
-        for p in params:
-            assert seen.setdefault(p, opt._scratch[p]) is opt._scratch[p]
-            assert opt._scratch[p].data_ptr() != p.grad.data_ptr()
+        for p, q, g in zip(params, twin_params, grads, strict=True):
+            assert torch.equal(p.grad, g)  # only read
+            assert torch.equal(p, q)
+        assert all(set(s) == {"momentum_buffer"} for s in opt.state_dict()["state"].values())
+
+
+def test_heloco_first_step_with_nan_leaves_no_state():
+    """Every group is gathered and planned before anything changes: the momentum buffers a first
+    step would create are not added when it raises."""
+    a, b = param(1, 1), param(2, 2)
+    opt = HeLoCo([{"params": [a]}, {"params": [b]}])
+    a.grad, b.grad = t(1, 0), t(float("nan"), 0)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step(staleness=1)
+    assert not opt.state and opt.last_stats is None
+    assert torch.equal(a.data, t(1, 1)) and torch.equal(b.data, t(2, 2))
+
+
+def test_dn_checks_every_group_before_changing_any():
+    a, b = param(1, 1), param(2, 2)
+    opt = DelayedNesterov([{"params": [a]}, {"params": [b]}], lr=0.5)
+    a.grad, b.grad = t(1, 1), torch.tensor([1.0, 0.0]).to_sparse()
+    with pytest.raises(ValueError, match="does not support sparse gradients"):
+        opt.step()
+    assert not opt.state and torch.equal(a.data, t(1, 1))
+
+
+@pytest.mark.parametrize(
+    ("opt_cls", "key", "value", "message"),
+    [
+        (HeLoCo, "keep_threshold", 2.0, "keep_threshold must be in"),
+        (DelayedNesterov, "buffer_size", 0, "buffer_size"),
+    ],
+)
+def test_load_state_dict_validates_the_hyperparameters_once(opt_cls, key, value, message):
+    p = param(1, 1)
+    opt = opt_cls([p])
+    sd = opt.state_dict()
+    sd["param_groups"][0][key] = value
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0][key] == opt.defaults[key]

@@ -19,7 +19,14 @@ from torch.distributed import HashStore, TCPStore
 
 from heloco.aggregator import AsyncAggregator, Update
 from heloco.distributed.client import DistributedTransport
-from heloco.distributed.protocol import InProcessTransport, QuorumUnreachable, ServerStopped, TransportError
+from heloco.distributed.protocol import (
+    AggregatorLike,
+    InProcessTransport,
+    QuorumUnreachable,
+    Server,
+    ServerStopped,
+    TransportError,
+)
 from heloco.distributed.server import DistributedServer
 from heloco.distributed.wire import FlatMessage, MessageHeader, MessageKind
 
@@ -398,7 +405,8 @@ def test_stopped_server_answers_stopped_to_the_next_message():
 
 
 class FlakyServer:
-    """Stand-in aggregator whose outer step fails once (e.g. out of memory), then works."""
+    """Stand-in ``Server`` (not an ``AggregatorLike``: no ``out=``, no quorum) whose outer step fails
+    once (e.g. out of memory), then works. The server must be told K and the parameter shapes."""
 
     num_workers = 2
 
@@ -422,7 +430,7 @@ class FlakyServer:
 def test_aggregator_failure_reaches_the_worker_and_the_server_goes_on(caplog):
     agg = FlakyServer()
     store = tcp_store()
-    server = DistributedServer(agg, store, timeout=30, prefix="t10").start()
+    server = DistributedServer(agg, store, 2, masters(), timeout=30, prefix="t10").start()
     t = DistributedTransport(1, masters(), store, timeout=30, prefix="t10")
     with (
         caplog.at_level(logging.ERROR, logger="heloco.distributed.session"),
@@ -641,10 +649,23 @@ def test_server_passes_out_to_an_aggregator_that_accepts_it():
     assert u.params is out and torch.equal(out[0], torch.full((3,), -1.0, dtype=torch.bfloat16))
 
 
+def test_server_decides_once_what_it_may_use_of_its_aggregator():
+    _, agg = sgd_aggregator(num_workers=2, quorum=2)
+    assert isinstance(agg, AggregatorLike)
+    plain = FlakyServer()
+    assert isinstance(plain, Server) and not isinstance(plain, AggregatorLike)
+    with pytest.raises(ValueError, match="num_workers must be an int >= 1"):
+        DistributedServer(plain, HashStore())  # a plain Server's attributes are not probed
+    with pytest.raises(ValueError, match="params_like is required"):
+        DistributedServer(plain, HashStore(), 2)
+    with pytest.raises(ValueError, match="callable dispatch"):
+        DistributedServer(object(), HashStore(), 2, masters())
+
+
 def test_server_without_out_support_answers_with_the_aggregators_copies():
     agg = FlakyServer()
     agg.failed = True  # no failure this time
-    server = DistributedServer(agg, HashStore())
+    server = DistributedServer(agg, HashStore(), 2, masters())
     out = [torch.full(s, 9.0) for s in SHAPES]
     u = server.submit(1, delta(2.0), 0, out=out)
     assert u.params is not out and torch.equal(u.params[0], torch.full((3,), -2.0))

@@ -2,7 +2,7 @@
 
 Split by who needs what, so each process loads only what it uses:
 
-    protocol   Transport / Server interfaces, the errors, InProcessTransport (light; ``heloco`` uses it)
+    protocol   Transport / Server / AggregatorLike interfaces, the errors, InProcessTransport (light; ``heloco`` uses it)
     wire       message kinds, header, FlatMessage buffers, wire dtypes, where the two ends meet
     server     DistributedServer: the aggregator on the server rank (one thread per remote worker)
     session    one remote worker's slot and serving thread (used by the server)
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from heloco.distributed.client import DistributedTransport, setup_transport
     from heloco.distributed.protocol import (
+        AggregatorLike,
         BufferedTransport,
         InProcessTransport,
         QuorumUnreachable,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from heloco.distributed.wire import WIRE_DTYPES, FlatMessage, MessageHeader, MessageKind
 
 _MODULE_OF = {
+    "AggregatorLike": "protocol",
     "BufferedTransport": "protocol",
     "InProcessTransport": "protocol",
     "QuorumUnreachable": "protocol",
@@ -52,6 +54,7 @@ _MODULE_OF = {
 
 __all__ = [
     "WIRE_DTYPES",
+    "AggregatorLike",
     "BufferedTransport",
     "DistributedServer",
     "DistributedTransport",

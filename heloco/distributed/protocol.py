@@ -13,13 +13,14 @@ care where the server lives: in this process (``InProcessTransport``) or on anot
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
 from heloco.aggregator import Update
 
 __all__ = [
+    "AggregatorLike",
     "BufferedTransport",
     "InProcessTransport",
     "QuorumUnreachable",
@@ -31,16 +32,12 @@ __all__ = [
 ]
 
 
+@runtime_checkable
 class Server(Protocol):
     """What answers a worker's requests: an ``AsyncAggregator``, a wrapper around one (the recipes'
     budget gate), or a ``DistributedServer``. ``InProcessTransport`` forwards to one; a
-    ``DistributedServer`` serves one to remote workers.
-
-    Optional, used when present: ``out=`` on both calls (tensors to write the reply parameters into;
-    the distributed server passes its message buffer), ``leave(worker_id)`` (called by
-    ``InProcessTransport.leave``), and for ``DistributedServer``: ``num_workers``, ``global_params``
-    (defaults for its arguments), ``quorum``, ``remove_worker(worker_id) -> Update | None`` and
-    ``effective_quorum`` (shrinking a synchronous quorum when a worker is gone for good).
+    ``DistributedServer`` serves one to remote workers (an ``AggregatorLike`` gets more out of it).
+    Optional, used when present: ``leave(worker_id)`` (called by ``InProcessTransport.leave``).
     """
 
     def dispatch(self, worker_id: int) -> Update:
@@ -50,6 +47,44 @@ class Server(Protocol):
     def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int) -> Update:
         """Take Δ computed from parameters of ``base_version``; return what the worker continues from
         (``params=None`` while a synchronous round is open, unless the server waits for it)."""
+        ...
+
+
+@runtime_checkable
+class AggregatorLike(Server, Protocol):
+    """What a ``DistributedServer`` uses of the server it wraps beyond ``Server``'s two calls:
+    ``AsyncAggregator``, or a wrapper around one (the recipes' budget gate). The server decides once,
+    with ``isinstance``, whether it has one; a plain ``Server`` is served without these (no ``out=``,
+    no quorum shrinking, ``num_workers`` and ``params_like`` given to the server).
+    """
+
+    num_workers: int  # K (the server's default ``num_workers``)
+    quorum: int  # submissions per outer step; > 1: synchronous rounds the server waits for
+
+    @property
+    def effective_quorum(self) -> int:
+        """The quorum of the open round, lowered once workers were removed (for logging)."""
+        ...
+
+    def dispatch(self, worker_id: int, *, out: Sequence[Tensor] | None = None) -> Update:
+        """As ``Server.dispatch``; ``out``: tensors to write the parameters into (the server passes
+        its message buffer, so a reply costs no copy)."""
+        ...
+
+    def submit(
+        self,
+        worker_id: int,
+        pseudo_grads: Sequence[Tensor],
+        base_version: int,
+        *,
+        out: Sequence[Tensor] | None = None,
+    ) -> Update:
+        """As ``Server.submit``, with ``out`` as for ``dispatch``."""
+        ...
+
+    def remove_worker(self, worker_id: int) -> Update:
+        """Take a worker gone for good out of the quorum; ``Update.released`` names the workers whose
+        round that completed."""
         ...
 
 

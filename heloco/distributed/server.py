@@ -15,15 +15,18 @@ waiting workers, which then get fresh parameters from ``dispatch``). A worker th
 for good (died and did not rejoin, never connected) is taken out of the quorum with the aggregator's
 ``remove_worker`` (``shrink_quorum=True``, the default): the run goes on with the others, and an open
 round that the remaining submissions now complete is closed at once. With ``shrink_quorum=False``,
-or an aggregator without ``remove_worker``, the waiting workers get ``QuorumUnreachable`` at once
-when too few workers remain.
+the waiting workers get ``QuorumUnreachable`` at once when too few workers remain.
+
+What the server uses of what it serves is declared, not probed: a plain ``Server`` (``dispatch`` and
+``submit``) is enough; an ``AggregatorLike`` (``heloco.distributed.protocol``: ``AsyncAggregator``, the
+recipes' gate) also gets ``out=``, its ``quorum`` and ``remove_worker``. Which one it is is decided
+once, when the server is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import inspect
 import logging
 import threading
 import time
@@ -35,24 +38,14 @@ import torch
 from torch import Tensor
 from torch.distributed import Store
 
-from heloco.aggregator import Update
-from heloco.distributed.protocol import QuorumUnreachable, Server, ServerStopped
+from heloco.aggregator import AsyncAggregator, Update
+from heloco.distributed.protocol import AggregatorLike, QuorumUnreachable, Server, ServerStopped
 from heloco.distributed.session import WorkerSession, WorkerSlot
 from heloco.distributed.wire import FlatMessage, as_timedelta, check_wire_dtype, shapes_and_dtype
 
 __all__ = ["DistributedServer"]
 
 logger = logging.getLogger(__name__)
-
-
-def _accepts_keyword(fn: Any, name: str) -> bool:
-    """Whether ``fn`` has a parameter called ``name`` (``**kwargs`` does not count: it may drop it)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    p = params.get(name)
-    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 class DistributedServer:
@@ -66,10 +59,14 @@ class DistributedServer:
     returns the parameters once it completes, exactly what a remote worker receives.
 
     Args:
-        aggregator: an ``AsyncAggregator`` (anything with ``dispatch``/``submit`` returning ``Update``).
+        aggregator: an ``AggregatorLike`` (``AsyncAggregator`` or a wrapper around one), or any
+            ``Server`` (``dispatch``/``submit`` returning ``Update``; served without ``out=`` and
+            without quorum shrinking, as asynchronous rounds).
         store: the job's key-value store (``TCPStore``) every worker can reach.
-        num_workers: K; workers are ranks ``0 .. K-1``. Default: ``aggregator.num_workers``.
-        params_like: tensors shaped like the global parameters. Default: ``aggregator.global_params``.
+        num_workers: K; workers are ranks ``0 .. K-1``. Default: ``aggregator.num_workers`` (an
+            ``AggregatorLike``; required otherwise).
+        params_like: tensors shaped like the global parameters. Default: ``aggregator.global_params``
+            (an ``AsyncAggregator``; required otherwise).
         server_rank: the rank (= worker id) running this server; it gets no thread.
         wire_dtype: dtype of the tensors on the wire; ``None``: the parameters' dtype.
         timeout: seconds (or timedelta) any single receive, send or quorum wait may take. A worker
@@ -85,9 +82,8 @@ class DistributedServer:
             quorum (waiting workers are released if their round now completes). ``False``: keep the
             quorum, and waiting workers get ``QuorumUnreachable`` once too few remain.
 
-    Replies are written straight into each worker's message buffer when the aggregator's
-    ``dispatch``/``submit`` accept ``out=`` (``AsyncAggregator`` does), so no parameter copy is
-    allocated per round.
+    Replies to an ``AggregatorLike`` are written straight into each worker's message buffer
+    (``out=``), so no parameter copy is allocated per round.
 
     Lifecycle: ``start()`` launches the threads; ``join()`` waits until every remote worker left,
     died (and did not rejoin) or never connected; ``stop()`` ends serving: when it returns no thread
@@ -114,27 +110,27 @@ class DistributedServer:
         info_capacity: int = 4096,
         shrink_quorum: bool = True,
     ) -> None:
-        for method in ("dispatch", "submit"):
-            if not callable(getattr(aggregator, method, None)):
-                raise ValueError(
-                    f"aggregator must have a callable {method}(); got {type(aggregator).__name__}"
-                )
+        if not isinstance(aggregator, Server):
+            raise ValueError(
+                f"aggregator must have callable dispatch() and submit(); got {type(aggregator).__name__}"
+            )
+        # Decided once: what the server may use besides dispatch/submit (heloco.distributed.protocol).
+        full = isinstance(aggregator, AggregatorLike)
         if not isinstance(shrink_quorum, bool):
             raise ValueError(f"shrink_quorum must be True or False, got {shrink_quorum!r}")
         if not isinstance(store, Store):
             raise ValueError(
                 f"store must be a torch.distributed Store (e.g. TCPStore), got {type(store).__name__}"
             )
-        if num_workers is None:
-            num_workers = getattr(aggregator, "num_workers", None)
+        if num_workers is None and full:
+            num_workers = aggregator.num_workers
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(
                 f"num_workers must be an int >= 1 (or taken from the aggregator), got {num_workers!r}"
             )
-        agg_workers = getattr(aggregator, "num_workers", num_workers)
-        if agg_workers != num_workers:
+        if full and aggregator.num_workers != num_workers:
             raise ValueError(
-                f"num_workers={num_workers} but the aggregator was built for {agg_workers} workers"
+                f"num_workers={num_workers} but the aggregator was built for {aggregator.num_workers} workers"
             )
         if (
             isinstance(server_rank, bool)
@@ -145,9 +141,9 @@ class DistributedServer:
                 f"server_rank must be an int in [0, num_workers={num_workers}), got {server_rank!r}"
             )
         if params_like is None:
-            params_like = getattr(aggregator, "global_params", None)
-            if params_like is None:
-                raise ValueError("params_like is required when the aggregator has no global_params")
+            if not isinstance(aggregator, AsyncAggregator):
+                raise ValueError("params_like is required unless the aggregator is an AsyncAggregator")
+            params_like = aggregator.global_params
         shapes, dtype = shapes_and_dtype(list(params_like))
         check_wire_dtype(wire_dtype)
         if (
@@ -160,6 +156,8 @@ class DistributedServer:
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
 
         self.aggregator = aggregator
+        self._full: AggregatorLike | None = aggregator if full else None
+        self._quorum = aggregator.quorum if full else 1  # > 1: synchronous rounds, waited for here
         self.store = store
         self.num_workers = num_workers
         self.server_rank = server_rank
@@ -183,10 +181,6 @@ class DistributedServer:
         self._stats_dropped = threading.Event()  # set once a reply went out without its stats
         self.shrink_quorum = shrink_quorum
         self._removed: set[int] = set()  # workers the aggregator took out of the quorum
-        # Whether the aggregator can write replies into given tensors (out=): then a reply costs one
-        # pass into the message buffer instead of a fresh copy plus a second copy when packing.
-        self._dispatch_out = _accepts_keyword(aggregator.dispatch, "out")
-        self._submit_out = _accepts_keyword(aggregator.submit, "out")
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> DistributedServer:
@@ -288,15 +282,15 @@ class DistributedServer:
 
     def _dispatch(self, worker_id: int, out: Sequence[Tensor] | None) -> Update:
         with self._aggregator_call():
-            if out is not None and self._dispatch_out:
-                return self.aggregator.dispatch(worker_id, out=out)
+            if out is not None and self._full is not None:  # one pass into the message buffer
+                return self._full.dispatch(worker_id, out=out)
             return self.aggregator.dispatch(worker_id)
 
     def dispatch(self, worker_id: int, *, out: Sequence[Tensor] | None = None) -> Update:
         """The aggregator's ``dispatch``; ``ServerStopped`` after ``stop()``.
 
-        ``out``: tensors to write the parameters into, passed on if the aggregator accepts ``out=``
-        (otherwise ``Update.params`` are the aggregator's own copies).
+        ``out``: tensors to write the parameters into, passed on to an ``AggregatorLike`` (otherwise
+        ``Update.params`` are the aggregator's own copies).
         """
         self._count_local(worker_id)
         return self._dispatch(worker_id, out)
@@ -317,8 +311,8 @@ class DistributedServer:
         """
         self._count_local(worker_id)
         with self._aggregator_call():
-            if out is not None and self._submit_out:
-                update = self.aggregator.submit(worker_id, pseudo_grads, base_version, out=out)
+            if out is not None and self._full is not None:
+                update = self._full.submit(worker_id, pseudo_grads, base_version, out=out)
             else:
                 update = self.aggregator.submit(worker_id, pseudo_grads, base_version)
         others = [w for w in update.released if w != worker_id]
@@ -330,7 +324,7 @@ class DistributedServer:
         if update.params is not None:
             return update
         deadline = time.monotonic() + self.timeout.total_seconds()
-        quorum = int(getattr(self.aggregator, "quorum", 1))
+        quorum = self._quorum
         with self._cond:
             while self._releases[worker_id] == 0:
                 if self._stopped:
@@ -367,22 +361,22 @@ class DistributedServer:
         """A worker is gone for good: with ``shrink_quorum`` and synchronous rounds, take it out of the
         aggregator's quorum and release the workers whose round that completes. Runs before the
         worker's state says it is gone, so no waiting worker sees it gone but still counted."""
-        remove = getattr(self.aggregator, "remove_worker", None)
-        if not self.shrink_quorum or not callable(remove) or int(getattr(self.aggregator, "quorum", 1)) <= 1:
+        agg = self._full
+        if not self.shrink_quorum or agg is None or self._quorum <= 1:
             return
         try:
             with self._aggregator_call():
-                update = remove(worker_id)
+                update = agg.remove_worker(worker_id)
         except ServerStopped:
             return
         except Exception:  # the round stays as it was; waiting workers get QuorumUnreachable
             logger.exception("removing worker %d from the quorum failed", worker_id)
             return
-        released = [w for w in (update.released if update is not None else []) if w != worker_id]
+        released = [w for w in update.released if w != worker_id]
         logger.info(
             "worker %d removed from the quorum (now %s)%s",
             worker_id,
-            getattr(self.aggregator, "effective_quorum", None),
+            agg.effective_quorum,
             f"; its removal completed the round of workers {released}" if released else "",
         )
         with self._cond:
