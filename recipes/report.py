@@ -4,6 +4,7 @@
     python recipes/report.py corrections outputs/severe_noniid docs/results/main        # what the correction did
     python recipes/report.py grid outputs/results/grid docs/results/grid                # heterogeneity × data matrix
     python recipes/report.py slow_workers outputs/results/slow_workers docs/results/slow_workers  # heat maps
+    python recipes/report.py along outputs/reproduction/moderate_noniid docs/paper_reproduction/moderate_noniid  # heloco vs mla per eval
 
 Labels of the form ``name@lr`` are read as (method, outer lr).
 """
@@ -354,11 +355,35 @@ def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") 
     return text
 
 
+def along_table(compare_dir: Path, out_dir: Path, reference: str = "heloco", baseline: str = "mla") -> str:
+    """``reference`` vs ``baseline`` at every evaluation both runs of a seed made (same token counts),
+    as (L_base − L_ref)/L_base in percent: where along training one method gains or loses."""
+    runs = finished_runs(compare_dir)
+    lines = []
+    for seed in sorted(set(runs[reference]) & set(runs[baseline])):
+        losses = [
+            {r["tokens"]: r["val_loss/mean"] for r in read_evals(runs[m][seed]) if r["reason"] != "time"}
+            for m in (baseline, reference)
+        ]
+        tokens = sorted(set(losses[0]) & set(losses[1]))
+        rel = [(losses[0][t] - losses[1][t]) / losses[0][t] * 100 for t in tokens]
+        if not lines:
+            lines = [
+                "| seed | " + " | ".join(f"{t / 1000:g}k" for t in tokens) + " |",
+                "|---|" + "---|" * len(tokens),
+            ]
+        lines.append(f"| {seed} | " + " | ".join(f"{r:+.2f}" for r in rel) + " |")
+    text = f"{reference} vs {baseline} (%) at each evaluation (tokens):\n\n" + "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{reference}_vs_{baseline}_along.md").write_text(text + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["sweep", "corrections", "grid", "slow_workers"])
+    parser.add_argument("what", choices=["sweep", "corrections", "grid", "slow_workers", "along"])
     parser.add_argument("compare_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
@@ -368,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         print(grid_table(args.compare_dir, args.out_dir))
     elif args.what == "slow_workers":
         print(slow_worker_table(args.compare_dir, args.out_dir))
+    elif args.what == "along":
+        print(along_table(args.compare_dir, args.out_dir))
     else:
         print(correction_table(args.compare_dir, args.out_dir))
         correction_over_time(args.compare_dir, args.out_dir)

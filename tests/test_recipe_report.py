@@ -7,6 +7,7 @@ import pytest
 
 from recipes.plots import plot_curves
 from recipes.report import (
+    along_table,
     cell_losses,
     correction_over_time,
     correction_table,
@@ -145,3 +146,21 @@ def test_correction_table_splits_fresh_and_stale_arrivals(tmp_path):
     assert (tmp_path / "out" / "corrections.md").exists()
     correction_over_time(tmp_path, tmp_path / "out")
     assert (tmp_path / "out" / "corrections_over_time.png").exists()
+
+
+def test_along_table_compares_the_two_methods_at_every_shared_evaluation(tmp_path):
+    for label, losses in (("mla", [8.0, 6.0, 5.0]), ("heloco", [8.0, 5.7, 5.5])):
+        run = tmp_path / "runs" / f"{label}-seed0"
+        run.mkdir(parents=True)
+        lines = [
+            json.dumps({"event": "eval", "reason": "periodic", "tokens": 1000 * i, "val_loss/mean": v})
+            for i, v in enumerate(losses)
+        ]
+        lines.append(json.dumps({"event": "eval", "reason": "time", "tokens": 1500, "val_loss/mean": 1.0}))
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        (run / "summary.json").write_text("{}")
+    rows = along_table(tmp_path, tmp_path / "out").splitlines()
+    assert rows[2] == "| seed | 0k | 1k | 2k |"
+    assert (
+        rows[4] == "| 0 | +0.00 | +5.00 | -10.00 |"
+    )  # (6 - 5.7)/6 and (5 - 5.5)/5; the "time" eval is left out
