@@ -12,10 +12,6 @@ so an interrupted build never leaves something a training run could mistake for 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +20,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, load_from_disk
+
+from heloco import checkpoint
 
 DATA_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -56,26 +54,15 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
 
 @contextmanager
 def atomic_directory(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory next to `out_dir`; on success rename it to `out_dir`.
+    """Yield a temporary directory next to `out_dir`; on success it replaces `out_dir` in one rename
+    (heloco's one ``atomic_directory``, after the overwrite check).
 
     On error the temporary directory is removed and `out_dir` is left untouched.
     """
     out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with checkpoint.atomic_directory(out) as tmp:
         yield tmp
-        if out.exists():
-            check_output_dir(out, overwrite)  # it may have appeared while we were building
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_output_dir(out, overwrite)  # it may have appeared while we were building
 
 
 def save_shards(
