@@ -104,7 +104,12 @@ class CopyingAggregator:
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.global_params = params
         self.num_workers = 2
+        self.quorum = 1
+        self.effective_quorum = 1
         self.version = 0
+
+    def remove_worker(self, worker_id: int) -> Update:
+        return Update(params=None, version=self.version)
 
     def dispatch(self, worker_id: int, *, out: list[torch.Tensor] | None = None) -> Update:
         return self.submit(worker_id, [], self.version, out=out)
@@ -174,8 +179,17 @@ def serve(
         "before": AllocatingAggregator(aggregator(params)),
         "transport only": CopyingAggregator(params),
     }
+    # "before" is a plain Server (no out=): the server is told K and the parameter shapes.
     servers = [
-        DistributedServer(agg, store, wire_dtype=wire, timeout=300, prefix=f"{tag}/{mode}").start()
+        DistributedServer(
+            agg,
+            store,
+            num_workers=agg.num_workers,
+            params_like=agg.global_params,
+            wire_dtype=wire,
+            timeout=300,
+            prefix=f"{tag}/{mode}",
+        ).start()
         for mode, agg in targets.items()
     ]
     for _ in range(blocks):

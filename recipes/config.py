@@ -249,9 +249,9 @@ def _one_of(name: str, value: Any, accepted: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
 
 
-def validate(config: RecipeConfig) -> None:
-    """Check every value that a run would otherwise trip over later."""
-    m, d, o, t = config.model, config.data, config.diloco, config.train
+def _validate_choices(config: RecipeConfig) -> None:
+    """Every field with a fixed set of accepted values."""
+    m, o, t = config.model, config.diloco, config.train
     _one_of("model_size", m.model_size, MODEL_SIZES)
     _one_of("mixed_precision", m.mixed_precision, PRECISIONS)
     _one_of("method", o.method, METHODS)
@@ -264,6 +264,11 @@ def validate(config: RecipeConfig) -> None:
         _one_of("dispatch", o.dispatch, DISPATCHES)
     if o.reorient_schedule is not None:
         _one_of("reorient_schedule", o.reorient_schedule, REORIENT_SCHEDULES)
+
+
+def _validate_outer_knobs(config: RecipeConfig) -> None:
+    """The arrival weight, the reorientation schedule's cos_bad and the worker cosine."""
+    o, t = config.diloco, config.train
     if o.arrival_weight is not None and not (math.isfinite(o.arrival_weight) and o.arrival_weight > 0):
         raise ValueError(f"arrival_weight must be a finite number > 0 or unset, got {o.arrival_weight}")
     if o.cos_bad is not None and not -1.0 <= o.cos_bad <= 0.0:
@@ -272,6 +277,11 @@ def validate(config: RecipeConfig) -> None:
         raise ValueError(
             f"cosine_steps must be >= 1 and min_lr_ratio in [0, 1], got {t.cosine_steps} and {t.min_lr_ratio}"
         )
+
+
+def _validate_workers(config: RecipeConfig) -> None:
+    """One positive speed per worker."""
+    o = config.diloco
     if o.num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {o.num_workers}")
     if len(o.worker_speeds) != o.num_workers:
@@ -282,6 +292,11 @@ def validate(config: RecipeConfig) -> None:
     for i, v in enumerate(o.worker_speeds):
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"worker_speeds[{i}] must be a positive number, got {v}")
+
+
+def _validate_sizes_and_budget(config: RecipeConfig) -> None:
+    """Batch sizes, evaluation cadence and the stopping budget."""
+    d, o, t = config.data, config.diloco, config.train
     positive_ints = {
         "inner_steps": o.inner_steps,
         "batch_size": d.batch_size,
@@ -298,6 +313,11 @@ def validate(config: RecipeConfig) -> None:
         raise ValueError(f"budget_tokens must be > 0, got {t.budget_tokens}")
     if t.budget_time is not None and t.budget_time <= 0:
         raise ValueError(f"budget_time must be > 0 virtual seconds, got {t.budget_time}")
+
+
+def _validate_the_rest(config: RecipeConfig) -> None:
+    """Learning rates, momentum, timeouts, staleness cap and the Hub."""
+    o, t = config.diloco, config.train
     if not (0.0 <= o.speed_jitter < 1.0):
         raise ValueError(f"speed_jitter must be in [0, 1), got {o.speed_jitter}")
     if config.outer_lr <= 0:
@@ -317,3 +337,12 @@ def validate(config: RecipeConfig) -> None:
         raise ValueError(f"inner_lr must be > 0, got {t.inner_lr}")
     if t.push_to_hub and not t.hub_model_id:
         raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/heloco-tiny')")
+
+
+def validate(config: RecipeConfig) -> None:
+    """Check every value that a run would otherwise trip over later, naming the field."""
+    _validate_choices(config)
+    _validate_outer_knobs(config)
+    _validate_workers(config)
+    _validate_sizes_and_budget(config)
+    _validate_the_rest(config)
