@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rerun every experiment of docs/paper_reproduction.md (about 2.5 hours on 2 CPU cores; not in CI).
+# Rerun every experiment of docs/paper_reproduction.md (about 3 hours on 2 CPU cores; not in CI).
 #   bash recipes/paper_reproduction.sh            # everything, in this order
 #   bash recipes/paper_reproduction.sh tuning     # one part: moderate | logged | extreme | ablations | tuning
 # Finished runs are reused (compare.py refuses a finished run computed with other settings).
