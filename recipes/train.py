@@ -29,9 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # `python recipes/train.py` / `accelerate launch recipes/train.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import torch
 from accelerate import Accelerator

@@ -110,3 +110,21 @@ def test_no_module_imports_another_modules_private_names():
     ]
     assert files
     assert [hit for p in files for hit in private_imports(p)] == []
+
+
+@pytest.mark.parametrize("script", ["train.py", "compare.py", "report.py"])
+def test_recipe_scripts_run_from_anywhere_without_touching_sys_path(script, tmp_path):
+    """recipes is an installed package: its entry scripts import it like any other, from any cwd."""
+    source = (ROOT / "recipes" / script).read_text()
+    assert "sys.path" not in source
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / script), "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage:")
