@@ -154,7 +154,7 @@ def launch(values: dict[str, Any], threads: int) -> tuple[str, float]:
 
 def prepare_shared(spec: dict[str, Any]) -> int:
     """Build the data and the warm start once, before parallel runs would race for them."""
-    from recipes.train import prepare
+    from recipes.common import prepare
 
     return prepare(config_from_dict(run_configs(spec)[0][2]), seeds=spec["seeds"])
 

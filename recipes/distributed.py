@@ -52,7 +52,6 @@ import datetime
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from pathlib import Path
@@ -60,17 +59,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
 from transformers import AutoTokenizer
 
 from heloco.checkpoint import atomic_directory, prune_checkpoints, save_state
 from heloco.distributed.client import setup_transport
-from heloco.distributed.protocol import ServerHandle, TransportError
+from heloco.distributed.protocol import TransportError
 from heloco.simulation import dylu_steps
+from recipes.common import MetricsLog, load_data, make_inner_optimizer, make_model, warm_start
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream, eval_record, evaluate_metrics
+from recipes.distributed_rejoin import REJOIN_ENV, rejoin_worker
 from recipes.distributed_server import Background, Gate
+from recipes.distributed_setup import (
+    REPORT_KEY,
+    START_KEY,
+    Signals,
+    collect_reports,
+    end_run,
+    make_accelerator,
+)
 from recipes.distributed_utils import (
     JsonLines,
     LockedLog,
@@ -84,98 +91,12 @@ from recipes.distributed_utils import (
 from recipes.distributed_worker import train_worker
 from recipes.methods import build_aggregator
 from recipes.model import count_parameters
-from recipes.train import MetricsLog, load_data, make_inner_optimizer, make_model, warm_start
 
 logger = logging.getLogger(__name__)
-
-_REPORT_KEY = "heloco-run/report/{rank}"  # a rank's end-of-run report (JSON) in the job's store
-_START_KEY = "heloco-run/start"  # time.time() when the rounds started (for workers that rejoin)
-REJOIN_ENV = "HELOCO_REJOIN"  # =1: this process restarts a worker of a running job (see rejoin_worker)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the run
-
-
-def _make_accelerator(config: RecipeConfig, output_dir: Path) -> Accelerator:
-    t, o = config.train, config.diloco
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    has_accelerator = (
-        torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    )
-    timeout = datetime.timedelta(seconds=o.comm_timeout_s)
-    init = InitProcessGroupKwargs(timeout=timeout)
-    # Accelerate passes on only the values that differ from its own defaults (600 s), which would
-    # leave gloo at torch's 30 min when comm_timeout_s is 600: always pass the timeout.
-    init.to_kwargs = lambda: {"timeout": timeout}
-    return Accelerator(
-        # Several processes on a machine without GPUs: gloo on CPU (Accelerate would otherwise give
-        # every process a world of its own unless ACCELERATE_USE_CPU=1 is exported).
-        cpu=launched > 1 and not has_accelerator,
-        mixed_precision=config.model.mixed_precision,
-        log_with=None if t.report_to == "none" else t.report_to,
-        project_dir=str(output_dir),
-        kwargs_handlers=[init],
-    )
-
-
-class _Signals:
-    """Rank 0 treats SIGTERM (what torchrun's agent sends every rank when one fails) like Ctrl-C; once
-    shutting down, further signals are only recorded so the final checkpoint is not cut short."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def interrupt(self) -> None:
-        def handler(signum: int, frame: Any) -> None:
-            raise KeyboardInterrupt(f"signal {signum}")
-
-        signal.signal(signal.SIGTERM, handler)
-
-    def record(self) -> None:
-        def handler(signum: int, frame: Any) -> None:
-            self.received = signum
-
-        for s in self._previous:
-            signal.signal(s, handler)
-
-    def restore(self) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-
-
-def _collect_reports(
-    store: dist.Store, server: ServerHandle, world: int, exclude: set[int], timeout: float, signals: _Signals
-) -> dict[int, dict[str, Any]]:
-    """Remote ranks' end-of-run reports from the store; gives up on ranks that died (or after
-    ``timeout`` seconds, e.g. a worker still finishing a long round)."""
-    reports: dict[int, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout
-    while True:
-        states = server.worker_stats()
-        for r in range(1, world):
-            key = _REPORT_KEY.format(rank=r)
-            if r not in reports and store.check([key]):
-                reports[r] = json.loads(store.get(key))
-        waiting = [
-            r
-            for r in range(1, world)
-            if r not in reports and r not in exclude and states[r]["state"] not in ("dead", "missing")
-        ]
-        if not waiting:
-            return reports
-        if time.monotonic() > deadline or signals.received is not None:
-            logger.warning("no end-of-run report from rank(s) %s; summary.json leaves them out", waiting)
-            return reports
-        time.sleep(0.05)
-
-
-def _end(accelerator: Accelerator) -> None:
-    """Close the trackers and the process group (Accelerate destroys the group it created, not ours)."""
-    accelerator.end_training()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[str, Any]:
@@ -192,7 +113,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
     output_dir = Path(t.output_dir)
     if (output_dir / "summary.json").exists():
         raise FileExistsError(f"{output_dir} already holds a finished run; pick another output_dir")
-    accelerator = _make_accelerator(config, output_dir)
+    accelerator = make_accelerator(config, output_dir)
     check_world_size(accelerator.num_processes, o.num_workers, int(os.environ.get("WORLD_SIZE", "1")))
     rank, world = accelerator.process_index, accelerator.num_processes
     if (
@@ -237,7 +158,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         raise RuntimeError(
             f"ranks {differ} start from other parameters than rank 0 (checksums {checksums}); every "
             "worker must start from the same warm start: put pretrain_cache_dir on a filesystem all "
-            "nodes share, or build the cache first (recipes.train.prepare)"
+            "nodes share, or build the cache first (recipes.common.prepare)"
         )
     measured = [row[1] for row in gathered]
     steps = dylu_steps(measured, o.inner_steps) if o.dylu else [o.inner_steps] * world
@@ -319,9 +240,9 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
     rank_log = JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=True)
     accelerator.wait_for_everyone()  # all connected: the rounds start together
     start = time.monotonic()
-    signals = _Signals()
+    signals = Signals()
     if rank == 0:
-        job_store().set(_START_KEY, repr(time.time()))  # for workers that rejoin later
+        job_store().set(START_KEY, repr(time.time()))  # for workers that rejoin later
         signals.interrupt()
         accelerator.init_trackers(output_dir.name, config={k: str(v) for k, v in config.to_dict().items()})
         background.start()
@@ -372,11 +293,11 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         with contextlib.suppress(TransportError):
             transport.leave()  # a no-op when the server already answered STOPPED
         try:
-            job_store().set(_REPORT_KEY.format(rank=rank), json.dumps(report))
+            job_store().set(REPORT_KEY.format(rank=rank), json.dumps(report))
         except Exception as e:  # rank 0 (the store) is gone: nothing left to report to
             logger.warning("rank %d could not report to rank 0: %s", rank, e)
         rank_log.close()
-        _end(accelerator)
+        end_run(accelerator)
         return report
 
     # -- rank 0: stop, final evaluation and checkpoint, summary -------------------------------------
@@ -396,7 +317,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
             final = run_eval("final", end, params)
         path = run_checkpoint(end, gate.aggregator.state_dict(), final)
         accelerator.print(f"final checkpoint {path}")
-        reports = _collect_reports(
+        reports = collect_reports(
             job_store(), server, world, rejoining, 5.0 if interrupted else o.comm_timeout_s, signals
         )
         reports[0] = report
@@ -435,7 +356,7 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
         log.close()
         rank_log.close()
         signals.restore()
-        _end(accelerator)
+        end_run(accelerator)
     if error is not None:
         raise error
     summary["interrupted"] = interrupted
@@ -444,96 +365,3 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
 
 # ---------------------------------------------------------------------------------------------------
 # a restarted worker
-
-
-class Standalone:
-    """What the worker loop needs from an Accelerator, for a process outside the job's process group."""
-
-    def __init__(self, device: torch.device, mixed_precision: str) -> None:
-        self.device = device
-        self.mixed_precision = mixed_precision
-
-    def autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == "bf16")
-
-
-def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
-    """Restart worker RANK of a running job (``HELOCO_REJOIN=1``, same command and environment).
-
-    The job's process group cannot be joined again, so this process only reaches the job's store
-    (MASTER_ADDR:MASTER_PORT, hosted by rank 0) and opens a new incarnation of its connection to the
-    server, which must run with ``rejoin_timeout_s > 0``. It starts from the current global
-    parameters, the warm-start AdamW state (from the cache) and the start of its shard, with the
-    round length the server assigned to this rank; it appends to its metrics-rank{r}.jsonl.
-    """
-    from heloco.distributed.client import DistributedTransport
-
-    d, o, t = config.data, config.diloco, config.train
-    rank, world = int(os.environ.get("RANK", "-1")), int(os.environ.get("WORLD_SIZE", "0"))
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not (0 < rank < world == o.num_workers) or not addr or not port:
-        raise ValueError(
-            f"{REJOIN_ENV}=1 restarts one worker of a running job: set RANK (1..num_workers-1), "
-            f"WORLD_SIZE (= num_workers = {o.num_workers}), MASTER_ADDR and MASTER_PORT as for the "
-            f"job; got RANK={rank}, WORLD_SIZE={world}, MASTER_ADDR={addr}, MASTER_PORT={port}"
-        )
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    cuda = torch.cuda.is_available() and not use_cpu
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    shim = Standalone(device, config.model.mixed_precision)
-    shards, _, metadata = load_data(config)
-    model = make_model(config, metadata).to(device)
-    warm_state = warm_start(config, model, shards, metadata, shim)  # the cache, normally
-    optimizer = make_inner_optimizer(config, model)
-    if warm_state is not None:
-        optimizer.load_state_dict(copy.deepcopy(warm_state))
-    output_dir = Path(t.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    rank_log = JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=False)
-
-    timeout = datetime.timedelta(seconds=o.comm_timeout_s)
-    store = dist.TCPStore(addr, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
-    start = time.monotonic() - (time.time() - float(store.get(_START_KEY).decode()))
-    # Ready: from here on the connection waits (up to comm_timeout_s) until the server serves a new
-    # incarnation, i.e. until the old process is gone, so a replacement can also be started early.
-    rank_log.write({"event": "standby", "rank": rank, "pid": os.getpid(), "time": time.monotonic() - start})
-    transport = DistributedTransport(
-        rank,
-        list(model.parameters()),
-        store,
-        server_rank=0,
-        wire_dtype=getattr(torch, o.wire_dtype),
-        timeout=o.comm_timeout_s,
-        connect_timeout=o.comm_timeout_s,
-    )
-    rank_log.write(
-        {
-            "event": "rejoin",
-            "rank": rank,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "incarnation": transport.incarnation,
-            "time": time.monotonic() - start,
-        }
-    )
-    report = train_worker(
-        config=config,
-        rank=rank,
-        model=model,
-        optimizer=optimizer,
-        transport=transport,
-        stream=TokenStream(shards[rank], d.batch_size, t.seed, stream_id=rank),
-        steps=o.inner_steps,
-        slowdown=slowdown_factors(o.worker_speeds)[rank],
-        accelerator=shim,
-        start=start,
-        rank_log=rank_log,
-        gate=None,
-    )
-    report["incarnation"] = transport.incarnation
-    with contextlib.suppress(TransportError):
-        transport.leave()
-    store.set(_REPORT_KEY.format(rank=rank), json.dumps(report))
-    rank_log.close()
-    return report

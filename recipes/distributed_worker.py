@@ -12,10 +12,10 @@ from accelerate import Accelerator
 
 from heloco import DiLoCoWorker
 from heloco.distributed.protocol import QuorumUnreachable, ServerStopped
+from recipes.common import begin_round, inner_step, set_inner_lr
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream
 from recipes.distributed_utils import emulate_slowdown, synchronize
-from recipes.train import begin_round, inner_step, set_inner_lr
 
 if TYPE_CHECKING:
     from recipes.distributed_server import Gate

@@ -18,10 +18,7 @@ eval, checkpoint and summary.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
 import json
-import math
 import os
 import random
 import sys
@@ -44,209 +41,22 @@ from heloco.checkpoint import (
     save_state,
 )
 from heloco.simulation import VirtualClock, dylu_steps
+from recipes.common import (
+    MetricsLog,
+    begin_round,
+    inner_step,
+    load_data,
+    make_inner_optimizer,
+    make_model,
+    rng_state,
+    set_inner_lr,
+    set_rng_state,
+    warm_start,
+)
 from recipes.config import RecipeConfig, parse_config
-from recipes.data import TokenStream, eval_record, evaluate_metrics, to_tensor
+from recipes.data import TokenStream, eval_record, evaluate_metrics
 from recipes.methods import build_aggregator
-from recipes.model import build_model, count_parameters
-
-# ---------------------------------------------------------------------------------------------------
-# small helpers
-
-
-class MetricsLog:
-    """Append-only JSONL of arrivals and evals, mirrored to Accelerate's trackers. On resume the file is
-    cut back to the line count stored in the checkpoint, so a resumed run's log equals an
-    uninterrupted one."""
-
-    def __init__(self, path: Path, accelerator: Accelerator, keep_lines: int | None = None) -> None:
-        self.path = path
-        self.accelerator = accelerator
-        lines = path.read_text().splitlines() if (keep_lines is not None and path.exists()) else []
-        if keep_lines is not None and len(lines) < keep_lines:
-            raise RuntimeError(f"{path} has {len(lines)} lines, the checkpoint expects {keep_lines}")
-        self.lines = 0
-        with open(path, "w") as f:
-            for line in lines[: keep_lines or 0]:
-                f.write(line + "\n")
-                self.lines += 1
-        self._file = open(path, "a")  # noqa: SIM115 - held open for the whole run
-
-    def write(self, record: dict[str, Any], step: int) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        self.lines += 1
-        numeric = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        self.accelerator.log({f"{record['event']}/{k}": v for k, v in numeric.items()}, step=step)
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def inner_lr_factor(config: RecipeConfig, progress: float, worker_step: int = 0) -> float:
-    """Inner learning-rate multiplier. ``cosine`` follows the run's progress in [0, 1] (the same for
-    every method at equal progress, so schedules never favour one); ``worker_cosine`` follows the
-    worker's own inner steps, reaching the floor after ``cosine_steps`` and staying there."""
-    t = config.train
-    if t.lr_schedule == "constant":
-        return 1.0
-    x = progress if t.lr_schedule == "cosine" else worker_step / t.cosine_steps
-    floor = t.min_lr_ratio
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(x, 1.0)))
-
-
-def set_inner_lr(
-    config: RecipeConfig, optimizer: torch.optim.Optimizer, progress: float, worker_step: int
-) -> None:
-    lr = config.train.inner_lr * inner_lr_factor(config, progress, worker_step)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def begin_round(config: RecipeConfig, optimizer: torch.optim.Optimizer) -> None:
-    """With ``reset_inner_optimizer`` the round starts from a fresh AdamW (no moments, step 0), as if
-    re-created: its state is rebuilt lazily at the first step."""
-    if config.train.reset_inner_optimizer:
-        optimizer.state.clear()
-
-
-def make_inner_optimizer(config: RecipeConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    t = config.train
-    return torch.optim.AdamW(
-        model.parameters(),
-        lr=t.inner_lr,
-        betas=(0.9, t.inner_beta2),
-        weight_decay=t.inner_weight_decay,
-        fused=True if t.fused_adamw else None,
-    )
-
-
-def inner_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: torch.Tensor,
-    accelerator: Accelerator,
-    clip: float,
-) -> torch.Tensor:
-    with accelerator.autocast():
-        loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-def rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "python": random.getstate()[1],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np_state = np.random.get_state()
-    np.random.set_state((np_state[0], np.array(state["numpy"], dtype=np.uint32), *np_state[2:]))
-    py_state = random.getstate()
-    random.setstate((py_state[0], tuple(state["python"]), py_state[2]))
-
-
-def load_data(config: RecipeConfig) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """Per-worker train tensors, per-language validation tensors and the shards' metadata."""
-    from data_prep import ensure_sample_shards, load_shards
-
-    data_dir = Path(config.data.data_dir)
-    if not data_dir.exists() and config.data.build_sample_if_missing:
-        ensure_sample_shards(
-            data_dir,
-            num_workers=config.diloco.num_workers,
-            partition=config.data.sample_partition,
-            p=config.data.sample_p,
-        )
-    train, validation, metadata = load_shards(data_dir, num_workers=config.diloco.num_workers)
-    workers = [to_tensor(train[f"worker_{k}"]) for k in range(config.diloco.num_workers)]
-    val = {lang: to_tensor(validation[lang])[: config.data.eval_sequences] for lang in metadata["languages"]}
-    return workers, val, metadata
-
-
-# ---------------------------------------------------------------------------------------------------
-# warm start: ordinary training before the DiLoCo phase, identical for every method and cached
-
-
-def warm_start(
-    config: RecipeConfig,
-    model: torch.nn.Module,
-    shards: list[torch.Tensor],
-    metadata: dict[str, Any],
-    accelerator: Accelerator,
-) -> dict[str, Any] | None:
-    """Train ``pretrain_steps`` ordinary steps on all shards together; returns the AdamW state to seed
-    every worker with. The result depends only on data, model and inner hyperparameters, so it is
-    cached and reused by every method of a comparison."""
-    t = config.train
-    if t.pretrain_steps == 0:
-        return None
-    key_fields = {
-        "data": metadata,
-        "model": [config.model.model_size, config.model.model_name_or_path, config.model.mixed_precision],
-        "train": [
-            t.seed,
-            t.pretrain_steps,
-            t.pretrain_warmup_steps,
-            t.inner_lr,
-            t.inner_weight_decay,
-            t.inner_beta2,
-            t.grad_clip,
-            config.data.batch_size,
-        ],
-    }
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    cache = Path(t.pretrain_cache_dir) / key if t.pretrain_cache_dir else None
-    optimizer = make_inner_optimizer(config, model)
-    if cache is not None and (cache / "model.json").exists():
-        model.load_state_dict(load_state(cache, "model"))
-        return load_state(cache, "optimizer")
-    stream = TokenStream(torch.cat(shards), config.data.batch_size, t.seed, stream_id=10_000)
-    device = accelerator.device
-    bar = tqdm(range(t.pretrain_steps), desc="warm start", disable=not t.progress, leave=False)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = t.inner_lr * min(1.0, (step + 1) / max(1, t.pretrain_warmup_steps))
-        loss = inner_step(model, optimizer, stream.next_batch().to(device), accelerator, t.grad_clip)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    state = optimizer.state_dict()
-    if cache is not None:
-        with atomic_directory(cache) as tmp:
-            save_state(tmp, "model", model.state_dict())
-            save_state(tmp, "optimizer", state)
-    return state
-
-
-def make_model(config: RecipeConfig, metadata: dict[str, Any]) -> torch.nn.Module:
-    return build_model(
-        config.model.model_size,
-        vocab_size=int(metadata["vocab_size"]),
-        max_positions=int(metadata["seq_len"]),
-        eos_token_id=metadata.get("eos_token_id"),
-        model_name_or_path=config.model.model_name_or_path,
-        seed=config.train.seed,
-    )
-
-
-def prepare(config: RecipeConfig, seeds: list[int] | tuple[int, ...] = (0,)) -> int:
-    """Build the shards (if asked) and the cached warm starts for these seeds; returns seq_len. Lets a
-    comparison do the shared work once before its runs start in parallel."""
-    shards, _, metadata = load_data(config)
-    accelerator = Accelerator(mixed_precision=config.model.mixed_precision)
-    for seed in seeds:
-        seeded = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
-        model = make_model(seeded, metadata).to(accelerator.device)
-        warm_start(seeded, model, shards, metadata, accelerator)
-    return int(metadata["seq_len"])
-
+from recipes.model import count_parameters
 
 # ---------------------------------------------------------------------------------------------------
 # checkpoints

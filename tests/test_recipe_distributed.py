@@ -142,7 +142,7 @@ def test_checksum_detects_a_one_ulp_difference():
 
 
 def test_speed_probe_includes_the_slowdown_and_leaves_the_model_unchanged(monkeypatch):
-    from recipes.distributed import Standalone
+    from recipes.distributed_rejoin import Standalone
     from recipes.distributed_utils import measure_speed
     from recipes.model import build_model
 
@@ -259,7 +259,7 @@ def test_dispatch_tells_a_joining_worker_its_round_length_and_the_progress():
 @pytest.fixture(scope="module")
 def warm_cache(tiny_shards, tmp_path_factory):
     """Fill the warm-start cache once, so the ranks of every run below only load it."""
-    from recipes.train import prepare
+    from recipes.common import prepare
 
     root = tmp_path_factory.mktemp("dist")
     prepare(config_from_dict(values(tiny_shards, root / "x", mode="simulate")))
@@ -325,8 +325,8 @@ def evaluate_checkpoint(checkpoint: Path, shards: Path) -> float:
     """Load the exported model as a user would and compute the mean validation loss."""
     from transformers import AutoModelForCausalLM
 
+    from recipes.common import load_data
     from recipes.data import evaluate
-    from recipes.train import load_data
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint / "model")
     _, validation, _ = load_data(config_from_dict(values(shards, eval_sequences=8)))

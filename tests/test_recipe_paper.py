@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipes.common import begin_round, inner_lr_factor, make_inner_optimizer
 from recipes.compare import load_matrix, run_configs
 from recipes.config import config_from_dict
 from recipes.data import eval_record, evaluate_metrics
 from recipes.methods import METHOD_SPECS, arrival_weight, build_aggregator, dispatch_mode, fields_not_read
-from recipes.train import begin_round, inner_lr_factor, make_inner_optimizer, run
+from recipes.train import run
 from tests.conftest import build_tiny_shards
 
 REPO = Path(__file__).resolve().parent.parent

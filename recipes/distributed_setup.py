@@ -1,0 +1,108 @@
+"""Distributed mode's process-level plumbing, apart from the run itself: the Accelerator with the
+communication timeout, rank 0's signal handling, the end-of-run reports ranks leave in the job's
+store, and the clean shutdown."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from heloco.distributed.protocol import ServerHandle
+from recipes.config import RecipeConfig
+
+logger = logging.getLogger(__name__)
+
+REPORT_KEY = "heloco-run/report/{rank}"  # a rank's end-of-run report (JSON) in the job's store
+START_KEY = "heloco-run/start"  # time.time() when the rounds started (for workers that rejoin)
+
+
+def make_accelerator(config: RecipeConfig, output_dir: Path) -> Accelerator:
+    t, o = config.train, config.diloco
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    has_accelerator = (
+        torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    )
+    timeout = datetime.timedelta(seconds=o.comm_timeout_s)
+    init = InitProcessGroupKwargs(timeout=timeout)
+    # Accelerate passes on only the values that differ from its own defaults (600 s), which would
+    # leave gloo at torch's 30 min when comm_timeout_s is 600: always pass the timeout.
+    init.to_kwargs = lambda: {"timeout": timeout}
+    return Accelerator(
+        # Several processes on a machine without GPUs: gloo on CPU (Accelerate would otherwise give
+        # every process a world of its own unless ACCELERATE_USE_CPU=1 is exported).
+        cpu=launched > 1 and not has_accelerator,
+        mixed_precision=config.model.mixed_precision,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_dir=str(output_dir),
+        kwargs_handlers=[init],
+    )
+
+
+class Signals:
+    """Rank 0 treats SIGTERM (what torchrun's agent sends every rank when one fails) like Ctrl-C; once
+    shutting down, further signals are only recorded so the final checkpoint is not cut short."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupt(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def record(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            self.received = signum
+
+        for s in self._previous:
+            signal.signal(s, handler)
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def collect_reports(
+    store: dist.Store, server: ServerHandle, world: int, exclude: set[int], timeout: float, signals: Signals
+) -> dict[int, dict[str, Any]]:
+    """Remote ranks' end-of-run reports from the store; gives up on ranks that died (or after
+    ``timeout`` seconds, e.g. a worker still finishing a long round)."""
+    reports: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        states = server.worker_stats()
+        for r in range(1, world):
+            key = REPORT_KEY.format(rank=r)
+            if r not in reports and store.check([key]):
+                reports[r] = json.loads(store.get(key))
+        waiting = [
+            r
+            for r in range(1, world)
+            if r not in reports and r not in exclude and states[r]["state"] not in ("dead", "missing")
+        ]
+        if not waiting:
+            return reports
+        if time.monotonic() > deadline or signals.received is not None:
+            logger.warning("no end-of-run report from rank(s) %s; summary.json leaves them out", waiting)
+            return reports
+        time.sleep(0.05)
+
+
+def end_run(accelerator: Accelerator) -> None:
+    """Close the trackers and the process group (Accelerate destroys the group it created, not ours)."""
+    accelerator.end_training()
+    if dist.is_initialized():
+        dist.destroy_process_group()
