@@ -136,13 +136,9 @@ def correction_over_time(compare_dir: Path, out_dir: Path, label: str = "heloco"
         return
     panels = ["tensors corrected", "mean λ", "mean β", "mean cos"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    corrected = [r for path in runs.values() for r in read_arrivals(path) if "correction/mean_cosine" in r]
     for kind, marker, color in (("fresh", "o", "tab:blue"), ("stale", "^", "tab:red")):
-        rows = [
-            r
-            for path in runs.values()
-            for r in read_arrivals(path)
-            if "correction/mean_cosine" in r and (r["staleness"] > 0) == (kind == "stale")
-        ]
+        rows = [r for r in corrected if (r["staleness"] > 0) == (kind == "stale")]
         for ax, panel in zip(axes, panels, strict=True):
             key = STAT_COLUMNS[panel]
             ax.scatter(
@@ -355,6 +351,9 @@ def along_table(compare_dir: Path, out_dir: Path, reference: str = "heloco", bas
     """``reference`` vs ``baseline`` at every evaluation both runs of a seed made (same token counts),
     as (L_base − L_ref)/L_base in percent: where along training one method gains or loses."""
     runs = finished_runs(compare_dir)
+    missing = [label for label in (reference, baseline) if label not in runs]
+    if missing:
+        raise ValueError(f"{compare_dir}: no finished runs labelled {missing}; found {sorted(runs)}")
     lines = []
     for seed in sorted(set(runs[reference]) & set(runs[baseline])):
         losses = [

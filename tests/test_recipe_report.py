@@ -164,3 +164,9 @@ def test_along_table_compares_the_two_methods_at_every_shared_evaluation(tmp_pat
     assert (
         rows[4] == "| 0 | +0.00 | +5.00 | -10.00 |"
     )  # (6 - 5.7)/6 and (5 - 5.5)/5; the "time" eval is left out
+
+
+def test_along_table_names_a_missing_method(tmp_path):
+    fake_run(tmp_path, "heloco", 0, final=5.0, at_time=5.0)
+    with pytest.raises(ValueError, match=r"no finished runs labelled \['mla'\]; found \['heloco'\]"):
+        along_table(tmp_path, tmp_path / "out")
