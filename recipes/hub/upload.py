@@ -266,29 +266,27 @@ class HubUploader:
         )
 
     def _finished(self, job: _Job, future: Future[CommitInfo]) -> None:
-        """Done callback (on the executor's thread, or the canceller's): record, log, clean up."""
+        """Done callback (on the executor's thread, or the canceller's): record, log, clean up. The log
+        line is written before waiters are woken, so whoever returns from ``wait`` can already read it."""
         shutil.rmtree(job.staging, ignore_errors=True)
         record = job.record
         error = None if future.cancelled() else future.exception()
         with self._cond:
-            if not future.cancelled():
-                if error is None:
-                    record.state, record.commit_url = "ok", str(future.result().commit_url)
-                else:
-                    record.state, record.error = "failed", self._scrub(f"{type(error).__name__}: {error}")
+            if future.cancelled():
+                pass  # whoever cancelled it (push superseding it, or close) has recorded why
+            elif error is None:
+                record.state, record.commit_url = "ok", str(future.result().commit_url)
+                logger.info("Hub push %r done: %s", record.commit_message, record.commit_url)
+            else:
+                record.state, record.error = "failed", self._scrub(f"{type(error).__name__}: {error}")
+                logger.error(
+                    "Hub push %r failed; the local checkpoint is untouched, the next push tries again: %s",
+                    record.commit_message, record.error,
+                )  # fmt: skip
             if self._queued is job:
                 self._queued = None
             self._unfinished.remove(job)
             self._cond.notify_all()
-        if future.cancelled():
-            return
-        if error is None:
-            logger.info("Hub push %r done: %s", record.commit_message, record.commit_url)
-        else:
-            logger.error(
-                "Hub push %r failed; the local checkpoint is untouched, the next push tries again: %s",
-                record.commit_message, record.error,
-            )  # fmt: skip
 
     def _scrub(self, text: str) -> str:
         return redact_secrets(text, [self._token])
