@@ -112,6 +112,21 @@ def inner_step(
     return loss.detach()
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def quiet_libraries() -> None:
+    """No progress bars from datasets/transformers (runs in subprocesses, whose logs should read well)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),

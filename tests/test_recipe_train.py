@@ -9,6 +9,7 @@ import pytest
 
 from recipes.config import config_from_dict
 from recipes.methods import METHOD_SPECS
+from recipes.run_state import read_checkpoint
 from recipes.train import run
 
 METHODS = list(METHOD_SPECS)
@@ -170,10 +171,10 @@ def test_workers_never_share_optimizer_state(tiny_shards, tmp_path):
     """Every worker keeps its own AdamW moments: after a run, step counts follow each worker's rounds."""
     out = tmp_path / "own"
     summary = run(config_from_dict(base_values(tiny_shards, out, method="async", budget_tokens=2000)))
-    from heloco.checkpoint import load_state
-
-    workers = load_state(out / f"checkpoint-{summary['arrivals']}", "workers")
+    state = read_checkpoint(out / f"checkpoint-{summary['arrivals']}", "simulate")
+    workers = state.workers["workers"]
     arrivals = [r for r in read_metrics(out) if r["event"] == "arrival"]
-    for k, state in enumerate(workers):
+    for k, worker in enumerate(workers):
         rounds = sum(1 for r in arrivals if r["worker"] == k)
-        assert float(state["optimizer"]["state"][0]["step"]) == 20 + 3 * rounds
+        assert float(worker["optimizer"]["state"][0]["step"]) == 20 + 3 * rounds
+        assert worker["local_step"] == 3 * rounds
