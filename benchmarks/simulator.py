@@ -135,7 +135,9 @@ def main() -> None:
         SimulatedWorker(k, m, o, s, args.inner_steps, accelerator.device)
         for k, ((m, o), s) in enumerate(zip(replicas(), streams(), strict=True))
     ]
-    simulator = Simulator(config, explicit_agg, workers, VirtualClock(config.diloco.worker_speeds), accelerator)
+    simulator = Simulator(
+        config, explicit_agg, workers, VirtualClock(config.diloco.worker_speeds), accelerator
+    )
     simulator.start()
 
     # hooks: DiLoCoWorker over the in-process transport, driven by the same clock order
@@ -175,7 +177,11 @@ def main() -> None:
         plain_turn[0] += 1
         steps(plain_model, plain_opt, plain_streams[k])
 
-    paths: dict[str, Callable[[], None]] = {"plain": plain_round, "hooks": hooks_round, "explicit": explicit_round}
+    paths: dict[str, Callable[[], None]] = {
+        "plain": plain_round,
+        "hooks": hooks_round,
+        "explicit": explicit_round,
+    }
     for run_round in paths.values():  # warm up
         run_round()
     seconds = dict.fromkeys(paths, 0.0)
