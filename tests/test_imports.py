@@ -128,3 +128,51 @@ def test_recipe_scripts_run_from_anywhere_without_touching_sys_path(script, tmp_
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage:")
+
+
+def import_graph(packages: tuple[str, ...] = ("heloco", "recipes", "data_prep")) -> dict[str, set[str]]:
+    """Module → the project modules it imports at module level (lazy imports inside functions are
+    how optional parts stay optional, so they do not count)."""
+    modules = {}
+    for package in packages:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+                targets |= {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    state: dict[str, str] = {}
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert "recipes.train" in graph and "heloco.aggregator" in graph
+    assert "recipes.simulator" in graph["recipes.train"]
+    assert find_cycles(graph) == []
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
