@@ -8,8 +8,8 @@ Three paths train on the same batches, round by round, in turn (the order rotate
 - explicit: ``recipes.simulator.Simulator`` (Δ into a preallocated buffer in one pass, submit with
   the answer written into θ_start, one copy into the replica).
 
-Writes are counted with a ``TorchDispatchMode`` over the end of one round (Δ → submit → load): the
-elements every aten op writes (its outputs, or the tensors it mutates), divided by the model's
+Writes are counted with a ``TorchFunctionMode`` over the end of one round (Δ → submit → load): the
+elements every torch call writes (its ``out=``, the tensors it mutates, or a new result), divided by the model's
 parameter count; the outer optimizer's own step is counted apart. Inner steps use a constant
 learning rate and keep AdamW across rounds so that the three paths do the same inner work.
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from heloco import DiLoCoWorker, InProcessTransport
 from heloco.simulation import VirtualClock
@@ -39,26 +39,26 @@ from recipes.simulator import SimulatedWorker, Simulator
 PACES = [1.0, 6.0, 6.0, 6.0, 6.0]  # the paper's moderate cell, seconds per inner step
 
 
-class WriteCounter(TorchDispatchMode):
-    """Counts the elements written by aten ops: mutated arguments, else non-aliasing outputs."""
+class WriteCounter(TorchFunctionMode):
+    """Counts the elements written by torch calls: an ``out=`` tensor, the first argument of an
+    in-place call (``add_``, ``_foreach_copy_``), else a returned tensor that is not a view of an
+    argument. Calls made inside a counted call are not counted again."""
 
     def __init__(self) -> None:
         super().__init__()
         self.written = {"sync": 0, "outer step": 0}
         self.section = "sync"
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        schema = func._schema
-        mutated = []
-        for i, arg in enumerate(schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                mutated.append(kwargs.get(arg.name, args[i] if i < len(args) else None))
-        if mutated:
-            self.written[self.section] += _numel(mutated)
-        elif not any(r.alias_info is not None for r in schema.returns):  # views write nothing
-            self.written[self.section] += _numel(out)
+        name = getattr(func, "__name__", "")
+        if "out" in kwargs:
+            self.written[self.section] += _numel(kwargs["out"])
+        elif name.endswith("_") and not name.endswith("__") and args:
+            self.written[self.section] += _numel(args[0])
+        elif isinstance(out, torch.Tensor) and not _is_view_of(out, [*args, *kwargs.values()]):
+            self.written[self.section] += out.numel()
         return out
 
 
@@ -68,6 +68,12 @@ def _numel(value: Any) -> int:
     if isinstance(value, list | tuple):
         return sum(_numel(v) for v in value)
     return 0
+
+
+def _is_view_of(tensor: torch.Tensor, inputs: list[Any]) -> bool:
+    pointer = tensor.untyped_storage().data_ptr()
+    flat = [x for v in inputs for x in (v if isinstance(v, list | tuple) else [v])]
+    return any(isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() == pointer for x in flat)
 
 
 def counting_outer_step(optimizer: torch.optim.Optimizer, counter: WriteCounter) -> None:
