@@ -1,6 +1,6 @@
 """Distributed mode, rank 0's server side: the ``Gate`` in front of the aggregator (budget, stopping,
-metrics.jsonl, when to evaluate and checkpoint) and the ``Background`` thread that evaluates and
-writes checkpoints off the serving path."""
+metrics.jsonl, when to evaluate and checkpoint, all decided by a ``RunSchedule``) and the
+``Background`` thread that evaluates and writes checkpoints off the serving path."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from heloco.distributed.protocol import ServerStopped
 from recipes.config import RecipeConfig
+from recipes.records import arrival_record
+from recipes.schedule import RunSchedule
 
 if TYPE_CHECKING:
     from recipes.distributed_utils import LockedLog
@@ -23,6 +27,31 @@ logger = logging.getLogger(__name__)
 _MAX_PENDING_EVALS = 4  # evaluation snapshots waiting for the evaluation thread (each one model copy)
 
 
+@dataclass
+class Snapshot:
+    """The run as it stood at one moment, for a checkpoint: taken under the gate's lock, so the
+    schedule, the aggregator state and the metrics log's length agree."""
+
+    time: float  # seconds since the start
+    schedule: dict[str, Any]  # RunSchedule.state_dict()
+    aggregator: dict[str, Any]  # AsyncAggregator.state_dict()
+    metrics_lines: int  # records written when it was taken (queued evaluations not yet among them)
+    stop_reason: str | None = None  # the final snapshot's
+
+    @property
+    def version(self) -> int:
+        return int(self.aggregator["version"])
+
+    def eval_info(self) -> dict[str, Any]:
+        """Where an evaluation of this snapshot's model stands in the run (an ``eval`` record's keys)."""
+        return {
+            "arrival": self.schedule["arrivals"],
+            "time": self.time,
+            "tokens": self.schedule["tokens"],
+            "version": self.version,
+        }
+
+
 class Gate:
     """What the ``DistributedServer`` serves on rank 0: the aggregator plus the run's bookkeeping.
 
@@ -30,7 +59,8 @@ class Gate:
     time: it is refused once the budget is spent, counted (tokens = H_w × batch × seq_len), logged to
     metrics.jsonl, and schedules evaluations (every ``eval_every`` outer updates, and at the
     ``eval_times`` in seconds) and checkpoints (every ``save_every`` arrivals) from consistent
-    snapshots taken here; the work itself runs in the ``Background`` thread.
+    snapshots taken here; the work itself runs in the ``Background`` thread. The ``schedule`` (a
+    ``RunSchedule``, as in the simulator) counts and decides; time is real seconds since ``start``.
     """
 
     def __init__(
@@ -42,37 +72,44 @@ class Gate:
         log: LockedLog,
         background: Background,
     ) -> None:
-        t = config.train
         self.aggregator = aggregator
         self.num_workers = aggregator.num_workers
         self.quorum = aggregator.quorum
         self.steps = steps
         self.tokens_per_step = tokens_per_step
-        self.budget_tokens = t.budget_tokens
-        self.budget_time = t.budget_time
-        self.eval_every = t.eval_every
-        self.save_every = t.save_every
-        self.pending_eval_times = sorted(t.eval_times)
+        self.schedule = RunSchedule(config.train)
         self.log = log
         self.background = background
         self.lock = threading.Lock()
         self.closed = threading.Event()
         self.stop_reason: str | None = None
         self.close_time: float | None = None
-        self.arrivals = 0
-        self.tokens = 0
         self.evals_skipped = 0
-        self._start: float | None = None
+        self.started: float | None = None  # time.monotonic() at the start of the rounds
+
+    # -- the schedule's counts, read by the worker loop, the summary and tests -------------------------
+    @property
+    def arrivals(self) -> int:
+        return self.schedule.arrivals
+
+    @property
+    def tokens(self) -> int:
+        return self.schedule.tokens
+
+    @property
+    def pending_eval_times(self) -> list[float]:
+        return self.schedule.pending_eval_times
 
     # -- clock and state ---------------------------------------------------------------------------
     def start(self, start: float) -> None:
-        self._start = start
+        self.started = start
         with self.lock:
             self._eval(0.0, "start")
+            self.schedule.evaluated_start = True
 
     def now(self) -> float:
-        assert self._start is not None, "the gate was not started"
-        return time.monotonic() - self._start
+        assert self.started is not None, "the gate was not started"
+        return time.monotonic() - self.started
 
     def close(self, reason: str) -> None:
         """End the run (budget, interrupt, error): every later submission is refused."""
@@ -84,6 +121,12 @@ class Gate:
             self.stop_reason = reason
             self.close_time = self.now()
             self.closed.set()
+
+    def final_snapshot(self) -> Snapshot:
+        """The run as it ended (after ``close``): the last checkpoint's state."""
+        with self.lock:
+            assert self.close_time is not None, "the gate was not closed"
+            return self._snapshot(self.close_time, self.stop_reason)
 
     # -- the aggregator's interface ------------------------------------------------------------------
     def dispatch(self, worker_id: int, *, out: Any = None) -> Any:
@@ -106,52 +149,51 @@ class Gate:
             return self.aggregator.remove_worker(worker_id)
 
     def submit(self, worker_id: int, pseudo_grads: Any, base_version: int, *, out: Any = None) -> Any:
+        schedule = self.schedule
         with self.lock:
             if self.closed.is_set():
                 raise ServerStopped(f"the run is over ({self.stop_reason}); no more rounds")
             now = self.now()
-            while self.pending_eval_times and self.pending_eval_times[0] < now:
-                self._eval(self.pending_eval_times.pop(0), "time")  # the model as it was at that time
-            if self.budget_time is not None and now > self.budget_time:
+            for at in schedule.eval_times_before(now):
+                self._eval(at, "time")  # the model as it was at that time
+            if schedule.past_time_budget(now):
                 self._close("budget_time")  # arrivals after the deadline do not count (as simulated)
-                raise ServerStopped(f"the time budget of {self.budget_time} s is spent")
+                raise ServerStopped(f"the time budget of {schedule.budget_time} s is spent")
             update = self.aggregator.submit(worker_id, pseudo_grads, base_version, out=out)
-            self.arrivals += 1
-            self.tokens += self.steps[worker_id] * self.tokens_per_step
-            version = self.aggregator.version
-            record = {
-                "event": "arrival",
-                "arrival": self.arrivals,
-                "time": now,
-                "tokens": self.tokens,
-                "worker": worker_id,
-                "inner_steps": self.steps[worker_id],
-                "staleness": update.staleness,
-                "weight": update.weight,
-                "applied": update.applied,
-                "dropped": update.dropped,
-                "version": version,
-                **{k: v for k, v in update.stats.items() if k not in ("staleness", "weight")},
-            }
-            self.log.write(record, step=self.arrivals)
-            if update.applied and version % self.eval_every == 0:
+            schedule.count_arrival(self.steps[worker_id] * self.tokens_per_step)
+            self._log_arrival(update, worker_id, now)
+            if schedule.eval_after_update(update.applied, self.aggregator.version):
                 self._eval(now, "updates")
-            if self.save_every and self.arrivals % self.save_every == 0:
-                self.background.put_checkpoint(self._run_info(now), self.aggregator.state_dict())
-            if (
-                self.budget_tokens is not None
-                and self.tokens >= self.budget_tokens
-                and not self.aggregator.pending_workers  # an open synchronous round completes first
-            ):
-                self._close("budget_tokens")
-            update.stats = {**update.stats, "tokens": float(self.tokens)}
+            if schedule.checkpoint_due():
+                self.background.put_checkpoint(self._snapshot(now))
+            if schedule.tokens_spent() and not self.aggregator.pending_workers:
+                self._close("budget_tokens")  # (an open synchronous round completes first)
+            update.stats = {**update.stats, "tokens": float(schedule.tokens)}
             if self.closed.is_set():
                 update.stats["stop"] = 1.0
             return update
 
-    # -- snapshots for the background thread -------------------------------------------------------
-    def _run_info(self, now: float) -> dict[str, Any]:
-        return {"arrival": self.arrivals, "time": now, "tokens": self.tokens}
+    def _log_arrival(self, update: Any, worker_id: int, now: float) -> None:
+        record = arrival_record(
+            update,
+            arrival=self.schedule.arrivals,
+            time=now,
+            tokens=self.schedule.tokens,
+            worker=worker_id,
+            inner_steps=self.steps[worker_id],
+            version=self.aggregator.version,
+        )
+        self.log.write(record, step=self.schedule.arrivals)
+
+    # -- snapshots for the background thread (taken under the lock) -----------------------------------
+    def _snapshot(self, at: float, stop_reason: str | None = None) -> Snapshot:
+        return Snapshot(
+            time=at,
+            schedule=self.schedule.state_dict(),
+            aggregator=self.aggregator.state_dict(),
+            metrics_lines=self.log.lines,
+            stop_reason=stop_reason,
+        )
 
     def _eval(self, at: float, reason: str) -> None:
         if self.background.pending_evals >= _MAX_PENDING_EVALS:
@@ -160,7 +202,12 @@ class Gate:
                 logger.warning("evaluation falls behind training; skipping evaluations (see summary.json)")
             return
         params, version = self.aggregator.snapshot()
-        info = {**self._run_info(at), "version": version}
+        info = {
+            "arrival": self.schedule.arrivals,
+            "time": at,
+            "tokens": self.schedule.tokens,
+            "version": version,
+        }
         self.background.put_eval(reason, info, params)
 
 
@@ -168,7 +215,11 @@ class Background(threading.Thread):
     """Rank 0's evaluations and periodic checkpoints, off the serving path: training never waits
     for them. Jobs run in order; ``finish(cancel=True)`` drops those not started yet."""
 
-    def __init__(self, run_eval: Any, run_checkpoint: Any) -> None:
+    def __init__(
+        self,
+        run_eval: Callable[[str, dict[str, Any], list[torch.Tensor]], Any],
+        run_checkpoint: Callable[[Snapshot], Any],
+    ) -> None:
         super().__init__(name="heloco-eval", daemon=True)
         self.run_eval = run_eval
         self.run_checkpoint = run_checkpoint
@@ -181,8 +232,8 @@ class Background(threading.Thread):
         self.pending_evals += 1
         self.jobs.put(("eval", reason, info, params))
 
-    def put_checkpoint(self, info: dict[str, Any], aggregator_state: dict[str, Any]) -> None:
-        self.jobs.put(("checkpoint", None, info, aggregator_state))
+    def put_checkpoint(self, snapshot: Snapshot) -> None:
+        self.jobs.put(("checkpoint", None, None, snapshot))
 
     def run(self) -> None:
         while True:
@@ -198,7 +249,7 @@ class Background(threading.Thread):
                 if kind == "eval":
                     self.run_eval(reason, info, payload)
                 else:
-                    self.run_checkpoint(info, payload)
+                    self.run_checkpoint(payload)
             except Exception as e:  # the first failure goes to summary.json; training goes on
                 logger.exception("rank 0's %s job failed", kind)
                 self.error = self.error or e

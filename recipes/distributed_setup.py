@@ -1,6 +1,6 @@
 """Distributed mode's process-level plumbing, apart from the run itself: the Accelerator with the
-communication timeout, rank 0's signal handling, the end-of-run reports ranks leave in the job's
-store, and the clean shutdown."""
+communication timeout, what setup leaves every rank with (``Job``), rank 0's signal handling, the
+end-of-run reports ranks leave in the job's store, and the clean shutdown."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,23 @@ def make_accelerator(config: RecipeConfig, output_dir: Path) -> Accelerator:
         project_dir=str(output_dir),
         kwargs_handlers=[init],
     )
+
+
+@dataclass
+class Job:
+    """What setup leaves every rank with (``recipes.distributed.set_up``)."""
+
+    accelerator: Accelerator
+    rank: int
+    world: int
+    model: torch.nn.Module  # this rank's replica, equal on every rank after setup
+    shards: list[torch.Tensor]
+    validation: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    warm_state: dict[str, Any] | None  # the warm start's AdamW state
+    steps: list[int]  # H of every worker
+    measured: list[float]  # inner steps per second of every rank (DyLU; zeros otherwise)
+    slowdowns: list[float]  # emulated slowdown of every rank
 
 
 class Signals:

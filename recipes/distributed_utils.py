@@ -150,6 +150,12 @@ class LockedLog:
         with self._lock:
             self.log.write(record, step=step)
 
+    @property
+    def lines(self) -> int:
+        """Records written so far (a checkpoint's ``metrics_lines``)."""
+        with self._lock:
+            return self.log.lines
+
     def close(self) -> None:
         with self._lock:
             self.log.close()

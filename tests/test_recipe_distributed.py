@@ -165,6 +165,10 @@ class _Log:
     def write(self, record, step):
         self.records.append(record)
 
+    @property
+    def lines(self):
+        return len(self.records)
+
 
 class _Background:
     def __init__(self):
@@ -175,8 +179,8 @@ class _Background:
     def put_eval(self, reason, info, params):
         self.evals.append((reason, info, [p.clone() for p in params]))
 
-    def put_checkpoint(self, info, state):
-        self.checkpoints.append((info, state["version"]))
+    def put_checkpoint(self, snapshot):
+        self.checkpoints.append(snapshot)
 
 
 def make_gate(quorum=1, steps=(2, 1), start_offset=0.0, **overrides):
@@ -219,7 +223,15 @@ def test_gate_counts_tokens_and_stops_at_the_budget():
     assert [(r, i["version"], p[0].tolist()) for r, i, p in background.evals[1:]] == [
         ("updates", 2, [-3.0, -3.0])
     ]
-    assert background.checkpoints == [({"arrival": 3, "time": pytest.approx(0.0, abs=5.0), "tokens": 50}, 3)]
+    [snapshot] = background.checkpoints  # schedule, aggregator and log as they stood at arrival 3
+    assert snapshot.eval_info() == {
+        "arrival": 3,
+        "time": pytest.approx(0.0, abs=5.0),
+        "tokens": 50,
+        "version": 3,
+    }
+    assert snapshot.schedule["arrivals"] == 3 and snapshot.schedule["evaluated_start"]
+    assert snapshot.metrics_lines == 3 and snapshot.aggregator["global_params"][0].tolist() == [-7.0, -7.0]
 
 
 def test_gate_completes_an_open_synchronous_round_before_stopping():
@@ -459,7 +471,9 @@ def test_restarted_worker_rejoins_the_running_job(tiny_shards, warm_cache):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_one_process_distributed_equals_the_simulator_with_one_worker(tmp_path):
-    """Same warm start, same data order, same aggregator: the evaluations match exactly."""
+    """Same warm start, same data order, same aggregator: the evaluations match exactly, and both
+    modes write the same checkpoint format (distributed: no workers' state)."""
+    from recipes.run_state import read_checkpoint
     from tests.conftest import build_tiny_shards
 
     shards = build_tiny_shards(tmp_path / "data", num_workers=1)
@@ -467,7 +481,14 @@ def test_one_process_distributed_equals_the_simulator_with_one_worker(tmp_path):
     for mode in ("simulate", "distributed"):
         out = tmp_path / mode
         v = values(
-            shards, out, mode=mode, num_workers=1, worker_speeds=[1.0], budget_tokens=3000, eval_every=4
+            shards,
+            out,
+            mode=mode,
+            num_workers=1,
+            worker_speeds=[1.0],
+            budget_tokens=3000,
+            eval_every=4,
+            save_every=3,
         )
         proc = subprocess.run(
             [PYTHON, "recipes/train.py", *cli(v)],
@@ -488,6 +509,23 @@ def test_one_process_distributed_equals_the_simulator_with_one_worker(tmp_path):
     for key in ("outer_updates", "arrivals", "tokens"):
         assert summaries["distributed"][key] == summaries["simulate"][key]
     assert evals["distributed"] == evals["simulate"] and len(evals["simulate"]) >= 3
+    finals = {
+        mode: read_checkpoint(tmp_path / mode / f"checkpoint-{summaries[mode]['arrivals']}", mode)
+        for mode in summaries
+    }
+    assert finals["distributed"].schedule == finals["simulate"].schedule
+    assert finals["distributed"].metrics_lines == finals["simulate"].metrics_lines
+    assert finals["distributed"].inner_steps == finals["simulate"].inner_steps
+    assert (
+        finals["distributed"].workers is None and finals["distributed"].info["stop_reason"] == "budget_tokens"
+    )
+    # a periodic checkpoint of the evaluation thread, as the schedule stood at its arrival
+    periodic = sorted(tmp_path.glob("distributed/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
+    state = read_checkpoint(periodic, "distributed")
+    assert (
+        state.schedule["arrivals"] == int(periodic.name.split("-")[1]) < summaries["distributed"]["arrivals"]
+    )
+    assert state.aggregator["version"] == state.info["version"] == state.schedule["arrivals"]
 
 
 @pytest.mark.slow
