@@ -65,7 +65,7 @@ from heloco.checkpoint import atomic_directory, prune_checkpoints, save_state
 from heloco.distributed.client import setup_transport
 from heloco.distributed.protocol import TransportError
 from heloco.simulation import dylu_steps
-from recipes.common import MetricsLog, load_data, make_inner_optimizer, make_model, warm_start
+from recipes.common import load_data, make_inner_optimizer, make_model, warm_start
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream, eval_record, evaluate_metrics
 from recipes.distributed_rejoin import REJOIN_ENV, rejoin_worker
@@ -91,6 +91,7 @@ from recipes.distributed_utils import (
 from recipes.distributed_worker import train_worker
 from recipes.methods import build_aggregator
 from recipes.model import count_parameters
+from recipes.tracking import MetricsLog
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,6 @@ from heloco.checkpoint import (
 )
 from heloco.simulation import VirtualClock, dylu_steps
 from recipes.common import (
-    MetricsLog,
     begin_round,
     inner_step,
     load_data,
@@ -57,6 +56,7 @@ from recipes.config import RecipeConfig, parse_config
 from recipes.data import TokenStream, eval_record, evaluate_metrics
 from recipes.methods import build_aggregator
 from recipes.model import count_parameters
+from recipes.tracking import MetricsLog
 
 # ---------------------------------------------------------------------------------------------------
 # checkpoints
