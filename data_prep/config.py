@@ -81,9 +81,21 @@ class BuildConfig:
     hub_private: bool = False
 
     def validate(self) -> BuildConfig:
-        """Raise ValueError naming the field and the accepted values; returns self."""
+        """Raise ValueError naming the field and the accepted values; returns self. The checks run in
+        a fixed order (source, languages, source options, budgets, tokenizer, partition and packing,
+        sample packages), so a config with several faults always reports the same one first."""
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        self._check_languages()
+        self._check_source_options()
+        self._check_budgets()
+        self._check_tokenizer_options()
+        self._check_partition_and_packing()
+        self._check_sample_packages()
+        return self
+
+    def _check_languages(self) -> None:
+        """A non-empty list of distinct codes, each one the source knows (sample and c4 have fixed sets)."""
         if isinstance(self.languages, str) or not self.languages:
             raise ValueError(f"languages must be a non-empty list of language codes, got {self.languages!r}")
         if len(set(self.languages)) != len(self.languages):
@@ -96,6 +108,9 @@ class BuildConfig:
                 )
             if not isinstance(lang, str) or not _LANGUAGE_CODE.match(lang):
                 raise ValueError(f"languages: {lang!r} is not a language code like 'de' or 'pt-BR'")
+
+    def _check_source_options(self) -> None:
+        """The c4 and local fields, checked whatever the source (a bad value is a typo either way)."""
         if self.source == "local" and not self.local_path:
             raise ValueError("local_path must be set for source 'local' (a directory per language, or files)")
         if self.c4_english not in C4_ENGLISH_VARIANTS:
@@ -109,6 +124,9 @@ class BuildConfig:
             raise ValueError(f"local_format must be one of {formats} or null, got {self.local_format!r}")
         if self.local_sample_by not in TEXT_SAMPLE_BY:
             raise ValueError(f"local_sample_by must be one of {TEXT_SAMPLE_BY}, got {self.local_sample_by!r}")
+
+    def _check_budgets(self) -> None:
+        """max_documents / max_tokens: a valid shape, and per-language budgets only for known languages."""
         for name in ("max_documents", "max_tokens"):
             self.budget(name, self.languages[0])  # validates the shape for every language
             value = getattr(self, name)
@@ -118,6 +136,9 @@ class BuildConfig:
                     raise ValueError(
                         f"{name} names languages {extra} that are not in languages {self.languages}"
                     )
+
+    def _check_tokenizer_options(self) -> None:
+        """The validation split and the tokenizer's training sizes."""
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if not _is_int(self.vocab_size) or self.vocab_size < 257:
@@ -128,6 +149,9 @@ class BuildConfig:
             raise ValueError(
                 f"tokenizer_train_bytes must be an integer >= 1, got {self.tokenizer_train_bytes!r}"
             )
+
+    def _check_partition_and_packing(self) -> None:
+        """The partition's own checks, then sequence length, seed and packing batch size."""
         validate_partition_args(self.partition, self.num_workers, self.p, self.alpha)
         if not _is_int(self.seq_len) or self.seq_len < 2:
             raise ValueError(f"seq_len must be an integer >= 2, got {self.seq_len!r}")
@@ -135,11 +159,13 @@ class BuildConfig:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not _is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+
+    def _check_sample_packages(self) -> None:
+        """Custom sample packages must cover every language: one without packages would get no text."""
         if self.sample_packages is not None:
             missing = sorted(set(self.languages) - set(self.sample_packages))
             if missing:
                 raise ValueError(f"sample_packages gives no packages for languages {missing}")
-        return self
 
     def budget(self, name: str, lang: str) -> int | None:
         """max_documents / max_tokens for one language (None = no limit)."""

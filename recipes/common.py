@@ -1,6 +1,7 @@
-"""What both run modes share: the metrics log, the inner optimizer and its schedule, the inner step,
-RNG state, data loading, the cached warm start and the model. recipes/train.py (simulate) and
-recipes/distributed*.py (one worker per process) import it; neither script imports the other's code.
+"""What both run modes share: the inner optimizer and its schedule, the inner step, RNG state, data
+loading, the cached warm start and the model (the metrics log lives in recipes/tracking.py).
+recipes/train.py (simulate) and recipes/distributed*.py (one worker per process) import it; neither
+script imports the other's code.
 """
 
 from __future__ import annotations
@@ -26,35 +27,6 @@ from heloco.checkpoint import (
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream, to_tensor
 from recipes.model import build_model
-
-
-class MetricsLog:
-    """Append-only JSONL of arrivals and evals, mirrored to Accelerate's trackers. On resume the file is
-    cut back to the line count stored in the checkpoint, so a resumed run's log equals an
-    uninterrupted one."""
-
-    def __init__(self, path: Path, accelerator: Accelerator, keep_lines: int | None = None) -> None:
-        self.path = path
-        self.accelerator = accelerator
-        lines = path.read_text().splitlines() if (keep_lines is not None and path.exists()) else []
-        if keep_lines is not None and len(lines) < keep_lines:
-            raise RuntimeError(f"{path} has {len(lines)} lines, the checkpoint expects {keep_lines}")
-        self.lines = 0
-        with open(path, "w") as f:
-            for line in lines[: keep_lines or 0]:
-                f.write(line + "\n")
-                self.lines += 1
-        self._file = open(path, "a")  # noqa: SIM115 - held open for the whole run
-
-    def write(self, record: dict[str, Any], step: int) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        self.lines += 1
-        numeric = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        self.accelerator.log({f"{record['event']}/{k}": v for k, v in numeric.items()}, step=step)
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def inner_lr_factor(config: RecipeConfig, progress: float, worker_step: int = 0) -> float:

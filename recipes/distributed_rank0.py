@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoTokenizer
 
-from recipes.common import MetricsLog
 from recipes.config import RecipeConfig
 from recipes.distributed_server import Background, Gate, Snapshot
 from recipes.distributed_setup import START_KEY, Job, Signals, collect_reports
@@ -25,6 +24,7 @@ from recipes.evaluation import Evaluator
 from recipes.methods import build_aggregator
 from recipes.model import count_parameters
 from recipes.run_state import RunState, write_checkpoint
+from recipes.tracking import MetricsLog
 
 if TYPE_CHECKING:
     from heloco.distributed.protocol import ServerHandle

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from recipes.config import RecipeConfig
 
 if TYPE_CHECKING:
-    from recipes.common import MetricsLog
+    from recipes.tracking import MetricsLog
 
 
 def check_world_size(world_size: int, num_workers: int, launched: int | None = None) -> None:

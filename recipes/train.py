@@ -35,7 +35,6 @@ from transformers import AutoTokenizer
 from heloco.aggregator import AsyncAggregator
 from heloco.simulation import VirtualClock, dylu_steps
 from recipes.common import (
-    MetricsLog,
     load_data,
     make_inner_optimizer,
     make_model,
@@ -54,6 +53,7 @@ from recipes.records import arrival_record
 from recipes.run_state import RunState, find_checkpoint, read_checkpoint, write_checkpoint
 from recipes.schedule import RunSchedule
 from recipes.simulator import Arrival, SimulatedWorker, Simulator
+from recipes.tracking import MetricsLog
 
 
 def run(config: RecipeConfig, command: str | None = None) -> dict[str, Any]:
