@@ -159,7 +159,11 @@ class TrainArguments:
     keep_checkpoints: int = field(default=2)
     resume_from: str | None = field(default=None, metadata={"help": "A checkpoint dir, or 'latest'"})
     stop_after_arrivals: int | None = field(
-        default=None, metadata={"help": "Stop early as if interrupted (tests of resume)"}
+        default=None,
+        metadata={
+            "help": "Fault injection for tests of resume: simulate stops after this arrival as if "
+            "interrupted; in distributed mode rank 0 kills itself (SIGKILL) after it"
+        },
     )
     report_to: str = field(default="tensorboard", metadata={"help": f"one of {', '.join(REPORTERS)}"})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar"})

@@ -81,6 +81,7 @@ from recipes.config import RecipeConfig
 from recipes.data import TokenStream
 from recipes.distributed_rank0 import RankZero, WorkerOutcome
 from recipes.distributed_rejoin import REJOIN_ENV, rejoin_worker
+from recipes.distributed_resume import choose_resume_point
 from recipes.distributed_setup import REPORT_KEY, Job, Signals, end_run, make_accelerator
 from recipes.distributed_utils import (
     JsonLines,
@@ -92,6 +93,7 @@ from recipes.distributed_utils import (
     slowdown_factors,
 )
 from recipes.distributed_worker import train_worker
+from recipes.worker_state import WorkerCheckpoints
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,9 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
     # -- transport: rank 0 serves its gate, every other rank connects ---------------------------------
     transport, server = connect(config, job, rank0)
     # Created before the barrier: a replacement of this rank appends to it only after the start.
-    rank_log = JsonLines(Path(config.train.output_dir) / f"metrics-rank{job.rank}.jsonl", fresh=True)
+    rank_log = JsonLines(
+        Path(config.train.output_dir) / f"metrics-rank{job.rank}.jsonl", fresh=job.resume is None
+    )
     job.accelerator.wait_for_everyone()  # all connected: the rounds start together
     start = time.monotonic()
     signals = Signals()
@@ -160,6 +164,7 @@ def set_up(config: RecipeConfig) -> Job:
     slowdowns = slowdown_factors(o.worker_speeds)
     speed = probe_speed(config, accelerator, model, shards, slowdowns) if o.dylu else 0.0
     measured = check_identical_start(accelerator, model, speed)
+    resume = choose_resume_point(config, accelerator)
     world = accelerator.num_processes
     steps = dylu_steps(measured, o.inner_steps) if o.dylu else [o.inner_steps] * world
     return Job(
@@ -174,6 +179,7 @@ def set_up(config: RecipeConfig) -> Job:
         steps=steps,
         measured=measured,
         slowdowns=slowdowns,
+        resume=resume,
     )
 
 
@@ -248,7 +254,19 @@ def run_worker(
     if job.warm_state is not None:
         optimizer.load_state_dict(copy.deepcopy(job.warm_state))
     stream = TokenStream(job.shards[job.rank], d.batch_size, t.seed, stream_id=job.rank)
-    rank_log.write({"event": "start", "rank": job.rank, "pid": os.getpid(), "host": socket.gethostname()})
+    resumed = job.resume.worker if job.resume is not None else None
+    if resumed is not None:
+        resumed.restore(optimizer, stream)
+    submissions = job.resume.submissions[job.rank] if job.resume is not None else 0
+    checkpoints = WorkerCheckpoints(
+        Path(t.output_dir),
+        job.rank,
+        t.keep_checkpoints,
+        submissions,
+        keep_optimizer=not t.reset_inner_optimizer,
+    )
+    event = {"event": "start" if job.resume is None else "resume", "rank": job.rank}
+    rank_log.write({**event, "pid": os.getpid(), "host": socket.gethostname(), "submissions": submissions})
     try:
         report = train_worker(
             config=config,
@@ -263,6 +281,8 @@ def run_worker(
             start=start,
             rank_log=rank_log,
             gate=rank0.gate if rank0 is not None else None,
+            checkpoints=checkpoints,
+            local_step=resumed.local_step if resumed is not None else 0,
         )
     except KeyboardInterrupt:
         if rank0 is None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoTokenizer
 
+from heloco.checkpoint import atomic_write_text
 from recipes.config import RecipeConfig
 from recipes.distributed_server import Background, Gate, Snapshot
 from recipes.distributed_setup import START_KEY, Job, Signals, collect_reports
@@ -23,11 +24,23 @@ from recipes.distributed_utils import LockedLog, job_store
 from recipes.evaluation import Evaluator
 from recipes.methods import build_aggregator
 from recipes.model import count_parameters
-from recipes.run_state import RunState, write_checkpoint
+from recipes.run_state import RunState, read_checkpoint, write_checkpoint
 from recipes.tracking import MetricsLog
 
 if TYPE_CHECKING:
     from heloco.distributed.protocol import ServerHandle
+
+
+def keep_records_until(path: Path, arrivals: int) -> int:
+    """Resuming: keep the metrics records of arrivals up to the checkpoint's (evaluations are
+    written by the background thread, so records of later arrivals may come before them in the
+    file); rewrite the file with them and return their count."""
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("arrival", 0) <= arrivals]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return len(kept)
 
 
 @dataclass
@@ -64,7 +77,13 @@ class RankZero:
         self.job = job
         self.output_dir = Path(t.output_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(Path(d.data_dir) / "tokenizer"))
-        self.log = LockedLog(MetricsLog(self.output_dir / "metrics.jsonl", job.accelerator))
+        resumed = read_checkpoint(job.resume.path, "distributed") if job.resume is not None else None
+        keep_lines = None
+        if resumed is not None:  # the log as it stood at the checkpoint
+            keep_lines = keep_records_until(self.output_dir / "metrics.jsonl", resumed.schedule["arrivals"])
+        self.log = LockedLog(
+            MetricsLog(self.output_dir / "metrics.jsonl", job.accelerator, keep_lines=keep_lines)
+        )
         eval_model = copy.deepcopy(job.model)  # evaluation / export model
         batch_size = d.eval_batch_size or d.batch_size
         self.evaluator = Evaluator(eval_model, job.validation, batch_size, job.accelerator.autocast, self.log)
@@ -78,6 +97,9 @@ class RankZero:
         tokens_per_step = d.batch_size * int(job.metadata["seq_len"])
         aggregator = build_aggregator(config, masters)
         self.gate = Gate(aggregator, config, job.steps, tokens_per_step, self.log, self.background)
+        if resumed is not None:
+            aggregator.load_state_dict(resumed.aggregator)
+            self.gate.restore(resumed.schedule, resumed.workers["submissions"], float(resumed.info["time"]))
 
     # -- evaluation and checkpoints (the background thread's jobs, and the final ones) ---------------
     def evaluate(self, reason: str, info: dict[str, Any], params: list[torch.Tensor]) -> dict[str, float]:
@@ -91,8 +113,8 @@ class RankZero:
         return losses
 
     def checkpoint(self, snapshot: Snapshot, losses: dict[str, float] | None = None) -> Path:
-        """Write ``snapshot`` as ``checkpoint-<arrivals>/`` (the workers' inner state is not saved in
-        this mode), then push it to the Hub if asked."""
+        """Write ``snapshot`` as ``checkpoint-<arrivals>/`` (the server's part; each worker writes its
+        own, see ``recipes.worker_state``), then push it to the Hub if asked."""
         path = self.output_dir / f"checkpoint-{snapshot.schedule['arrivals']}"
         info: dict[str, Any] = {"time": snapshot.time, "version": snapshot.version}
         if snapshot.stop_reason is not None:
@@ -103,7 +125,7 @@ class RankZero:
             aggregator=snapshot.aggregator,
             metrics_lines=snapshot.metrics_lines,
             inner_steps=self.job.steps,
-            workers=None,
+            workers={"submissions": snapshot.submissions},
             rng=None,
             info=info,
         )

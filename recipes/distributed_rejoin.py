@@ -30,6 +30,7 @@ from recipes.distributed_utils import (
     slowdown_factors,
 )
 from recipes.distributed_worker import train_worker
+from recipes.worker_state import WorkerCheckpoints, WorkerState, available_submissions
 
 REJOIN_ENV = "HELOCO_REJOIN"  # =1: this process restarts a worker of a running job (see rejoin_worker)
 
@@ -51,8 +52,9 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
     The job's process group cannot be joined again, so this process only reaches the job's store
     (MASTER_ADDR:MASTER_PORT, hosted by rank 0) and opens a new incarnation of its connection to the
     server, which must run with ``rejoin_timeout_s > 0``. It starts from the current global
-    parameters, the warm-start AdamW state (from the cache) and the start of its shard, with the
-    round length the server assigned to this rank; it appends to its metrics-rank{r}.jsonl.
+    parameters with its own AdamW state and data position as of its last checkpoint (the warm start
+    and the start of its shard if it has none), with the round length the server assigned to this
+    rank; it appends to its metrics-rank{r}.jsonl.
     """
     from heloco.distributed.client import DistributedTransport
 
@@ -78,6 +80,11 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
         optimizer.load_state_dict(copy.deepcopy(warm_state))
     output_dir = Path(t.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    stream = TokenStream(shards[rank], d.batch_size, t.seed, stream_id=rank)
+    held = available_submissions(output_dir, rank)
+    resumed = WorkerState.read(output_dir, rank, held[-1]) if held else None
+    if resumed is not None:  # its own AdamW state and data position as of its last checkpoint
+        resumed.restore(optimizer, stream)
     rank_log = JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=False)
 
     timeout = datetime.timedelta(seconds=o.comm_timeout_s)
@@ -111,13 +118,17 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
         model=model,
         optimizer=optimizer,
         transport=transport,
-        stream=TokenStream(shards[rank], d.batch_size, t.seed, stream_id=rank),
+        stream=stream,
         steps=o.inner_steps,
         slowdown=slowdown_factors(o.worker_speeds)[rank],
         accelerator=shim,
         start=start,
         rank_log=rank_log,
         gate=None,
+        checkpoints=WorkerCheckpoints(  # its submission count comes from the server's first reply
+            output_dir, rank, t.keep_checkpoints, keep_optimizer=not t.reset_inner_optimizer
+        ),
+        local_step=resumed.local_step if resumed is not None else 0,
     )
     report["incarnation"] = transport.incarnation
     with contextlib.suppress(TransportError):

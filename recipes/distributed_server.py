@@ -5,7 +5,9 @@ metrics.jsonl, when to evaluate and checkpoint, all decided by a ``RunSchedule``
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +38,7 @@ class Snapshot:
     schedule: dict[str, Any]  # RunSchedule.state_dict()
     aggregator: dict[str, Any]  # AsyncAggregator.state_dict()
     metrics_lines: int  # records written when it was taken (queued evaluations not yet among them)
+    submissions: list[int]  # per worker, taken by the server: whose state (worker_state) goes with it
     stop_reason: str | None = None  # the final snapshot's
 
     @property
@@ -85,7 +88,11 @@ class Gate:
         self.stop_reason: str | None = None
         self.close_time: float | None = None
         self.evals_skipped = 0
+        self.submissions = [0] * aggregator.num_workers  # taken by the server, per worker
+        self.state_requests: dict[int, int] = {}  # worker → its submission a checkpoint still needs
+        self.requested = [0] * aggregator.num_workers  # the latest submission asked of each worker
         self.started: float | None = None  # time.monotonic() at the start of the rounds
+        self.resumed_at = 0.0  # seconds the run had lasted before this process (resumed runs)
 
     # -- the schedule's counts, read by the worker loop, the summary and tests -------------------------
     @property
@@ -102,10 +109,18 @@ class Gate:
 
     # -- clock and state ---------------------------------------------------------------------------
     def start(self, start: float) -> None:
-        self.started = start
+        self.started = start - self.resumed_at
         with self.lock:
-            self._eval(0.0, "start")
-            self.schedule.evaluated_start = True
+            if not self.schedule.evaluated_start:
+                self._eval(0.0, "start")
+                self.schedule.evaluated_start = True
+
+    def restore(self, schedule: dict[str, Any], submissions: list[int], elapsed: float) -> None:
+        """Continue a checkpointed run: its counts and pending evaluations, the submissions taken
+        from each worker, and its clock (``elapsed`` seconds had passed)."""
+        self.schedule.load_state_dict(schedule)
+        self.submissions = [int(s) for s in submissions]
+        self.resumed_at = elapsed
 
     def now(self) -> float:
         assert self.started is not None, "the gate was not started"
@@ -131,11 +146,13 @@ class Gate:
     # -- the aggregator's interface ------------------------------------------------------------------
     def dispatch(self, worker_id: int, *, out: Any = None) -> Any:
         update = self.aggregator.dispatch(worker_id, out=out)  # out: the server's reply buffer, no copy
-        # A (re)joining worker learns its round length and the run's progress from its first reply.
+        # A (re)joining worker learns its round length, the run's progress and how many of its
+        # submissions the server took (its checkpoint count) from its first reply.
         update.stats = {
             **update.stats,
             "inner_steps": float(self.steps[worker_id]),
             "tokens": float(self.tokens),
+            "submissions": float(self.submissions[worker_id]),
         }
         return update
 
@@ -161,17 +178,38 @@ class Gate:
                 raise ServerStopped(f"the time budget of {schedule.budget_time} s is spent")
             update = self.aggregator.submit(worker_id, pseudo_grads, base_version, out=out)
             schedule.count_arrival(self.steps[worker_id] * self.tokens_per_step)
+            self.submissions[worker_id] += 1
             self._log_arrival(update, worker_id, now)
+            requests = self._state_requests(worker_id)
             if schedule.eval_after_update(update.applied, self.aggregator.version):
                 self._eval(now, "updates")
             if schedule.checkpoint_due():
                 self.background.put_checkpoint(self._snapshot(now))
+                requests |= self._request_states(worker_id)
+            if schedule.interrupt_due():  # fault injection (tests of resume): rank 0 crashes here
+                logger.error("stop_after_arrivals=%d: rank 0 kills itself", schedule.stop_after_arrivals)
+                os.kill(os.getpid(), signal.SIGKILL)
             if schedule.tokens_spent() and not self.aggregator.pending_workers:
                 self._close("budget_tokens")  # (an open synchronous round completes first)
-            update.stats = {**update.stats, "tokens": float(schedule.tokens)}
+            update.stats = {**update.stats, **requests, "tokens": float(schedule.tokens)}
             if self.closed.is_set():
                 update.stats["stop"] = 1.0
             return update
+
+    def _state_requests(self, worker_id: int) -> dict[str, float]:
+        """A checkpoint taken while this worker computed its round needs its state as of its
+        previous submission (it holds it until now)."""
+        wanted = self.state_requests.pop(worker_id, None)
+        return {} if wanted is None else {"checkpoint_previous": float(wanted)}
+
+    def _request_states(self, worker_id: int) -> dict[str, float]:
+        """A checkpoint at this arrival: the submitter writes its state now, every other worker that
+        has submitted writes its state as of its latest submission when it next submits."""
+        for other, count in enumerate(self.submissions):
+            if other != worker_id and 0 < count != self.requested[other]:  # (not written already)
+                self.state_requests[other] = self.requested[other] = count
+        self.requested[worker_id] = self.submissions[worker_id]
+        return {"checkpoint_submission": float(self.submissions[worker_id])}
 
     def _log_arrival(self, update: Any, worker_id: int, now: float) -> None:
         record = arrival_record(
@@ -192,6 +230,7 @@ class Gate:
             schedule=self.schedule.state_dict(),
             aggregator=self.aggregator.state_dict(),
             metrics_lines=self.log.lines,
+            submissions=list(self.submissions),
             stop_reason=stop_reason,
         )
 

@@ -21,6 +21,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from heloco.distributed.protocol import ServerHandle
 from recipes.config import RecipeConfig
+from recipes.distributed_resume import ResumePoint
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Job:
     steps: list[int]  # H of every worker
     measured: list[float]  # inner steps per second of every rank (DyLU; zeros otherwise)
     slowdowns: list[float]  # emulated slowdown of every rank
+    resume: ResumePoint | None = None  # the checkpoint this run continues (None: a fresh start)
 
 
 class Signals:

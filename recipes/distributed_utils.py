@@ -41,14 +41,7 @@ def check_world_size(world_size: int, num_workers: int, launched: int | None = N
 
 def check_distributed_options(config: RecipeConfig) -> None:
     """Options that only make sense in the simulator are refused before anything runs."""
-    o, t = config.diloco, config.train
-    if t.resume_from is not None:
-        raise ValueError(
-            "resume_from is not supported in mode=distributed (a restarted worker rejoins instead: "
-            "set rejoin_timeout_s > 0); use mode=simulate to resume a run"
-        )
-    if t.stop_after_arrivals is not None:
-        raise ValueError("stop_after_arrivals is a simulate-mode test option; unset it for mode=distributed")
+    o = config.diloco
     if o.speed_jitter != 0.0:
         raise ValueError(
             f"speed_jitter={o.speed_jitter} is a simulate-mode option (real rounds have their own "

@@ -20,6 +20,7 @@ from recipes.distributed_utils import emulate_slowdown, synchronize
 if TYPE_CHECKING:
     from recipes.distributed_server import Gate
     from recipes.distributed_utils import JsonLines
+    from recipes.worker_state import WorkerCheckpoints
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +77,17 @@ def train_worker(
     start: float,
     rank_log: JsonLines,
     gate: Gate | None,
+    checkpoints: WorkerCheckpoints,
+    local_step: int = 0,
 ) -> dict[str, Any]:
-    """Rounds of ``steps`` inner steps until the server says stop; returns this rank's report."""
+    """Rounds of ``steps`` inner steps until the server says stop; returns this rank's report.
+    After each submission ``checkpoints`` keeps this worker's state and writes what the server asks
+    for; ``local_step``: the inner steps of a resumed worker so far (its learning-rate schedule)."""
     t = config.train
     device = accelerator.device
     timer = _RoundTimer(slowdown, device)
     worker = DiLoCoWorker(model, optimizer, transport, rank, steps)
+    worker.local_step = local_step
     tokens_per_step = stream.tokens_per_batch
     global_tokens = 0.0
     rounds = wasted = 0
@@ -102,6 +108,7 @@ def train_worker(
         timer.idle += time.perf_counter() - entered
         global_tokens = first.stats.get("tokens", 0.0)
         steps = worker.sync_every = int(first.stats.get("inner_steps", steps))  # the server's count
+        checkpoints.submissions = int(first.stats.get("submissions", checkpoints.submissions))
         with worker:
             after = optimizer.register_step_post_hook(timer.after_sync(worker))
             try:
@@ -133,6 +140,7 @@ def train_worker(
                         break
                     rounds += 1
                     update = worker.last_update
+                    checkpoints.after_submission(worker.local_step, optimizer, stream, update.stats)
                     global_tokens = update.stats.get("tokens", global_tokens)
                     rank_log.write(
                         {

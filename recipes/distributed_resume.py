@@ -1,0 +1,100 @@
+"""Distributed mode, resuming: which checkpoint every rank can continue from.
+
+A checkpoint is complete when rank 0's part (``checkpoint-<arrivals>/``, the server) exists and
+verifies and every worker r that had submitted holds its state as of the submission the server
+recorded (``recipes.worker_state``), on its own disk. Choosing is one collective step of the setup:
+every rank reports the worker states it holds, rank 0 picks the newest complete checkpoint (or checks
+the one named) and tells everyone. ``resume_from: latest`` asks for this; so does a restart by the
+launcher (``accelerate launch --max_restarts N`` / torchrun sets ``TORCHELASTIC_RESTART_COUNT``),
+so a crash of any rank costs at most the work since the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+
+from heloco.checkpoint import list_checkpoints
+from recipes.config import RecipeConfig
+from recipes.run_state import RunState, read_checkpoint
+from recipes.worker_state import WorkerState, available_submissions
+
+logger = logging.getLogger(__name__)
+
+RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun's agent: > 0 after a restart
+
+
+@dataclass
+class ResumePoint:
+    """Where this rank continues: the checkpoint, and its own state in it (None: it had not
+    submitted yet, it starts from the warm start)."""
+
+    path: Path
+    submissions: list[int]  # per worker, as the server recorded them
+    worker: WorkerState | None
+
+
+def resume_request(config: RecipeConfig) -> str | None:
+    """``resume_from`` as configured, or ``latest`` when the launcher restarted the job and the run
+    has checkpoints."""
+    t = config.train
+    if t.resume_from is not None:
+        return t.resume_from
+    restarted = int(os.environ.get(RESTART_ENV, "0") or 0) > 0
+    if restarted and list_checkpoints(t.output_dir):
+        logger.warning(
+            "restart %s of the job: resuming from the latest complete checkpoint", os.environ[RESTART_ENV]
+        )
+        return "latest"
+    return None
+
+
+def choose_resume_point(config: RecipeConfig, accelerator: Accelerator) -> ResumePoint | None:
+    """Collective (every rank calls it): the checkpoint to resume from, or None to start afresh."""
+    wanted = resume_request(config)
+    if wanted is None:
+        return None
+    output_dir = Path(config.train.output_dir)
+    held = gather_object([available_submissions(output_dir, accelerator.process_index)])
+    choice: list[object] = [None]
+    if accelerator.is_main_process:
+        choice[0] = pick_checkpoint(output_dir, wanted, held)
+    broadcast_object_list(choice, from_process=0)
+    path, submissions = choice[0]  # type: ignore[misc]
+    mine = submissions[accelerator.process_index]
+    worker = WorkerState.read(output_dir, accelerator.process_index, mine) if mine > 0 else None
+    return ResumePoint(Path(path), list(submissions), worker)
+
+
+def pick_checkpoint(output_dir: Path, wanted: str, held: list[list[int]]) -> tuple[str, list[int]]:
+    """The newest complete checkpoint (``wanted="latest"``) or the named one if complete; raises
+    naming what is missing otherwise. ``held[r]``: the worker states rank r holds."""
+    candidates = list(reversed(list_checkpoints(output_dir))) if wanted == "latest" else [Path(wanted)]
+    refused = []
+    for path in candidates:
+        try:
+            submissions = server_submissions(read_checkpoint(path, "distributed"))
+        except (OSError, ValueError) as e:
+            refused.append(f"{path.name}: {e}")
+        else:
+            missing = [r for r, s in enumerate(submissions) if s > 0 and s not in held[r]]
+            if not missing:
+                return str(path), submissions
+            refused.append(f"{path.name}: no worker state from rank(s) {missing}")
+        logger.warning("not resuming from %s", refused[-1])
+    raise FileNotFoundError(
+        f"resume_from={wanted!r}: no complete checkpoint in {output_dir}"
+        + (f" (refused: {'; '.join(refused)})" if refused else "")
+    )
+
+
+def server_submissions(state: RunState) -> list[int]:
+    """Per worker, how many submissions the server had taken at this checkpoint."""
+    if not state.workers or "submissions" not in state.workers:
+        raise ValueError("a distributed checkpoint without per-worker submission counts (older format)")
+    return [int(s) for s in state.workers["submissions"]]

@@ -1,0 +1,160 @@
+"""A distributed worker's own part of a checkpoint: its inner optimizer, data position, RNG and round
+count, as they stood when it submitted its s-th pseudo-gradient.
+
+Rank 0's checkpoint at arrival N records, for every worker r, how many of r's submissions the
+server had taken (s_r). That server state together with each worker's state at its s_r-th submission
+is a consistent cut: resuming from it recomputes the rounds that were in flight, and applies none
+twice. The server asks for the parts it needs in its replies (``stats["checkpoint_submission"]``);
+a worker keeps its state after its latest submission in memory (host copies) until the next one, so
+it can write either on request, into ``worker-states/rank{r}/submission-{s}/``, atomically. Ranks
+on other machines write to their own disk; ``available_submissions`` tells a resume what each holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heloco.checkpoint import atomic_directory, load_state, save_state
+from recipes.common import rng_state, set_rng_state
+from recipes.data import TokenStream
+
+PART_DIR = "worker-states"
+_PART_RE = re.compile(r"^submission-(\d+)$")
+
+
+def part_path(output_dir: Path, rank: int, submission: int) -> Path:
+    return Path(output_dir) / PART_DIR / f"rank{rank}" / f"submission-{submission}"
+
+
+def available_submissions(output_dir: Path, rank: int) -> list[int]:
+    """The submissions of ``rank`` whose state is on this machine's disk, complete, oldest first."""
+    folder = Path(output_dir) / PART_DIR / f"rank{rank}"
+    if not folder.is_dir():
+        return []
+    found = [int(m.group(1)) for p in folder.iterdir() if (m := _PART_RE.match(p.name)) and p.is_dir()]
+    return sorted(s for s in found if (part_path(output_dir, rank, s) / "worker.json").exists())
+
+
+@dataclass
+class WorkerState:
+    """One worker's state after its ``submission``-th round (host copies)."""
+
+    rank: int
+    submission: int
+    local_step: int
+    optimizer: dict[str, Any]
+    stream: dict[str, Any]
+    rng: dict[str, Any]
+
+    @classmethod
+    def take(
+        cls,
+        rank: int,
+        submission: int,
+        local_step: int,
+        optimizer: torch.optim.Optimizer,
+        stream: TokenStream,
+        with_moments: bool = True,
+    ) -> WorkerState:
+        """Copy the state now (the optimizer's tensors to the host), so training may go on.
+        ``with_moments=False`` leaves the optimizer's per-parameter state out (a worker whose next
+        round starts from a fresh AdamW does not need it)."""
+        state = optimizer.state_dict()
+        moments = state["state"] if with_moments else {}
+        state = {
+            "state": {k: {n: _host_copy(v) for n, v in s.items()} for k, s in moments.items()},
+            "param_groups": copy.deepcopy(state["param_groups"]),
+        }
+        return cls(rank, submission, local_step, state, stream.state_dict(), rng_state())
+
+    def write(self, output_dir: Path, keep: int) -> Path:
+        """Write atomically, then keep only this rank's ``keep`` newest parts."""
+        path = part_path(output_dir, self.rank, self.submission)
+        with atomic_directory(path) as tmp:
+            save_state(
+                tmp,
+                "worker",
+                {
+                    "rank": self.rank,
+                    "submission": self.submission,
+                    "local_step": self.local_step,
+                    "optimizer": self.optimizer,
+                    "stream": self.stream,
+                    "rng": self.rng,
+                },
+            )
+        for old in available_submissions(output_dir, self.rank)[:-keep]:
+            _remove(part_path(output_dir, self.rank, old))
+        return path
+
+    @classmethod
+    def read(cls, output_dir: Path, rank: int, submission: int) -> WorkerState:
+        path = part_path(output_dir, rank, submission)
+        state = load_state(path, "worker")
+        if state["rank"] != rank or state["submission"] != submission:
+            raise ValueError(f"{path} holds rank {state['rank']} submission {state['submission']}")
+        return cls(
+            rank, submission, int(state["local_step"]), state["optimizer"], state["stream"], state["rng"]
+        )
+
+    def restore(self, optimizer: torch.optim.Optimizer, stream: TokenStream) -> None:
+        """Load into the worker's optimizer and stream, and set this process's RNG."""
+        optimizer.load_state_dict(self.optimizer)
+        stream.load_state_dict(self.stream)
+        set_rng_state(self.rng)
+
+
+def _host_copy(value: Any) -> Any:
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class WorkerCheckpoints:
+    """The worker side of the protocol: hold the state after the latest submission, write the one the
+    server asks for."""
+
+    def __init__(
+        self, output_dir: Path, rank: int, keep: int, submissions: int = 0, keep_optimizer: bool = True
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.keep_optimizer = keep_optimizer  # False when every round starts from a fresh AdamW
+        self.rank = rank
+        self.keep = max(2, keep + 1)
+        self.submissions = submissions
+        self.held: WorkerState | None = None
+        self.written: list[int] = []
+
+    def after_submission(
+        self, local_step: int, optimizer: torch.optim.Optimizer, stream: TokenStream, stats: dict[str, float]
+    ) -> None:
+        """Count the submission and keep its state; write what the reply asks for: this submission's
+        state (``checkpoint_submission``: a checkpoint was taken at this arrival) and/or the previous
+        one's (``checkpoint_previous``: one was taken while this worker computed its round)."""
+        self.submissions += 1
+        previous = self.held
+        self.held = WorkerState.take(
+            self.rank, self.submissions, local_step, optimizer, stream, with_moments=self.keep_optimizer
+        )
+        for key, candidate in (("checkpoint_submission", self.held), ("checkpoint_previous", previous)):
+            if key not in stats:
+                continue
+            wanted = int(stats[key])
+            if candidate is None or candidate.submission != wanted:
+                have = None if candidate is None else candidate.submission
+                raise RuntimeError(
+                    f"rank {self.rank}: the server asked ({key}) for the state after submission "
+                    f"{wanted}, this worker holds {have}: worker and server disagree on the count"
+                )
+            candidate.write(self.output_dir, self.keep)
+            self.written.append(wanted)

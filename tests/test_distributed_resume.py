@@ -1,0 +1,138 @@
+"""Distributed checkpoints hold the whole run: the gate asks each worker for its state as of the
+submission the server recorded, workers write it, and a resume picks the newest checkpoint whose
+parts are all there. Fast checks of each piece; the fault matrix with real processes is in
+tests/test_distributed_faults.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.config import config_from_dict
+from recipes.data import TokenStream
+from recipes.distributed_rank0 import keep_records_until
+from recipes.distributed_resume import pick_checkpoint, resume_request
+from recipes.run_state import RunState, write_checkpoint
+from recipes.worker_state import WorkerCheckpoints, WorkerState, available_submissions
+from tests.test_recipe_distributed import delta, make_gate, values
+
+
+def test_gate_asks_each_worker_for_the_state_its_checkpoint_needs():
+    gate, _, _, background = make_gate(steps=(1, 1), budget_tokens=1000, save_every=2)
+    asked = []
+    for worker in (0, 1, 0, 1, 0, 0):
+        u = gate.submit(worker, delta(1), gate.aggregator.version)
+        asked.append({k: v for k, v in u.stats.items() if k.startswith("checkpoint")})
+    assert asked == [
+        {},
+        {"checkpoint_submission": 1.0},  # arrival 2 is a checkpoint: worker 1 writes its 1st state now,
+        {"checkpoint_previous": 1.0},  # worker 0 was computing: its 1st (held) at its next reply
+        {"checkpoint_submission": 2.0},  # arrival 4: worker 1's 2nd now, worker 0's 2nd later
+        {"checkpoint_previous": 2.0},
+        {"checkpoint_submission": 4.0},  # arrival 6: worker 0's 4th; worker 1's 2nd is written already
+    ]
+    assert [s.submissions for s in background.checkpoints] == [[1, 1], [2, 2], [4, 2]]
+    assert gate.state_requests == {}
+    assert gate.dispatch(1).stats["submissions"] == 2.0
+
+
+def stream(n: int = 40) -> TokenStream:
+    return TokenStream(torch.arange(n * 8).reshape(n, 8), 2, seed=0, stream_id=0)
+
+
+def test_worker_writes_the_state_it_is_asked_for_and_restores_it(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    data = stream()
+    checkpoints = WorkerCheckpoints(tmp_path, rank=1, keep=2)
+
+    def round_(stats):
+        for _ in range(2):
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            data.next_batch()
+        checkpoints.after_submission(7, opt, data, stats)
+
+    round_({})
+    after_first = (json.dumps(data.state_dict()), opt.state_dict()["state"][0]["exp_avg"].clone())
+    round_({"checkpoint_previous": 1.0})  # a checkpoint taken during round 2 needs the state after round 1
+    round_({"checkpoint_submission": 3.0})
+    assert available_submissions(tmp_path, 1) == [1, 3] and checkpoints.written == [1, 3]
+    state = WorkerState.read(tmp_path, 1, 1)
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    other = stream()
+    state.restore(fresh, other)
+    assert json.dumps(other.state_dict()) == after_first[0] and state.local_step == 7
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], after_first[1])
+    with pytest.raises(RuntimeError, match="disagree on the count"):
+        round_({"checkpoint_previous": 1.0})  # it holds 3 and 4 now
+
+
+class _Saveable:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def save_pretrained(self, folder: Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / self.name).write_text("x")
+
+
+def server_checkpoint(run_dir: Path, arrivals: int, submissions: list[int]) -> Path:
+    config = config_from_dict(values(out=run_dir / "x", keep_checkpoints=5))
+    state = RunState(
+        mode="distributed",
+        schedule={"arrivals": arrivals, "tokens": 0, "pending_eval_times": [], "evaluated_start": True},
+        aggregator={"version": arrivals},
+        metrics_lines=arrivals,
+        inner_steps=[1, 1, 1],
+        workers={"submissions": submissions},
+        info={"time": 1.0, "version": arrivals},
+    )
+    path = run_dir / f"checkpoint-{arrivals}"
+    return write_checkpoint(path, state, model=_Saveable("m"), tokenizer=_Saveable("t"), config=config)
+
+
+def test_resume_picks_the_newest_checkpoint_whose_worker_states_all_exist(tmp_path, caplog):
+    server_checkpoint(tmp_path, 3, [2, 1, 0])
+    server_checkpoint(tmp_path, 6, [3, 2, 1])
+    # rank 2 died before writing its state for checkpoint-6
+    held = [[1, 2, 3], [1, 2], []]
+    path, submissions = pick_checkpoint(tmp_path, "latest", held)
+    assert Path(path).name == "checkpoint-3" and submissions == [2, 1, 0]
+    assert "checkpoint-6: no worker state from rank(s) [2]" in caplog.text
+    with pytest.raises(FileNotFoundError, match="no worker state from rank"):
+        pick_checkpoint(tmp_path, str(tmp_path / "checkpoint-6"), held)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        pick_checkpoint(tmp_path, "latest", [[], [], []])
+
+
+def test_a_launcher_restart_resumes_by_itself(tmp_path, monkeypatch):
+    config = config_from_dict(values(out=tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert resume_request(config) is None  # nothing to resume from: a fresh start
+    server_checkpoint(tmp_path, 3, [1, 1, 1])
+    assert resume_request(config) == "latest"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert resume_request(config) is None
+
+
+def test_resumed_metrics_keep_the_records_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [
+        {"event": "arrival", "arrival": 1},
+        {"event": "arrival", "arrival": 2},
+        {"event": "arrival", "arrival": 3},
+        {"event": "eval", "arrival": 2},  # written by the background thread after arrival 3
+        {"event": "arrival", "arrival": 4},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert keep_records_until(path, 2) == 3
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        records[0],
+        records[1],
+        records[3],
+    ]
