@@ -63,6 +63,62 @@ class _RoundTimer:
         self.round = {"compute_s": 0.0, "sleep_s": 0.0, "idle_s": 0.0}
 
 
+def reason_to_stop(gate: Gate | None, budget_time: float | None, start: float) -> str | None:
+    """Why no further round should start, or None: rank 0 knows the run is over, or the time budget
+    is spent (a round started now could not count)."""
+    if gate is not None and gate.closed.is_set():
+        return gate.stop_reason or "stopped"
+    if budget_time is not None and time.monotonic() - start >= budget_time:
+        return "budget_time"
+    return None
+
+
+def round_record(
+    record: dict[str, Any], worker: DiLoCoWorker, update: Any, timing: dict[str, float]
+) -> dict[str, Any]:
+    """A round of metrics-rank{r}.jsonl: ``record`` (when, how far, the loss), then the round's
+    length, what the server did with it, its timing and the server's statistics."""
+    return {
+        **record,
+        "inner_steps": worker.sync_every,
+        "staleness": update.staleness,
+        "weight": update.weight,
+        "applied": update.applied,
+        "dropped": update.dropped,
+        "version": update.version,
+        **timing,
+        **{k: v for k, v in update.stats.items() if k not in ("staleness", "weight", "tokens")},
+    }
+
+
+def why_the_server_ended(error: Exception, gate: Gate | None, rank: int) -> str:
+    """The report's reason when a submission ended the worker: the run is over (stopped), a
+    synchronous round can no longer complete, or it waited longer than ``comm_timeout_s``."""
+    if isinstance(error, ServerStopped):
+        logger.info("rank %d: %s", rank, error)
+        return gate.stop_reason if gate is not None and gate.stop_reason else "server_stopped"
+    logger.warning("rank %d: %s", rank, error)
+    return "quorum_unreachable" if isinstance(error, QuorumUnreachable) else "quorum_timeout"
+
+
+def skip_refused_round(
+    worker: DiLoCoWorker,
+    optimizer: torch.optim.Optimizer,
+    rank_log: JsonLines,
+    rank: int,
+    rounds: int,
+    refused: ValueError,
+) -> None:
+    """The server refused this round's Δ (NaN or Inf, a wrong shape, a version from the future) and
+    left the global model unchanged: log it, drop the round and start the next one from the current
+    global parameters."""
+    logger.warning("rank %d: the server refused round %d's pseudo-gradient: %s", rank, rounds + 1, refused)
+    rank_log.write({"event": "refused", "rank": rank, "round": rounds + 1, "error": str(refused)})
+    optimizer.zero_grad(set_to_none=True)  # the step ran; its zero_grad did not
+    worker.steps_since_sync = 0
+    worker.pull()
+
+
 def train_worker(
     *,
     config: RecipeConfig,
@@ -90,7 +146,7 @@ def train_worker(
     worker.local_step = local_step
     tokens_per_step = stream.tokens_per_batch
     global_tokens = 0.0
-    rounds = wasted = 0
+    rounds = wasted = rejected = 0
     reason = "unknown"
     before = optimizer.register_step_post_hook(timer.after_step)
 
@@ -113,27 +169,34 @@ def train_worker(
             after = optimizer.register_step_post_hook(timer.after_sync(worker))
             try:
                 while True:
-                    if gate is not None and gate.closed.is_set():
-                        reason = gate.stop_reason or "stopped"
-                        break
-                    if t.budget_time is not None and time.monotonic() - start >= t.budget_time:
-                        reason = "budget_time"  # a round started now could not count
+                    stop = reason_to_stop(gate, t.budget_time, start)
+                    if stop is not None:
+                        reason = stop
                         break
                     begin_round(config, optimizer)
                     set_inner_lr(config, optimizer, progress(), worker.local_step)
                     timer.new_round()
                     loss_sum = torch.zeros((), device=device)
                     abandoned = False
-                    for _ in range(worker.sync_every):
-                        if t.lr_schedule == "worker_cosine":
-                            set_inner_lr(config, optimizer, progress(), worker.local_step)
-                        batch = stream.next_batch()
-                        timer.begin_step()
-                        # the H-th step's hook submits Δ and loads the server's answer
-                        loss_sum += inner_step(model, optimizer, batch.to(device), accelerator, t.grad_clip)
-                        if gate is not None and gate.closed.is_set() and worker.steps_since_sync:
-                            abandoned = True  # rank 0 knows at once: no need to finish the round
-                            break
+                    try:
+                        for _ in range(worker.sync_every):
+                            if t.lr_schedule == "worker_cosine":
+                                set_inner_lr(config, optimizer, progress(), worker.local_step)
+                            batch = stream.next_batch()
+                            timer.begin_step()
+                            # the H-th step's hook submits Δ and loads the server's answer
+                            loss_sum += inner_step(
+                                model, optimizer, batch.to(device), accelerator, t.grad_clip
+                            )
+                            if gate is not None and gate.closed.is_set() and worker.steps_since_sync:
+                                abandoned = True  # rank 0 knows at once: no need to finish the round
+                                break
+                    except ValueError as refused:
+                        if worker.steps_since_sync < worker.sync_every:
+                            raise  # not the submission: a real error of the inner step
+                        skip_refused_round(worker, optimizer, rank_log, rank, rounds, refused)
+                        rejected += 1
+                        continue
                     if abandoned:
                         wasted += 1
                         reason = gate.stop_reason or "stopped"
@@ -142,46 +205,24 @@ def train_worker(
                     update = worker.last_update
                     checkpoints.after_submission(worker.local_step, optimizer, stream, update.stats)
                     global_tokens = update.stats.get("tokens", global_tokens)
-                    rank_log.write(
-                        {
-                            "event": "arrival",
-                            "rank": rank,
-                            "round": rounds,
-                            "time": time.monotonic() - start,
-                            "tokens": rounds * steps * tokens_per_step,
-                            "global_tokens": global_tokens,
-                            "inner_steps": worker.sync_every,
-                            "train_loss": float(loss_sum) / worker.sync_every,
-                            "staleness": update.staleness,
-                            "weight": update.weight,
-                            "applied": update.applied,
-                            "dropped": update.dropped,
-                            "version": update.version,
-                            **timer.round,
-                            **{
-                                k: v
-                                for k, v in update.stats.items()
-                                if k not in ("staleness", "weight", "tokens")
-                            },
-                        }
-                    )
+                    record = {
+                        "event": "arrival",
+                        "rank": rank,
+                        "round": rounds,
+                        "time": time.monotonic() - start,
+                        "tokens": rounds * steps * tokens_per_step,
+                        "global_tokens": global_tokens,
+                        "train_loss": float(loss_sum) / worker.sync_every,
+                    }
+                    rank_log.write(round_record(record, worker, update, timer.round))
                     if update.stats.get("stop"):
                         reason = "budget_tokens"
                         break
             finally:
                 after.remove()
-    except ServerStopped as e:
+    except (ServerStopped, QuorumUnreachable, TimeoutError) as e:  # the round in flight is lost
         wasted += 1
-        reason = gate.stop_reason if gate is not None and gate.stop_reason else "server_stopped"
-        logger.info("rank %d: %s", rank, e)
-    except QuorumUnreachable as e:
-        wasted += 1
-        reason = "quorum_unreachable"
-        logger.warning("rank %d: %s", rank, e)
-    except TimeoutError as e:  # a synchronous round waited longer than comm_timeout_s
-        wasted += 1
-        reason = "quorum_timeout"
-        logger.warning("rank %d: %s", rank, e)
+        reason = why_the_server_ended(e, gate, rank)
     finally:
         before.remove()
     wall = time.monotonic() - start
@@ -191,6 +232,7 @@ def train_worker(
         "reason": reason,
         "rounds": rounds,
         "wasted_rounds": wasted,
+        "rejected_rounds": rejected,
         "inner_steps": steps,
         "slowdown": slowdown,
         "busy_s": busy,

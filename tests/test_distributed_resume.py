@@ -136,3 +136,89 @@ def test_resumed_metrics_keep_the_records_up_to_the_checkpoint(tmp_path):
         records[1],
         records[3],
     ]
+
+
+class Corrupting:
+    """A transport that spoils the ``at``-th submission: NaN in Δ, a tensor missing, or a base
+    version from the future."""
+
+    def __init__(self, inner, kind: str, at: int) -> None:
+        self.inner, self.kind, self.at, self.calls = inner, kind, at, 0
+
+    def dispatch(self, worker_id):
+        return self.inner.dispatch(worker_id)
+
+    def submit(self, worker_id, pseudo_grads, base_version):
+        self.calls += 1
+        if self.calls == self.at:
+            if self.kind == "nan":
+                pseudo_grads = [g.clone().fill_(float("nan")) for g in pseudo_grads]
+            elif self.kind == "shape":
+                pseudo_grads = list(pseudo_grads)[:-1]
+            else:
+                base_version += 100
+        return self.inner.submit(worker_id, pseudo_grads, base_version)
+
+
+@pytest.mark.parametrize("kind", ["nan", "shape", "future"])
+def test_a_refused_pseudo_gradient_leaves_the_model_unchanged_and_the_run_goes_on(kind, tmp_path):
+    import time
+
+    from heloco import InProcessTransport
+    from recipes.common import make_inner_optimizer
+    from recipes.distributed_rejoin import Standalone
+    from recipes.distributed_server import Gate
+    from recipes.distributed_utils import JsonLines
+    from recipes.distributed_worker import train_worker
+    from recipes.methods import build_aggregator
+    from recipes.model import build_model
+    from tests.test_recipe_distributed import FakeBackground, FakeLog
+
+    config = config_from_dict(
+        values(out=tmp_path, num_workers=1, worker_speeds=[1.0], inner_steps=2, budget_tokens=5 * 2 * 2 * 16)
+    )
+    model = build_model("tiny", vocab_size=64, max_positions=16, eos_token_id=None)
+    aggregator = build_aggregator(config, [p.detach().clone() for p in model.parameters()])
+    gate = Gate(aggregator, config, [2], 2 * 16, FakeLog(), FakeBackground())
+    gate.start(time.monotonic())
+    versions, unchanged = [], []
+
+    class Watching(Corrupting):
+        def submit(self, worker_id, pseudo_grads, base_version):
+            versions.append(aggregator.version)
+            before = [p.clone() for p in aggregator.global_params]
+            try:
+                return super().submit(worker_id, pseudo_grads, base_version)
+            except ValueError:
+                unchanged.append(
+                    all(torch.equal(a, b) for a, b in zip(before, aggregator.global_params, strict=True))
+                )
+                raise
+
+    rank_log = JsonLines(tmp_path / "rank0.jsonl", fresh=True)
+    report = train_worker(
+        config=config,
+        rank=0,
+        model=model,
+        optimizer=make_inner_optimizer(config, model),
+        transport=Watching(InProcessTransport(gate), kind, at=2),
+        stream=TokenStream(torch.randint(0, 64, (64, 16)), 2, seed=0, stream_id=0),
+        steps=2,
+        slowdown=1.0,
+        accelerator=Standalone(torch.device("cpu"), "no"),
+        start=time.monotonic(),
+        rank_log=rank_log,
+        gate=gate,
+        checkpoints=WorkerCheckpoints(tmp_path, 0, keep=2),
+    )
+    rank_log.close()
+    assert report["reason"] == "budget_tokens" and report["rejected_rounds"] == 1 and report["rounds"] == 5
+    assert gate.arrivals == 5 and aggregator.version == 5 and gate.submissions == [5]
+    assert versions[:3] == [0, 1, 1] and unchanged == [True]  # the refused round changed nothing
+    assert all(torch.isfinite(p).all() for p in aggregator.global_params)
+    [refused] = [
+        r
+        for r in map(json.loads, (tmp_path / "rank0.jsonl").read_text().splitlines())
+        if r["event"] == "refused"
+    ]
+    assert refused["round"] == 2

@@ -156,7 +156,7 @@ def test_speed_probe_includes_the_slowdown_and_leaves_the_model_unchanged(monkey
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-class _Log:
+class FakeLog:
     def __init__(self):
         self.records = []
 
@@ -168,7 +168,7 @@ class _Log:
         return len(self.records)
 
 
-class _Background:
+class FakeBackground:
     def __init__(self):
         self.pending_evals = 0
         self.evals = []
@@ -187,7 +187,7 @@ def make_gate(quorum=1, steps=(2, 1), start_offset=0.0, **overrides):
     agg = AsyncAggregator(params, torch.optim.SGD(params, lr=1.0), num_workers=len(steps), quorum=quorum)
     speeds = [1.0] * len(steps)
     config = config_from_dict(values(num_workers=len(steps), worker_speeds=speeds, **overrides))
-    log, background = _Log(), _Background()
+    log, background = FakeLog(), FakeBackground()
     gate = Gate(agg, config, list(steps), 10, log, background)
     gate.start(time.monotonic() - start_offset)
     return gate, agg, log, background
