@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import sys
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from heloco.aggregator import AsyncAggregator
+from heloco.checkpoint import latest_checkpoint
 from heloco.simulation import VirtualClock, dylu_steps
 from recipes.common import (
     load_data,
@@ -54,6 +56,8 @@ from recipes.run_state import RunState, find_checkpoint, read_checkpoint, write_
 from recipes.schedule import RunSchedule
 from recipes.simulator import Arrival, SimulatedWorker, Simulator
 from recipes.tracking import MetricsLog
+
+logger = logging.getLogger(__name__)
 
 
 def run(config: RecipeConfig, command: str | None = None) -> dict[str, Any]:
@@ -139,7 +143,9 @@ def simulate(config: RecipeConfig, command: str | None = None) -> dict[str, Any]
             version=aggregator.version,
         )
 
-    def checkpoint(losses: dict[str, float] | None = None) -> None:
+    def checkpoint(losses: dict[str, float] | None = None, periodic: bool = True) -> None:
+        """Write ``checkpoint-<arrivals>``. A periodic one that fails (a full disk) is logged and
+        training goes on, the next one retries; the final one raises."""
         path = output_dir / f"checkpoint-{schedule.arrivals}"
         state = RunState(
             mode="simulate",
@@ -151,9 +157,14 @@ def simulate(config: RecipeConfig, command: str | None = None) -> dict[str, Any]
             rng=rng_state(),
             info={"time": clock.now, "version": aggregator.version},
         )
-        write_checkpoint(
-            path, state, model=evaluator.load(aggregator.global_params), tokenizer=tokenizer, config=config
-        )
+        model_now = evaluator.load(aggregator.global_params)
+        try:
+            write_checkpoint(path, state, model=model_now, tokenizer=tokenizer, config=config)
+        except OSError as e:
+            if not periodic:
+                raise final_checkpoint_error(path, e) from e
+            logger.error("checkpoint %s failed (%s); training goes on, the next checkpoint retries", path, e)
+            return
         if pusher is not None:
             losses = losses or evaluate(clock.now, "checkpoint")
             pusher.push_checkpoint(path, schedule.tokens, aggregator.version, losses)
@@ -190,7 +201,7 @@ def simulate(config: RecipeConfig, command: str | None = None) -> dict[str, Any]
     for at in schedule.eval_times_before(math.inf):
         evaluate(at, "time")
     final = evaluate(clock.now, "final")
-    checkpoint(final)
+    checkpoint(final, periodic=False)
     summary = {
         "method": o.method,
         "outer_lr": config.outer_lr,
@@ -212,6 +223,18 @@ def simulate(config: RecipeConfig, command: str | None = None) -> dict[str, Any]
     accelerator.end_training()
     accelerator.print(f"final mean val loss {final['mean']:.4f} after {schedule.tokens} tokens")
     return summary
+
+
+def final_checkpoint_error(path: Path, error: OSError) -> OSError:
+    """The final checkpoint's failure, saying what is left to resume from (the failed write left
+    the earlier checkpoints as they were)."""
+    last = latest_checkpoint(path.parent)
+    left = (
+        f"the last complete checkpoint, {last}, is still there (resume_from=latest continues from it)"
+        if last is not None
+        else "no earlier checkpoint exists"
+    )
+    return OSError(error.errno, f"the final checkpoint {path} could not be written ({error}); {left}")
 
 
 def build_simulator(
