@@ -36,3 +36,5 @@ bench: $(STAMP)
 	$(PY) benchmarks/data_prep.py
 	$(PY) benchmarks/worker_overhead.py
 	$(PY) benchmarks/transport.py
+	$(PY) benchmarks/simulator.py
+	$(PY) benchmarks/checkpoint.py

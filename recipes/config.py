@@ -162,7 +162,7 @@ class TrainArguments:
         default=None,
         metadata={
             "help": "Fault injection for tests of resume: simulate stops after this arrival as if "
-            "interrupted; in distributed mode rank 0 kills itself (SIGKILL) after it"
+            "interrupted; in distributed mode rank 0 kills itself (SIGKILL) after it, unless resumed"
         },
     )
     report_to: str = field(default="tensorboard", metadata={"help": f"one of {', '.join(REPORTERS)}"})

@@ -93,6 +93,7 @@ class Gate:
         self.requested = [0] * aggregator.num_workers  # the latest submission asked of each worker
         self.started: float | None = None  # time.monotonic() at the start of the rounds
         self.resumed_at = 0.0  # seconds the run had lasted before this process (resumed runs)
+        self.resumed = False
 
     # -- the schedule's counts, read by the worker loop, the summary and tests -------------------------
     @property
@@ -120,7 +121,9 @@ class Gate:
         from each worker, and its clock (``elapsed`` seconds had passed)."""
         self.schedule.load_state_dict(schedule)
         self.submissions = [int(s) for s in submissions]
+        self.requested = list(self.submissions)  # those states exist: the checkpoint was complete
         self.resumed_at = elapsed
+        self.resumed = True
 
     def now(self) -> float:
         assert self.started is not None, "the gate was not started"
@@ -186,7 +189,7 @@ class Gate:
             if schedule.checkpoint_due():
                 self.background.put_checkpoint(self._snapshot(now))
                 requests |= self._request_states(worker_id)
-            if schedule.interrupt_due():  # fault injection (tests of resume): rank 0 crashes here
+            if schedule.interrupt_due() and not self.resumed:  # fault injection: rank 0 crashes once
                 logger.error("stop_after_arrivals=%d: rank 0 kills itself", schedule.stop_after_arrivals)
                 os.kill(os.getpid(), signal.SIGKILL)
             if schedule.tokens_spent() and not self.aggregator.pending_workers:

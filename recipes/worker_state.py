@@ -13,6 +13,7 @@ on other machines write to their own disk; ``available_submissions`` tells a res
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 from heloco.checkpoint import atomic_directory, load_state, save_state
 from recipes.common import rng_state, set_rng_state
 from recipes.data import TokenStream
+
+logger = logging.getLogger(__name__)
 
 PART_DIR = "worker-states"
 _PART_RE = re.compile(r"^submission-(\d+)$")
@@ -150,11 +153,13 @@ class WorkerCheckpoints:
             if key not in stats:
                 continue
             wanted = int(stats[key])
-            if candidate is None or candidate.submission != wanted:
+            if candidate is None or candidate.submission != wanted:  # e.g. just rejoined: it has none
                 have = None if candidate is None else candidate.submission
-                raise RuntimeError(
-                    f"rank {self.rank}: the server asked ({key}) for the state after submission "
-                    f"{wanted}, this worker holds {have}: worker and server disagree on the count"
-                )
+                logger.warning(
+                    "rank %d: the server asked (%s) for the state after submission %d, this worker "
+                    "holds %s; that checkpoint stays incomplete and a resume will not choose it",
+                    self.rank, key, wanted, have,
+                )  # fmt: skip
+                continue
             candidate.write(self.output_dir, self.keep)
             self.written.append(wanted)
