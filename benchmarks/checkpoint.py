@@ -106,31 +106,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
 
-        def server_part() -> None:
+        def write(mode: str, workers: dict) -> None:
+            """Rank 0's part (``distributed``: the workers' submission counts) or the simulator's whole
+            checkpoint (``simulate``: every worker)."""
             state = RunState(
-                mode="distributed",
+                mode=mode,
                 schedule={"arrivals": 1},
                 aggregator=aggregator.state_dict(),
                 metrics_lines=0,
                 inner_steps=[args.inner_steps] * k,
-                workers={"submissions": [1] * k},
+                workers=workers,
             )
-            write_checkpoint(
-                out / "server" / "checkpoint-1", state, model=model, tokenizer=tokenizer, config=config
-            )
-
-        def simulate_checkpoint() -> None:
-            state = RunState(
-                mode="simulate",
-                schedule={"arrivals": 1},
-                aggregator=aggregator.state_dict(),
-                metrics_lines=0,
-                inner_steps=[args.inner_steps] * k,
-                workers=simulator.state_dict(),
-            )
-            write_checkpoint(
-                out / "simulate" / "checkpoint-1", state, model=model, tokenizer=tokenizer, config=config
-            )
+            path = out / mode / "checkpoint-1"
+            write_checkpoint(path, state, model=model, tokenizer=tokenizer, config=config)
 
         round_()  # warm up: AdamW state exists from here on
         timings: dict[str, list[float]] = {
@@ -147,8 +135,8 @@ def main() -> None:
             )
             held = take()
             timings["worker part"].append(seconds(lambda held=held: held.write(out, keep=2)))
-            timings["server part"].append(seconds(server_part))
-            timings["simulate"].append(seconds(simulate_checkpoint))
+            timings["server part"].append(seconds(lambda: write("distributed", {"submissions": [1] * k})))
+            timings["simulate"].append(seconds(lambda: write("simulate", simulator.state_dict())))
 
     median = {name: statistics.median(values) for name, values in timings.items()}
     round_s = median["round"]

@@ -40,6 +40,16 @@ def one_process(v: dict, log: Path, timeout: float = 240) -> subprocess.Complete
         )
 
 
+def run_ranks(v: dict, world: int, port: int, log_prefix: Path) -> list[int]:
+    """Every rank as its own process, until all have exited; their exit codes."""
+    procs = [start_rank(v, r, world, port, Path(f"{log_prefix}-{r}.log")) for r in range(world)]
+    try:
+        return [p.wait(300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
 def evaluations(run_dir: Path) -> list[tuple[str, int, int, float]]:
     """(reason, version, tokens, mean loss) of every evaluation, in version order."""
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["event"] == "eval"]
@@ -81,22 +91,12 @@ def test_rank0_killed_then_every_rank_resumes_and_the_run_completes(tiny_shards,
     common = dict(save_every=4, comm_timeout_s=30.0)
     port = free_port()
     v = values(tiny_shards, out, stop_after_arrivals=9, **common)
-    procs = [start_rank(v, r, 3, port, warm_cache / f"rank0-killed-{r}.log") for r in range(3)]
-    try:
-        codes = [p.wait(300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    codes = run_ranks(v, 3, port, warm_cache / "rank0-killed")
     assert codes[0] == -signal.SIGKILL and all(c != 0 for c in codes[1:]), codes
     assert not (out / "summary.json").exists()
     port = free_port()
     v = values(tiny_shards, out, resume_from="latest", **common)
-    procs = [start_rank(v, r, 3, port, warm_cache / f"rank0-resumed-{r}.log") for r in range(3)]
-    try:
-        codes = [p.wait(300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    codes = run_ranks(v, 3, port, warm_cache / "rank0-resumed")
     logs = [(warm_cache / f"rank0-resumed-{r}.log").read_text()[-2000:] for r in range(3)]
     assert codes == [0, 0, 0], logs
     summary = json.loads((out / "summary.json").read_text())
