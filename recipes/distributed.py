@@ -228,6 +228,7 @@ def connect(config: RecipeConfig, job: Job, rank0: RankZero | None) -> tuple[Any
         list(job.model.parameters()),
         rank0.gate if rank0 is not None else None,
         server_rank=0,
+        store=job_store(),  # this attempt's namespace of the job's store
         wire_dtype=getattr(torch, o.wire_dtype),
         timeout=o.comm_timeout_s,
         connect_timeout=o.comm_timeout_s,

@@ -27,6 +27,7 @@ from recipes.distributed_setup import (
 )
 from recipes.distributed_utils import (
     JsonLines,
+    attempt_store,
     slowdown_factors,
 )
 from recipes.distributed_worker import train_worker
@@ -88,7 +89,9 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
     rank_log = JsonLines(output_dir / f"metrics-rank{rank}.jsonl", fresh=False)
 
     timeout = datetime.timedelta(seconds=o.comm_timeout_s)
-    store = dist.TCPStore(addr, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
+    store = attempt_store(
+        dist.TCPStore(addr, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
+    )
     start = time.monotonic() - (time.time() - float(store.get(START_KEY).decode()))
     # Ready: from here on the connection waits (up to comm_timeout_s) until the server serves a new
     # incarnation, i.e. until the old process is gone, so a replacement can also be started early.

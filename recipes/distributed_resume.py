@@ -21,12 +21,11 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from heloco.checkpoint import list_checkpoints
 from recipes.config import RecipeConfig
+from recipes.distributed_utils import RESTART_ENV
 from recipes.run_state import RunState, read_checkpoint
 from recipes.worker_state import WorkerState, available_submissions
 
 logger = logging.getLogger(__name__)
-
-RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun's agent: > 0 after a restart
 
 
 @dataclass

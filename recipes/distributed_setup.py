@@ -22,6 +22,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from heloco.distributed.protocol import ServerHandle
 from recipes.config import RecipeConfig
 from recipes.distributed_resume import ResumePoint
+from recipes.distributed_utils import AGENT_STORE_ENV, attempt_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +41,43 @@ def make_accelerator(config: RecipeConfig, output_dir: Path) -> Accelerator:
     # Accelerate passes on only the values that differ from its own defaults (600 s), which would
     # leave gloo at torch's 30 min when comm_timeout_s is 600: always pass the timeout.
     init.to_kwargs = lambda: {"timeout": timeout}
+    # Several processes on a machine without GPUs: gloo on CPU (Accelerate would otherwise give
+    # every process a world of its own unless ACCELERATE_USE_CPU=1 is exported).
+    cpu = launched > 1 and not has_accelerator
+    if launched > 1:
+        init_restarted_group(timeout, "gloo" if cpu else None)
     return Accelerator(
-        # Several processes on a machine without GPUs: gloo on CPU (Accelerate would otherwise give
-        # every process a world of its own unless ACCELERATE_USE_CPU=1 is exported).
-        cpu=launched > 1 and not has_accelerator,
+        cpu=cpu,
         mixed_precision=config.model.mixed_precision,
         log_with=None if t.report_to == "none" else t.report_to,
         project_dir=str(output_dir),
         kwargs_handlers=[init],
     )
+
+
+def init_restarted_group(timeout: datetime.timedelta, backend: str | None) -> bool:
+    """After a restart by torchrun's agent, the default process group over this attempt's namespace
+    of the agent's store (Accelerate then finds it initialised and keeps it); returns whether it did.
+
+    torch's own ``env://`` initialisation would use the agent's store as it is, where the previous
+    attempt's gloo addresses still lie: a rank that reads them before the relaunched peer wrote its
+    own connects to a dead process (``connectFullMesh``: connection refused). See ``attempt_prefix``.
+    ``backend`` None: torch's default for the devices present (gloo for CPU tensors in any case)."""
+    prefix = attempt_prefix()
+    if prefix is None or os.environ.get(AGENT_STORE_ENV) != str(True) or dist.is_initialized():
+        return False
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(prefix, store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+    )
+    logger.info("restart of the job: process group over the store's namespace %s", prefix)
+    return True
 
 
 @dataclass

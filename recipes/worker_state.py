@@ -12,9 +12,13 @@ on other machines write to their own disk; ``available_submissions`` tells a res
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,17 +153,41 @@ class WorkerCheckpoints:
         self.held = WorkerState.take(
             self.rank, self.submissions, local_step, optimizer, stream, with_moments=self.keep_optimizer
         )
-        for key, candidate in (("checkpoint_submission", self.held), ("checkpoint_previous", previous)):
-            if key not in stats:
-                continue
-            wanted = int(stats[key])
-            if candidate is None or candidate.submission != wanted:  # e.g. just rejoined: it has none
-                have = None if candidate is None else candidate.submission
-                logger.warning(
-                    "rank %d: the server asked (%s) for the state after submission %d, this worker "
-                    "holds %s; that checkpoint stays incomplete and a resume will not choose it",
-                    self.rank, key, wanted, have,
-                )  # fmt: skip
-                continue
-            candidate.write(self.output_dir, self.keep)
-            self.written.append(wanted)
+        with sigterm_deferred():
+            for key, candidate in (("checkpoint_submission", self.held), ("checkpoint_previous", previous)):
+                if key not in stats:
+                    continue
+                wanted = int(stats[key])
+                if candidate is None or candidate.submission != wanted:  # e.g. just rejoined: none
+                    have = None if candidate is None else candidate.submission
+                    logger.warning(
+                        "rank %d: the server asked (%s) for the state after submission %d, this worker "
+                        "holds %s; that checkpoint stays incomplete and a resume will not choose it",
+                        self.rank, key, wanted, have,
+                    )  # fmt: skip
+                    continue
+                candidate.write(self.output_dir, self.keep)
+                self.written.append(wanted)
+
+
+@contextlib.contextmanager
+def sigterm_deferred() -> Iterator[None]:
+    """SIGTERM waits until the block is done, then takes its usual course (the handler in place
+    before, or the default: the process ends).
+
+    When one rank fails, torchrun's agent sends every other local rank SIGTERM (and SIGKILL 30 s
+    later) before ``--max_restarts`` starts the group again: a worker that dies while it writes the
+    state a checkpoint asked for leaves that checkpoint incomplete, and the restart cannot resume
+    from it. Only in the main thread (where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if received:
+            logger.warning("SIGTERM received while writing a worker state: taken now that it is written")
+            signal.raise_signal(signal.SIGTERM)

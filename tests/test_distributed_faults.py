@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_recipe_distributed import (
+    ACCELERATE,
     PYTHON,
     ROOT,
     child_env,
@@ -106,3 +107,30 @@ def test_rank0_killed_then_every_rank_resumes_and_the_run_completes(tiny_shards,
     assert [r["arrival"] for r in arrivals] == list(range(1, summary["arrivals"] + 1))  # none twice
     resumed = [r for r in read_jsonl(out / "metrics-rank1.jsonl") if r["event"] == "resume"]
     assert len(resumed) == 1 and resumed[0]["submissions"] >= 1
+
+
+@pytest.mark.timeout(500)
+def test_rank0_killed_under_the_launcher_restarts_and_resumes_by_itself(tiny_shards, warm_cache):  # noqa: F811
+    """`accelerate launch --max_restarts 1`: rank 0 dies, the agent SIGTERMs the others and starts the
+    group again, which resumes from the latest complete checkpoint and finishes the run. (The
+    relaunched group's keys live under /worker/attempt_1/ of the agent's store, apart from the dead
+    attempt's; workers finish writing a requested state before they take SIGTERM.)"""
+    out = warm_cache / "max-restarts"
+    v = values(tiny_shards, out, save_every=4, comm_timeout_s=30.0, stop_after_arrivals=9)
+    config = ROOT / "accelerate_configs" / "cpu.yaml"
+    cmd = [ACCELERATE, "launch", "--config_file", str(config), "--num_processes", "3", "--max_restarts", "1"]
+    cmd += ["--monitor_interval", "1", "recipes/train.py", *cli(v)]
+    log = warm_cache / "max-restarts.log"
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=400)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-6000:]
+    assert "restart 1 of the job: resuming from the latest complete checkpoint" in text
+    summary = json.loads((out / "summary.json").read_text())
+    per_arrival = 3 * 4 * 32  # H × batch × seq_len, every worker alike
+    assert summary["tokens"] == -(-12000 // per_arrival) * per_arrival  # the uninterrupted run's count
+    arrivals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "arrival"]
+    assert [r["arrival"] for r in arrivals] == list(range(1, summary["arrivals"] + 1))  # none twice
+    for r in range(3):
+        resumed = [x for x in read_jsonl(out / f"metrics-rank{r}.jsonl") if x["event"] == "resume"]
+        assert len(resumed) == 1, r

@@ -231,3 +231,54 @@ def test_a_resumed_gate_does_not_ask_for_states_its_checkpoint_already_has():
     u = gate.submit(0, delta(1), gate.aggregator.version)  # arrival 5: a checkpoint
     assert u.stats["checkpoint_submission"] == 4.0 and gate.state_requests == {}  # rank 1's 1st exists
     assert gate.arrivals == 5 and gate.resumed_at == 5.0
+
+
+def test_sigterm_waits_for_the_worker_state_being_written():
+    """torchrun's agent SIGTERMs the other ranks when one fails: a state being written is finished
+    first (else its checkpoint stays incomplete and the launcher's restart cannot resume from it)."""
+    import os
+    import signal
+
+    from recipes.worker_state import sigterm_deferred
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with sigterm_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == []  # still writing
+        assert received == [signal.SIGTERM]  # then the handler in place before runs
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_relaunched_group_keeps_its_store_keys_apart_from_the_previous_attempt(monkeypatch):
+    """torchrun's agent keeps one store for every attempt of a job, with the previous attempt's gloo
+    addresses and our keys still in it: after a restart the default group and the job's keys live
+    under /worker/attempt_<n>/."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from recipes.distributed_setup import init_restarted_group
+    from recipes.distributed_utils import attempt_prefix, job_store
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    agent = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    agent.set("heloco/w1/incarnation", "5")  # left by attempt 0
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(agent.port), RANK="0", WORLD_SIZE="1")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert attempt_prefix() is None
+    assert not init_restarted_group(datetime.timedelta(seconds=10), "gloo")  # attempt 0: torch's own
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert init_restarted_group(datetime.timedelta(seconds=10), "gloo")
+    try:
+        assert dist.get_world_size() == 1
+        assert job_store().add("heloco/w1/incarnation", 1) == 1  # not 6: attempt 0's count is not seen
+        assert agent.add("/worker/attempt_1/heloco/w1/incarnation", 0) == 1
+    finally:
+        dist.destroy_process_group()
