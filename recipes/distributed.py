@@ -113,6 +113,8 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
 
     # -- transport: rank 0 serves its gate, every other rank connects ---------------------------------
     transport, server = connect(config, job, rank0)
+    if rank0 is not None:
+        rank0.server = server  # its checkpoints record which workers it has lost
     # Created before the barrier: a replacement of this rank appends to it only after the start.
     rank_log = JsonLines(
         Path(config.train.output_dir) / f"metrics-rank{job.rank}.jsonl", fresh=job.resume is None

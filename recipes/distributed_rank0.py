@@ -92,6 +92,7 @@ class RankZero:
             from recipes.hub import CheckpointPusher
 
             self.pusher = CheckpointPusher(config, job.metadata, self.output_dir, command)
+        self.server: ServerHandle | None = None  # set once it serves (``connect``)
         self.background = Background(self.evaluate, self.checkpoint)
         masters = [p.detach().clone().float() for p in job.model.parameters()]
         tokens_per_step = d.batch_size * int(job.metadata["seq_len"])
@@ -125,7 +126,7 @@ class RankZero:
             aggregator=snapshot.aggregator,
             metrics_lines=snapshot.metrics_lines,
             inner_steps=self.job.steps,
-            workers={"submissions": snapshot.submissions},
+            workers={"submissions": snapshot.submissions, "gone": self.gone_workers()},
             rng=None,
             info=info,
         )
@@ -136,6 +137,13 @@ class RankZero:
             losses = losses or self.evaluate("checkpoint", snapshot.eval_info(), params)
             self.pusher.push_checkpoint(path, snapshot.schedule["tokens"], snapshot.version, losses)
         return path
+
+    def gone_workers(self) -> list[int]:
+        """Workers the server has lost (dead, left, waiting to rejoin): a checkpoint does not wait
+        for their state, and a resume starts them from their newest own state on disk."""
+        if self.server is None:
+            return []
+        return [w["worker"] for w in self.server.worker_stats() if not w["alive"]]
 
     # -- the run -------------------------------------------------------------------------------------
     def start(self, start: float, signals: Signals) -> None:

@@ -64,26 +64,40 @@ def choose_resume_point(config: RecipeConfig, accelerator: Accelerator) -> Resum
     if accelerator.is_main_process:
         choice[0] = pick_checkpoint(output_dir, wanted, held)
     broadcast_object_list(choice, from_process=0)
-    path, submissions = choice[0]  # type: ignore[misc]
-    mine = submissions[accelerator.process_index]
-    worker = WorkerState.read(output_dir, accelerator.process_index, mine) if mine > 0 else None
+    path, submissions, gone = choice[0]  # type: ignore[misc]
+    rank = accelerator.process_index
+    mine = own_state_for(submissions[rank], held[rank], rank in gone)
+    worker = WorkerState.read(output_dir, rank, mine) if mine is not None else None
     return ResumePoint(Path(path), list(submissions), worker)
 
 
-def pick_checkpoint(output_dir: Path, wanted: str, held: list[list[int]]) -> tuple[str, list[int]]:
-    """The newest complete checkpoint (``wanted="latest"``) or the named one if complete; raises
-    naming what is missing otherwise. ``held[r]``: the worker states rank r holds."""
+def own_state_for(submission: int, held: list[int], gone: bool) -> int | None:
+    """Which of its states a rank resumes from: the one the checkpoint recorded; for a worker the
+    server had lost by then, its newest one up to that (or none: the warm start)."""
+    if submission > 0 and submission in held:
+        return submission
+    if gone:
+        return max((s for s in held if s <= submission), default=None)
+    return None
+
+
+def pick_checkpoint(output_dir: Path, wanted: str, held: list[list[int]]) -> tuple[str, list[int], list[int]]:
+    """The newest complete checkpoint (``wanted="latest"``) or the named one if complete, with the
+    submissions it recorded and the workers the server had lost; raises naming what is missing
+    otherwise. ``held[r]``: the worker states rank r holds. A lost worker's state is not required."""
     candidates = list(reversed(list_checkpoints(output_dir))) if wanted == "latest" else [Path(wanted)]
     refused = []
     for path in candidates:
         try:
-            submissions = server_submissions(read_checkpoint(path, "distributed"))
+            state = read_checkpoint(path, "distributed")
+            submissions = server_submissions(state)
         except (OSError, ValueError) as e:
             refused.append(f"{path.name}: {e}")
         else:
-            missing = [r for r, s in enumerate(submissions) if s > 0 and s not in held[r]]
+            gone = [int(w) for w in state.workers.get("gone", [])]
+            missing = [r for r, s in enumerate(submissions) if s > 0 and s not in held[r] and r not in gone]
             if not missing:
-                return str(path), submissions
+                return str(path), submissions, gone
             refused.append(f"{path.name}: no worker state from rank(s) {missing}")
         logger.warning("not resuming from %s", refused[-1])
     raise FileNotFoundError(

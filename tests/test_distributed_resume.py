@@ -14,7 +14,7 @@ import torch
 from recipes.config import config_from_dict
 from recipes.data import TokenStream
 from recipes.distributed_rank0 import keep_records_until
-from recipes.distributed_resume import pick_checkpoint, resume_request
+from recipes.distributed_resume import own_state_for, pick_checkpoint, resume_request
 from recipes.run_state import RunState, write_checkpoint
 from recipes.worker_state import WorkerCheckpoints, WorkerState, available_submissions
 from tests.test_recipe_distributed import delta, make_gate, values
@@ -81,7 +81,7 @@ class _Saveable:
         (Path(folder) / self.name).write_text("x")
 
 
-def server_checkpoint(run_dir: Path, arrivals: int, submissions: list[int]) -> Path:
+def server_checkpoint(run_dir: Path, arrivals: int, submissions: list[int], gone: list[int] = ()) -> Path:
     config = config_from_dict(values(out=run_dir / "x", keep_checkpoints=5))
     state = RunState(
         mode="distributed",
@@ -89,7 +89,7 @@ def server_checkpoint(run_dir: Path, arrivals: int, submissions: list[int]) -> P
         aggregator={"version": arrivals},
         metrics_lines=arrivals,
         inner_steps=[1, 1, 1],
-        workers={"submissions": submissions},
+        workers={"submissions": submissions, "gone": list(gone)},
         info={"time": 1.0, "version": arrivals},
     )
     path = run_dir / f"checkpoint-{arrivals}"
@@ -101,8 +101,8 @@ def test_resume_picks_the_newest_checkpoint_whose_worker_states_all_exist(tmp_pa
     server_checkpoint(tmp_path, 6, [3, 2, 1])
     # rank 2 died before writing its state for checkpoint-6
     held = [[1, 2, 3], [1, 2], []]
-    path, submissions = pick_checkpoint(tmp_path, "latest", held)
-    assert Path(path).name == "checkpoint-3" and submissions == [2, 1, 0]
+    path, submissions, gone = pick_checkpoint(tmp_path, "latest", held)
+    assert Path(path).name == "checkpoint-3" and submissions == [2, 1, 0] and gone == []
     assert "checkpoint-6: no worker state from rank(s) [2]" in caplog.text
     with pytest.raises(FileNotFoundError, match="no worker state from rank"):
         pick_checkpoint(tmp_path, str(tmp_path / "checkpoint-6"), held)
@@ -282,3 +282,14 @@ def test_a_relaunched_group_keeps_its_store_keys_apart_from_the_previous_attempt
         assert agent.add("/worker/attempt_1/heloco/w1/incarnation", 0) == 1
     finally:
         dist.destroy_process_group()
+
+
+def test_a_worker_the_server_had_lost_does_not_hold_the_checkpoint_back(tmp_path):
+    server_checkpoint(tmp_path, 3, [2, 1, 1])
+    server_checkpoint(tmp_path, 9, [6, 4, 1], gone=[2])  # rank 2 died after its 1st submission
+    held = [[2, 6], [1, 4], []]  # it never wrote a state: nobody asked before it died
+    path, submissions, gone = pick_checkpoint(tmp_path, "latest", held)
+    assert Path(path).name == "checkpoint-9" and gone == [2]
+    assert own_state_for(submissions[2], held[2], gone=True) is None  # back to the warm start
+    assert own_state_for(5, [1, 3, 7], gone=True) == 3  # its newest state up to the recorded one
+    assert own_state_for(4, [1, 4], gone=False) == 4 and own_state_for(0, [], gone=False) is None
