@@ -470,7 +470,7 @@ def test_restarted_worker_rejoins_the_running_job(tiny_shards, warm_cache):
 @pytest.mark.timeout(300)
 def test_one_process_distributed_equals_the_simulator_with_one_worker(tmp_path):
     """Same warm start, same data order, same aggregator: the evaluations match exactly, and both
-    modes write the same checkpoint format (distributed: no workers' state)."""
+    modes write the same checkpoint format (distributed: the workers' submission counts; their states lie beside)."""
     from recipes.run_state import read_checkpoint
     from tests.conftest import build_tiny_shards
 
@@ -514,9 +514,11 @@ def test_one_process_distributed_equals_the_simulator_with_one_worker(tmp_path):
     assert finals["distributed"].schedule == finals["simulate"].schedule
     assert finals["distributed"].metrics_lines == finals["simulate"].metrics_lines
     assert finals["distributed"].inner_steps == finals["simulate"].inner_steps
-    assert (
-        finals["distributed"].workers is None and finals["distributed"].info["stop_reason"] == "budget_tokens"
-    )
+    # distributed: the server's count of the worker's submissions (its own state goes beside), and
+    # the worker has left by the final checkpoint
+    arrivals = summaries["distributed"]["arrivals"]
+    assert finals["distributed"].workers == {"submissions": [arrivals], "gone": [0]}
+    assert finals["distributed"].info["stop_reason"] == "budget_tokens"
     # a periodic checkpoint of the evaluation thread, as the schedule stood at its arrival
     periodic = sorted(tmp_path.glob("distributed/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
     state = read_checkpoint(periodic, "distributed")
