@@ -59,7 +59,7 @@ def choose_resume_point(config: RecipeConfig, accelerator: Accelerator) -> Resum
     if wanted is None:
         return None
     output_dir = Path(config.train.output_dir)
-    held = gather_object([available_submissions(output_dir, accelerator.process_index)])
+    held = gather_object([available_submissions(output_dir, accelerator.process_index, verify=True)])
     choice: list[object] = [None]
     if accelerator.is_main_process:
         choice[0] = pick_checkpoint(output_dir, wanted, held)

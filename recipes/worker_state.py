@@ -28,6 +28,7 @@ import torch
 from heloco.checkpoint import atomic_directory, load_state, save_state
 from recipes.common import rng_state, set_rng_state
 from recipes.data import TokenStream
+from recipes.run_state import CorruptCheckpoint, verify_checkpoint, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,27 @@ def part_path(output_dir: Path, rank: int, submission: int) -> Path:
     return Path(output_dir) / PART_DIR / f"rank{rank}" / f"submission-{submission}"
 
 
-def available_submissions(output_dir: Path, rank: int) -> list[int]:
-    """The submissions of ``rank`` whose state is on this machine's disk, complete, oldest first."""
+def available_submissions(output_dir: Path, rank: int, verify: bool = False) -> list[int]:
+    """The submissions of ``rank`` whose state is on this machine's disk, oldest first; with
+    ``verify``, only those whose files match their manifest (sizes and sha256: a resume)."""
     folder = Path(output_dir) / PART_DIR / f"rank{rank}"
     if not folder.is_dir():
         return []
-    found = [int(m.group(1)) for p in folder.iterdir() if (m := _PART_RE.match(p.name)) and p.is_dir()]
-    return sorted(s for s in found if (part_path(output_dir, rank, s) / "worker.json").exists())
+    found = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _PART_RE.match(p.name)) and p.is_dir())
+    return [s for s in found if intact(part_path(output_dir, rank, s), verify)]
+
+
+def intact(path: Path, verify: bool) -> bool:
+    if not (path / "worker.json").exists():
+        return False
+    if not verify:
+        return True
+    try:
+        verify_checkpoint(path)
+    except CorruptCheckpoint as e:
+        logger.warning("not using worker state %s: %s", path, e)
+        return False
+    return True
 
 
 @dataclass
@@ -96,6 +111,7 @@ class WorkerState:
                     "rng": self.rng,
                 },
             )
+            write_manifest(tmp)
         for old in available_submissions(output_dir, self.rank)[:-keep]:
             _remove(part_path(output_dir, self.rank, old))
         return path

@@ -293,3 +293,23 @@ def test_a_worker_the_server_had_lost_does_not_hold_the_checkpoint_back(tmp_path
     assert own_state_for(submissions[2], held[2], gone=True) is None  # back to the warm start
     assert own_state_for(5, [1, 3, 7], gone=True) == 3  # its newest state up to the recorded one
     assert own_state_for(4, [1, 4], gone=False) == 4 and own_state_for(0, [], gone=False) is None
+
+
+def test_a_corrupted_worker_state_is_not_offered_to_a_resume(tmp_path, caplog):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    for submission in (1, 2):
+        WorkerState.take(0, submission, 1, opt, stream()).write(tmp_path, keep=3)
+    tensors = next(
+        p
+        for p in (tmp_path / "worker-states" / "rank0" / "submission-2").iterdir()
+        if p.suffix == ".safetensors"
+    )
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor
+    tensors.write_bytes(bytes(data))
+    assert available_submissions(tmp_path, 0) == [1, 2]  # (listing alone does not hash)
+    assert available_submissions(tmp_path, 0, verify=True) == [1]
+    assert "does not match its sha256" in caplog.text
