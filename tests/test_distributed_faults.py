@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from tests.test_recipe_distributed import (
     read_jsonl,
     start_rank,
     values,
+    wait_for_rounds,
     warm_cache,  # noqa: F401 - a fixture
 )
 
@@ -134,3 +136,107 @@ def test_rank0_killed_under_the_launcher_restarts_and_resumes_by_itself(tiny_sha
     for r in range(3):
         resumed = [x for x in read_jsonl(out / f"metrics-rank{r}.jsonl") if x["event"] == "resume"]
         assert len(resumed) == 1, r
+
+
+def wait_for_text(path: Path, text: str, procs: list[subprocess.Popen], timeout: float) -> None:
+    """Until ``text`` appears in a log file (the ranks in ``procs`` must stay alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        assert all(p.poll() is None for p in procs), [p.poll() for p in procs]
+        time.sleep(0.2)
+    raise TimeoutError(f"{path} never showed {text!r}")
+
+
+def arrivals_by_worker(run_dir: Path) -> list[int]:
+    """How many arrivals rank 0's metrics.jsonl holds from each of the 3 workers so far."""
+    counts = [0, 0, 0]
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        if line.strip():
+            record = json.loads(line)
+            if record["event"] == "arrival":
+                counts[record["worker"]] += 1
+    return counts
+
+
+@pytest.mark.timeout(500)
+def test_stalled_worker_is_declared_dead_the_others_go_on_and_it_rejoins(tiny_shards, warm_cache):  # noqa: F811
+    """Rank 2 is stopped (SIGSTOP) for longer than comm_timeout_s: the server's receive times out, it
+    counts the worker as gone and serves the others. Continued (SIGCONT), the stalled process blocks
+    sending its submission on the connection the server gave up (30-34 s in our runs), then
+    fails with a TransportError ("connection closed by peer"); nothing of it is applied.
+    A replacement (HELOCO_REJOIN=1) started meanwhile takes its place and trains to the end."""
+    out = warm_cache / "stalled"
+    comm_timeout = 15.0
+    budget = 480_000  # ~1250 arrivals: still running after the stall, its detection and the restart
+    v = values(
+        tiny_shards,
+        out,
+        comm_timeout_s=comm_timeout,
+        rejoin_timeout_s=150.0,
+        budget_tokens=budget,
+        eval_every=100,
+    )
+    port = free_port()
+    logs = [warm_cache / f"stalled-{r}.log" for r in range(3)]
+    procs = [start_rank(v, r, 3, port, logs[r]) for r in range(3)]
+    replacement = None
+    began = time.monotonic()
+    try:
+        wait_for_rounds(out / "metrics-rank2.jsonl", 2, procs, timeout=200)
+        procs[2].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        before = arrivals_by_worker(out)
+        wait_for_text(logs[0], "worker 2 left: connection lost", procs[:2], timeout=comm_timeout + 60)
+        noticed_after = time.monotonic() - stopped_at
+        during = arrivals_by_worker(out)
+        # the others kept arriving while rank 2 was silent (at most its submission in flight came)
+        assert during[0] > before[0] and during[1] > before[1] and during[2] <= before[2] + 1, (
+            before,
+            during,
+        )
+        procs[2].send_signal(signal.SIGCONT)
+        continued_at = time.monotonic()
+        replacement = start_rank(v, 2, 3, port, warm_cache / "stalled-2b.log", HELOCO_REJOIN="1")
+        ended = {}  # when each process exited, seconds after SIGCONT
+        while len(ended) < 4 and time.monotonic() < continued_at + 300:
+            for name, p in (("0", procs[0]), ("1", procs[1]), ("stalled", procs[2]), ("2b", replacement)):
+                if name not in ended and p.poll() is not None:
+                    ended[name] = time.monotonic() - continued_at
+            time.sleep(0.2)
+        codes = [p.wait(1) for p in (procs[0], procs[1], replacement)]
+        stalled_code = procs[2].wait(1)
+    finally:
+        for p in [*procs, *([replacement] if replacement else [])]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+    took = time.monotonic() - began
+    tails = [log.read_text()[-3000:] for log in [*logs, warm_cache / "stalled-2b.log"]]
+    assert codes == [0, 0, 0], tails
+    stalled_log = logs[2].read_text()
+    assert stalled_code != 0 and "TransportError: worker 2: submit failed" in stalled_log, stalled_log[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    s2 = summary["server"][2]
+    assert s2["departures"] == 1 and s2["incarnation"] == 2, s2  # declared gone once, then rejoined
+    assert summary["stop_reason"] == "budget_tokens"
+    per_arrival = 3 * 4 * 32  # H × batch × seq_len, every worker alike
+    assert summary["tokens"] == -(-budget // per_arrival) * per_arrival  # the uninterrupted run's count
+    arrivals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "arrival"]
+    assert [r["arrival"] for r in arrivals] == list(range(1, summary["arrivals"] + 1))
+    records = read_jsonl(out / "metrics-rank2.jsonl")
+    rejoin_at = next(i for i, r in enumerate(records) if r["event"] == "rejoin")
+    assert records[rejoin_at]["incarnation"] == 2
+    assert any(r["event"] == "arrival" for r in records[rejoin_at:])  # it trained again
+    assert summary["ranks"][2]["incarnation"] == 2 and summary["ranks"][2]["rounds"] >= 1
+    # the stalled process's submission never arrived: worker 2's arrivals are its rounds before the
+    # stall and the replacement's
+    assert arrivals_by_worker(out)[2] == during[2] + summary["ranks"][2]["rounds"]
+    print(
+        f"\nstall noticed after {noticed_after:.1f} s; arrivals meanwhile {before} -> {during}; "
+        f"stalled rank exited {stalled_code}; exits after SIGCONT {ended}; replacement rounds {summary['ranks'][2]['rounds']}; "
+        f"run {summary['wall_time']:.0f} s, test {took:.0f} s"
+    )
