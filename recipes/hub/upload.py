@@ -272,21 +272,27 @@ class HubUploader:
         record = job.record
         error = None if future.cancelled() else future.exception()
         with self._cond:
-            if future.cancelled():
-                pass  # whoever cancelled it (push superseding it, or close) has recorded why
-            elif error is None:
-                record.state, record.commit_url = "ok", str(future.result().commit_url)
-                logger.info("Hub push %r done: %s", record.commit_message, record.commit_url)
-            else:
-                record.state, record.error = "failed", self._scrub(f"{type(error).__name__}: {error}")
-                logger.error(
-                    "Hub push %r failed; the local checkpoint is untouched, the next push tries again: %s",
-                    record.commit_message, record.error,
-                )  # fmt: skip
+            # A cancelled push was recorded by whoever cancelled it (a newer push, or close).
+            if not future.cancelled():
+                self._record_outcome(record, future, error)
             if self._queued is job:
                 self._queued = None
             self._unfinished.remove(job)
             self._cond.notify_all()
+
+    def _record_outcome(
+        self, record: PushRecord, future: Future[CommitInfo], error: BaseException | None
+    ) -> None:
+        """Record and log an upload that ran (under the lock, before waiters are woken)."""
+        if error is None:
+            record.state, record.commit_url = "ok", str(future.result().commit_url)
+            logger.info("Hub push %r done: %s", record.commit_message, record.commit_url)
+            return
+        record.state, record.error = "failed", self._scrub(f"{type(error).__name__}: {error}")
+        logger.error(
+            "Hub push %r failed; the local checkpoint is untouched, the next push tries again: %s",
+            record.commit_message, record.error,
+        )  # fmt: skip
 
     def _scrub(self, text: str) -> str:
         return redact_secrets(text, [self._token])
