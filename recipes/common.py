@@ -6,6 +6,7 @@ script imports the other's code.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -56,15 +57,22 @@ def begin_round(config: RecipeConfig, optimizer: torch.optim.Optimizer) -> None:
         optimizer.state.clear()
 
 
-def make_inner_optimizer(config: RecipeConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_inner_optimizer(
+    config: RecipeConfig, model: torch.nn.Module, warm_state: dict[str, Any] | None = None
+) -> torch.optim.Optimizer:
+    """The worker's inner AdamW, seeded with a copy of the warm start's state if given (a copy for
+    each: ``load_state_dict`` keeps same-device tensors shared)."""
     t = config.train
-    return torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=t.inner_lr,
         betas=(0.9, t.inner_beta2),
         weight_decay=t.inner_weight_decay,
         fused=True if t.fused_adamw else None,
     )
+    if warm_state is not None:
+        optimizer.load_state_dict(copy.deepcopy(warm_state))
+    return optimizer
 
 
 def inner_step(

@@ -150,14 +150,27 @@ class TrainArguments:
         default="outputs/pretrain_cache", metadata={"help": "Reuse identical warm starts across runs"}
     )
     budget_tokens: int | None = field(default=400_000, metadata={"help": "DiLoCo-phase tokens, all workers"})
-    budget_time: float | None = field(default=None, metadata={"help": "DiLoCo-phase virtual seconds"})
+    budget_time: float | None = field(
+        default=None,
+        metadata={
+            "help": "DiLoCo-phase seconds: virtual (simulate), real since the rounds started (distributed)"
+        },
+    )
     eval_every: int = field(default=10, metadata={"help": "Evaluate every N outer updates"})
     eval_times: list[float] = field(
-        default_factory=list, metadata={"help": "Also evaluate at these virtual times (for equal wall-clock)"}
+        default_factory=list,
+        metadata={"help": "Also evaluate at these times, in budget_time's seconds (for equal wall-clock)"},
     )
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N arrivals (0: only at the end)"})
-    keep_checkpoints: int = field(default=2)
-    resume_from: str | None = field(default=None, metadata={"help": "A checkpoint dir, or 'latest'"})
+    keep_checkpoints: int = field(
+        default=2, metadata={"help": "Checkpoints kept per run, newest first (0 keeps all)"}
+    )
+    resume_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "'latest' (the newest complete checkpoint of output_dir), or a checkpoint dir's path"
+        },
+    )
     stop_after_arrivals: int | None = field(
         default=None,
         metadata={
@@ -337,6 +350,8 @@ def _validate_the_rest(config: RecipeConfig) -> None:
         raise ValueError(f"max_staleness must be >= 0 or unset, got {o.max_staleness}")
     if t.pretrain_steps < 0 or t.save_every < 0:
         raise ValueError("pretrain_steps and save_every must be >= 0")
+    if t.keep_checkpoints < 0:
+        raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {t.keep_checkpoints}")
     if t.inner_lr <= 0:
         raise ValueError(f"inner_lr must be > 0, got {t.inner_lr}")
     if t.push_to_hub and not t.hub_model_id:

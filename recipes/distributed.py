@@ -1,9 +1,10 @@
 """mode=distributed: one DiLoCo worker per process, the aggregator in a server thread on rank 0.
 
-    accelerate launch --num_processes 4 recipes/train.py --config cfg.yaml --mode distributed --num_workers 4
+    accelerate launch --num_processes 4 recipes/train.py --config cfg.yaml --mode distributed \
+        --num_workers 4 --worker_speeds 1 1 1 1
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --config_file accelerate_configs/cpu.yaml \
-        recipes/train.py --config cfg.yaml --mode distributed --num_workers 3     # CPU processes, gloo
-    python recipes/train.py --mode distributed --num_workers 1 ...                # one process, no launcher
+        recipes/train.py --config cfg.yaml --mode distributed --num_workers 3 --worker_speeds 1 1 1  # gloo
+    python recipes/train.py --mode distributed --num_workers 1 --worker_speeds 1 ...  # no launcher
 
 Each process is one worker with its own full replica (never wrapped in DDP): worker id = rank, data =
 shard ``worker_{rank}``, inner AdamW state of its own. Setup is the only collective phase: the warm
@@ -28,31 +29,35 @@ stops the server, evaluates, writes the final checkpoint and ``summary.json``.
 Outputs (``output_dir``): ``metrics.jsonl`` (rank 0: every arrival as the server saw it and the
 evaluations, in the simulator's format; ``time`` is real seconds since the start), one
 ``metrics-rank{r}.jsonl`` per rank (its rounds: compute, emulated sleep, time blocked in the server
-call, loss, staleness, correction statistics), ``checkpoint-<arrivals>/`` written by rank 0 only
-in the simulator's format (``recipes.run_state``, mode ``distributed``: ``model/`` with the global
-model and tokenizer, ``aggregator.*``, ``run.*`` with the schedule, the metrics log's length and the
-round lengths, ``config.json``; no ``workers.*``: the workers' inner optimizer state and data
-position are not saved in this mode), ``summary.json``.
+call, loss, staleness, correction statistics), ``checkpoint-<arrivals>/`` written by rank 0 in the
+simulator's format (``recipes.run_state``, mode ``distributed``: ``model/`` with the global model and
+tokenizer, ``aggregator.*``, ``workers.*`` with the submissions the server took from each worker and
+the workers it had lost, ``run.*`` with the schedule and the metrics log's length, ``config.json``,
+``manifest.json``), each rank's own state as of that submission in
+``worker-states/rank{r}/submission-{s}/`` (``recipes.worker_state``), ``summary.json``.
 
 Faults: a worker that dies (connection closed) is logged by the server; the others go on and rank 0
-still writes a valid final checkpoint. Under ``accelerate launch``/torchrun the launcher's agent stops
-every local rank when one fails (SIGTERM, 30 s grace): rank 0 treats SIGTERM like Ctrl-C (stop the
-server, write a final checkpoint). Rank 0 hosts the aggregator (and, outside torchrun, the job's
-store): it must not die. See docs/distributed.md.
+still writes a valid final checkpoint. A worker can be restarted into the running job
+(``HELOCO_REJOIN=1``, ``recipes.distributed_rejoin``). If any rank dies, rank 0 included, every rank
+restarted with ``resume_from=latest`` continues from the newest complete checkpoint
+(``recipes.distributed_resume``); under ``accelerate launch --max_restarts N`` that happens by
+itself. Under ``accelerate launch``/torchrun the launcher's agent stops every local rank when one
+fails (SIGTERM, 30 s grace): rank 0 treats SIGTERM like Ctrl-C (stop the server, write a final
+checkpoint). See docs/distributed.md.
 
 Layout: this module is the entry point and reads top to bottom (setup and the identical-start check,
 rank 0's services, the transport, the worker phase, then a worker's exit or rank 0's shutdown);
 ``recipes.distributed_rank0`` holds rank 0's services (evaluation, checkpoints, shutdown, summary),
 ``recipes.distributed_server`` its gate and evaluation/checkpoint thread,
 ``recipes.distributed_worker`` the worker loop every rank runs, ``recipes.distributed_setup`` the
-process plumbing, ``recipes.distributed_rejoin`` a restarted worker, ``recipes.distributed_utils``
-the checks and small helpers.
+process plumbing, ``recipes.distributed_rejoin`` a restarted worker, ``recipes.distributed_resume``
+the choice of a checkpoint to resume from, ``recipes.worker_state`` each worker's part of it,
+``recipes.distributed_utils`` the checks and small helpers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import json
 import logging
@@ -253,21 +258,13 @@ def run_worker(
     """This rank's rounds until the server says stop. On rank 0 an interrupt or a failure of its own
     worker ends the run but is held back until the global model is saved; elsewhere it propagates."""
     d, t = config.data, config.train
-    optimizer = make_inner_optimizer(config, job.model)
-    if job.warm_state is not None:
-        optimizer.load_state_dict(copy.deepcopy(job.warm_state))
+    optimizer = make_inner_optimizer(config, job.model, job.warm_state)
     stream = TokenStream(job.shards[job.rank], d.batch_size, t.seed, stream_id=job.rank)
     resumed = job.resume.worker if job.resume is not None else None
     if resumed is not None:
         resumed.restore(optimizer, stream)
     submissions = job.resume.submissions[job.rank] if job.resume is not None else 0
-    checkpoints = WorkerCheckpoints(
-        Path(t.output_dir),
-        job.rank,
-        t.keep_checkpoints,
-        submissions,
-        keep_optimizer=not t.reset_inner_optimizer,
-    )
+    checkpoints = WorkerCheckpoints.for_run(config, job.rank, submissions)
     event = {"event": "start" if job.resume is None else "resume", "rank": job.rank}
     rank_log.write({**event, "pid": os.getpid(), "host": socket.gethostname(), "submissions": submissions})
     try:

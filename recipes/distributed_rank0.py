@@ -24,7 +24,7 @@ from recipes.distributed_utils import LockedLog, job_store
 from recipes.evaluation import Evaluator
 from recipes.methods import build_aggregator
 from recipes.model import count_parameters
-from recipes.run_state import RunState, read_checkpoint, write_checkpoint
+from recipes.run_state import RunState, final_checkpoint_error, read_checkpoint, write_checkpoint
 from recipes.tracking import MetricsLog
 
 if TYPE_CHECKING:
@@ -177,7 +177,13 @@ class RankZero:
         server.stop()
         background.finish(cancel=outcome.interrupted)
         final = self.evaluate_end() if outcome.finished else None
-        path = self.checkpoint(gate.final_snapshot(), final)
+        snapshot = gate.final_snapshot()
+        try:
+            path = self.checkpoint(snapshot, final)
+        except OSError as e:  # a full disk: say what a resume can still use
+            raise final_checkpoint_error(
+                self.output_dir / f"checkpoint-{snapshot.schedule['arrivals']}", e
+            ) from e
         self.job.accelerator.print(f"final checkpoint {path}")
         timeout = 5.0 if outcome.interrupted else self.config.diloco.comm_timeout_s
         reports = collect_reports(job_store(), server, self.job.world, rejoining, timeout, signals)

@@ -5,7 +5,6 @@ process group cannot be joined again, so ``Standalone`` stands in for the Accele
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import json
 import os
@@ -76,9 +75,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
     shards, _, metadata = load_data(config)
     model = make_model(config, metadata).to(device)
     warm_state = warm_start(config, model, shards, metadata, shim)  # the cache, normally
-    optimizer = make_inner_optimizer(config, model)
-    if warm_state is not None:
-        optimizer.load_state_dict(copy.deepcopy(warm_state))
+    optimizer = make_inner_optimizer(config, model, warm_state)
     output_dir = Path(t.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stream = TokenStream(shards[rank], d.batch_size, t.seed, stream_id=rank)
@@ -128,9 +125,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
         start=start,
         rank_log=rank_log,
         gate=None,
-        checkpoints=WorkerCheckpoints(  # its submission count comes from the server's first reply
-            output_dir, rank, t.keep_checkpoints, keep_optimizer=not t.reset_inner_optimizer
-        ),
+        checkpoints=WorkerCheckpoints.for_run(config, rank),  # its count: the server's first reply
         local_step=resumed.local_step if resumed is not None else 0,
     )
     report["incarnation"] = transport.incarnation

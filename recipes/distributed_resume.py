@@ -62,8 +62,13 @@ def choose_resume_point(config: RecipeConfig, accelerator: Accelerator) -> Resum
     held = gather_object([available_submissions(output_dir, accelerator.process_index, verify=True)])
     choice: list[object] = [None]
     if accelerator.is_main_process:
-        choice[0] = pick_checkpoint(output_dir, wanted, held)
+        try:
+            choice[0] = pick_checkpoint(output_dir, wanted, held)
+        except (FileNotFoundError, ValueError) as e:
+            choice[0] = e  # every rank raises it, not only rank 0
     broadcast_object_list(choice, from_process=0)
+    if isinstance(choice[0], Exception):
+        raise choice[0]
     path, submissions, gone = choice[0]  # type: ignore[misc]
     rank = accelerator.process_index
     mine = own_state_for(submissions[rank], held[rank], rank in gone)
@@ -85,7 +90,15 @@ def pick_checkpoint(output_dir: Path, wanted: str, held: list[list[int]]) -> tup
     """The newest complete checkpoint (``wanted="latest"``) or the named one if complete, with the
     submissions it recorded and the workers the server had lost; raises naming what is missing
     otherwise. ``held[r]``: the worker states rank r holds. A lost worker's state is not required."""
-    candidates = list(reversed(list_checkpoints(output_dir))) if wanted == "latest" else [Path(wanted)]
+    if wanted == "latest":
+        candidates = list(reversed(list_checkpoints(output_dir)))
+    elif Path(wanted).is_dir():
+        candidates = [Path(wanted)]
+    else:
+        raise FileNotFoundError(
+            f"resume_from={wanted!r}: no checkpoint directory there (a path, relative to the current "
+            f"directory, e.g. {output_dir / 'checkpoint-<n>'}; or 'latest')"
+        )
     refused = []
     for path in candidates:
         try:
@@ -94,6 +107,11 @@ def pick_checkpoint(output_dir: Path, wanted: str, held: list[list[int]]) -> tup
         except (OSError, ValueError) as e:
             refused.append(f"{path.name}: {e}")
         else:
+            if len(submissions) != len(held):
+                raise ValueError(
+                    f"{path} was written by a run of {len(submissions)} workers, this one has "
+                    f"{len(held)} (num_workers must stay the same to resume)"
+                )
             gone = [int(w) for w in state.workers.get("gone", [])]
             missing = [r for r, s in enumerate(submissions) if s > 0 and s not in held[r] and r not in gone]
             if not missing:

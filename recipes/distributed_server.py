@@ -104,10 +104,6 @@ class Gate:
     def tokens(self) -> int:
         return self.schedule.tokens
 
-    @property
-    def pending_eval_times(self) -> list[float]:
-        return self.schedule.pending_eval_times
-
     # -- clock and state ---------------------------------------------------------------------------
     def start(self, start: float) -> None:
         self.started = start - self.resumed_at

@@ -16,6 +16,7 @@ from recipes.common import begin_round, inner_step, set_inner_lr
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream
 from recipes.distributed_utils import emulate_slowdown, synchronize
+from recipes.schedule import budget_progress
 
 if TYPE_CHECKING:
     from recipes.distributed_server import Gate
@@ -151,12 +152,7 @@ def train_worker(
     before = optimizer.register_step_post_hook(timer.after_step)
 
     def progress() -> float:
-        parts = []
-        if t.budget_tokens:
-            parts.append(global_tokens / t.budget_tokens)
-        if t.budget_time:
-            parts.append((time.monotonic() - start) / t.budget_time)
-        return max(parts)
+        return budget_progress(t.budget_tokens, t.budget_time, global_tokens, time.monotonic() - start)
 
     try:
         entered = time.perf_counter()

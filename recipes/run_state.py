@@ -37,7 +37,14 @@ from typing import Any, Literal
 
 import torch
 
-from heloco.checkpoint import atomic_directory, list_checkpoints, load_state, prune_checkpoints, save_state
+from heloco.checkpoint import (
+    atomic_directory,
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+    prune_checkpoints,
+    save_state,
+)
 from recipes.config import RecipeConfig
 
 FORMAT_VERSION = 2  # 1: the simulator's and distributed mode's separate layouts before the redesign
@@ -207,3 +214,15 @@ def _manifest_files(path: Path) -> list[dict[str, Any]]:
         return [{"path": str(f["path"]), "size": int(f["size"]), "sha256": str(f["sha256"])} for f in files]
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpoint(f"checkpoint {path}: {MANIFEST} is unreadable ({e!r})") from e
+
+
+def final_checkpoint_error(path: Path, error: OSError) -> OSError:
+    """The final checkpoint's failure, saying what is left to resume from (the failed write left
+    the earlier checkpoints as they were)."""
+    last = latest_checkpoint(path.parent)
+    left = (
+        f"the last complete checkpoint, {last}, is still there (resume_from=latest continues from it)"
+        if last is not None
+        else "no earlier checkpoint exists"
+    )
+    return OSError(error.errno, f"the final checkpoint {path} could not be written ({error}); {left}")

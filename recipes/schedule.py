@@ -9,6 +9,17 @@ from typing import Any
 from recipes.config import TrainArguments
 
 
+def budget_progress(budget_tokens: int | None, budget_time: float | None, tokens: float, now: float) -> float:
+    """Share of the budget spent: the larger of the tokens' and the time's share (the inner
+    learning-rate schedule follows it, in both modes)."""
+    parts = []
+    if budget_tokens:
+        parts.append(tokens / budget_tokens)
+    if budget_time:
+        parts.append(now / budget_time)
+    return max(parts)
+
+
 class RunSchedule:
     """Counts arrivals and tokens and answers the schedule's questions; checkpointed with the run."""
 
@@ -25,13 +36,8 @@ class RunSchedule:
 
     # -- progress and budget -------------------------------------------------------------------------
     def progress(self, now: float) -> float:
-        """Share of the budget spent: the larger of the tokens' and the time's share."""
-        parts = []
-        if self.budget_tokens:
-            parts.append(self.tokens / self.budget_tokens)
-        if self.budget_time:
-            parts.append(now / self.budget_time)
-        return max(parts)
+        """Share of the budget spent (``budget_progress``)."""
+        return budget_progress(self.budget_tokens, self.budget_time, self.tokens, now)
 
     def past_time_budget(self, at: float) -> bool:
         return self.budget_time is not None and at > self.budget_time

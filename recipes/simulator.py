@@ -17,7 +17,7 @@ the same as if it had run concurrently, and runs are deterministic.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -115,7 +115,6 @@ class Arrival:
     train_loss: float
     data_checksum: int
     update: Update
-    released: list[int] = field(default_factory=list)
 
 
 class Simulator:
@@ -168,7 +167,7 @@ class Simulator:
         worker = self.workers[k]
         loss, checksum = self.inner_steps(worker, progress)
         update = self.sync(worker)
-        return Arrival(now, k, worker.inner_steps, loss, checksum, update, list(update.released))
+        return Arrival(now, k, worker.inner_steps, loss, checksum, update)
 
     def sync(self, worker: SimulatedWorker) -> Update:
         """End the worker's round: Δ, submit, continue from the answer (or wait for an open

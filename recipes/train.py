@@ -34,7 +34,6 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from heloco.aggregator import AsyncAggregator
-from heloco.checkpoint import latest_checkpoint
 from heloco.simulation import VirtualClock, dylu_steps
 from recipes.common import (
     load_data,
@@ -52,7 +51,13 @@ from recipes.evaluation import Evaluator
 from recipes.methods import build_aggregator
 from recipes.model import count_parameters
 from recipes.records import arrival_record
-from recipes.run_state import RunState, find_checkpoint, read_checkpoint, write_checkpoint
+from recipes.run_state import (
+    RunState,
+    final_checkpoint_error,
+    find_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from recipes.schedule import RunSchedule
 from recipes.simulator import Arrival, SimulatedWorker, Simulator
 from recipes.tracking import MetricsLog
@@ -225,18 +230,6 @@ def simulate(config: RecipeConfig, command: str | None = None) -> dict[str, Any]
     return summary
 
 
-def final_checkpoint_error(path: Path, error: OSError) -> OSError:
-    """The final checkpoint's failure, saying what is left to resume from (the failed write left
-    the earlier checkpoints as they were)."""
-    last = latest_checkpoint(path.parent)
-    left = (
-        f"the last complete checkpoint, {last}, is still there (resume_from=latest continues from it)"
-        if last is not None
-        else "no earlier checkpoint exists"
-    )
-    return OSError(error.errno, f"the final checkpoint {path} could not be written ({error}); {left}")
-
-
 def build_simulator(
     config: RecipeConfig,
     aggregator: AsyncAggregator,
@@ -253,9 +246,7 @@ def build_simulator(
     workers = []
     for k in range(o.num_workers):
         replica = copy.deepcopy(model)
-        optimizer = make_inner_optimizer(config, replica)
-        if warm_optimizer_state is not None:  # a copy each: load_state_dict keeps same-device tensors shared
-            optimizer.load_state_dict(copy.deepcopy(warm_optimizer_state))
+        optimizer = make_inner_optimizer(config, replica, warm_optimizer_state)
         stream = TokenStream(shards[k], d.batch_size, t.seed, stream_id=k)
         workers.append(SimulatedWorker(k, replica, optimizer, stream, steps[k], buffer_device))
     clock = VirtualClock(o.worker_speeds, o.speed_jitter, t.seed)

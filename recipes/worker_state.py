@@ -16,6 +16,7 @@ import contextlib
 import copy
 import logging
 import re
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ import torch
 
 from heloco.checkpoint import atomic_directory, load_state, save_state
 from recipes.common import rng_state, set_rng_state
+from recipes.config import RecipeConfig
 from recipes.data import TokenStream
 from recipes.run_state import CorruptCheckpoint, verify_checkpoint, write_manifest
 
@@ -96,7 +98,7 @@ class WorkerState:
         return cls(rank, submission, local_step, state, stream.state_dict(), rng_state())
 
     def write(self, output_dir: Path, keep: int) -> Path:
-        """Write atomically, then keep only this rank's ``keep`` newest parts."""
+        """Write atomically, then keep only this rank's ``keep`` newest parts (``keep <= 0``: all)."""
         path = part_path(output_dir, self.rank, self.submission)
         with atomic_directory(path) as tmp:
             save_state(
@@ -112,8 +114,9 @@ class WorkerState:
                 },
             )
             write_manifest(tmp)
-        for old in available_submissions(output_dir, self.rank)[:-keep]:
-            _remove(part_path(output_dir, self.rank, old))
+        if keep > 0:
+            for old in available_submissions(output_dir, self.rank)[:-keep]:
+                shutil.rmtree(part_path(output_dir, self.rank, old), ignore_errors=True)
         return path
 
     @classmethod
@@ -137,26 +140,42 @@ def _host_copy(value: Any) -> Any:
     return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
 
 
-def _remove(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
 class WorkerCheckpoints:
     """The worker side of the protocol: hold the state after the latest submission, write the one the
     server asks for."""
 
     def __init__(
-        self, output_dir: Path, rank: int, keep: int, submissions: int = 0, keep_optimizer: bool = True
+        self,
+        output_dir: Path,
+        rank: int,
+        keep: int,
+        submissions: int = 0,
+        keep_optimizer: bool = True,
+        enabled: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.keep_optimizer = keep_optimizer  # False when every round starts from a fresh AdamW
+        self.enabled = enabled  # False when no checkpoint will ask (save_every = 0): nothing is copied
         self.rank = rank
-        self.keep = max(2, keep + 1)
+        self.keep = 0 if keep <= 0 else max(2, keep + 1)  # 0: keep all, as prune_checkpoints
         self.submissions = submissions
         self.held: WorkerState | None = None
         self.written: list[int] = []
+
+    @classmethod
+    def for_run(cls, config: RecipeConfig, rank: int, submissions: int = 0) -> WorkerCheckpoints:
+        """As the run's config says: as many states kept as checkpoints (one more: a checkpoint
+        being written may need the newest), the AdamW moments only if rounds keep them, and nothing
+        at all without periodic checkpoints."""
+        t = config.train
+        return cls(
+            Path(t.output_dir),
+            rank,
+            t.keep_checkpoints,
+            submissions,
+            keep_optimizer=not t.reset_inner_optimizer,
+            enabled=t.save_every > 0,
+        )
 
     def after_submission(
         self, local_step: int, optimizer: torch.optim.Optimizer, stream: TokenStream, stats: dict[str, float]
@@ -165,6 +184,8 @@ class WorkerCheckpoints:
         state (``checkpoint_submission``: a checkpoint was taken at this arrival) and/or the previous
         one's (``checkpoint_previous``: one was taken while this worker computed its round)."""
         self.submissions += 1
+        if not self.enabled:
+            return
         previous = self.held
         self.held = WorkerState.take(
             self.rank, self.submissions, local_step, optimizer, stream, with_moments=self.keep_optimizer

@@ -313,3 +313,29 @@ def test_a_corrupted_worker_state_is_not_offered_to_a_resume(tmp_path, caplog):
     assert available_submissions(tmp_path, 0) == [1, 2]  # (listing alone does not hash)
     assert available_submissions(tmp_path, 0, verify=True) == [1]
     assert "does not match its sha256" in caplog.text
+
+
+def test_a_wrong_resume_path_or_another_worker_count_is_refused_naming_it(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match="resume_from='nowhere/checkpoint-3': no checkpoint directory"
+    ):
+        pick_checkpoint(tmp_path, "nowhere/checkpoint-3", [[], [], []])
+    server_checkpoint(tmp_path, 3, [1, 1, 1])
+    with pytest.raises(ValueError, match="a run of 3 workers, this one has 2"):
+        pick_checkpoint(tmp_path, "latest", [[1], [1]])
+    with pytest.raises(ValueError, match="keep_checkpoints must be >= 0"):
+        config_from_dict(values(out=tmp_path, keep_checkpoints=-1))
+
+
+def test_worker_states_follow_the_run_config(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    idle = WorkerCheckpoints.for_run(config_from_dict(values(out=tmp_path, save_every=0)), rank=0)
+    idle.after_submission(1, opt, stream(), {})
+    assert idle.submissions == 1 and idle.held is None  # no periodic checkpoint: nothing copied
+    kept_all = WorkerCheckpoints(tmp_path, rank=0, keep=0)
+    for _ in range(5):
+        kept_all.after_submission(
+            1, opt, stream(), {"checkpoint_submission": float(kept_all.submissions + 1)}
+        )
+    assert available_submissions(tmp_path, 0) == [1, 2, 3, 4, 5]  # keep_checkpoints 0 keeps all
