@@ -74,7 +74,8 @@ def heloco_step(
     foreach: bool,
 ) -> None:
     """HeLoCo's update of one param group: Δ̂ = Δ corrected as ``plan`` says (corrected blocks
-    written to ``correction_out``, ``grads`` only read), G = w·Δ̂, then the EMA-form Nesterov step::
+    written to ``correction_out``, ``grads`` then only read; with ``correction_out=None`` they are
+    corrected in ``grads`` in place), G = w·Δ̂, then the EMA-form Nesterov step::
 
         m ← μ·m + (1 − μ)·G
         θ ← θ − η·(G + μ·m)

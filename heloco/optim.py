@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import fields
-from numbers import Integral
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 from heloco.correction import CorrectionHParams, CorrectionStats, validate_correction_hparams
 from heloco.functional import delayed_nesterov_step, heloco_step, plan_heloco_correction
 from heloco.presets import DELAYED_NESTEROV_DEFAULTS, HELOCO_DEFAULTS, HELOCO_PRESETS, HELOCO_VARIANTS
-from heloco.validation import check_number
+from heloco.validation import check_number, is_int
 
 __all__ = [
     "DELAYED_NESTEROV_DEFAULTS",
@@ -47,9 +46,7 @@ def _check_foreach(foreach: object) -> None:
 
 
 def _check_step_args(staleness: int | None, weight: float | None) -> None:
-    if staleness is not None and (
-        not isinstance(staleness, Integral) or isinstance(staleness, bool) or staleness < 0
-    ):
+    if staleness is not None and (not is_int(staleness) or staleness < 0):
         raise ValueError(f"staleness must be None or an int >= 0, got {staleness!r}")
     if weight is not None:
         check_number("weight", weight, 0.0)
@@ -305,7 +302,7 @@ class DelayedNesterov(Optimizer):
         check_number("lr", group["lr"], 0.0)
         check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         n = group["buffer_size"]
-        if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"buffer_size must be an int >= 1, got {n!r}")
         check_number("activation", group["activation"], 0.0, 1.0 / n, high_open=False)
         _check_foreach(group["foreach"])

@@ -156,11 +156,6 @@ def receive(
     return incoming
 
 
-def _is_real(x: Any) -> bool:
-    """A finite real number (bools included)."""
-    return isinstance(x, numbers.Real) and math.isfinite(x)
-
-
 def check_aggregator_settings(
     num_workers: Any,
     quorum: Any,
@@ -180,12 +175,13 @@ def check_aggregator_settings(
         raise ValueError(f"quorum must be an int in [1, num_workers={num_workers}], got {quorum!r}")
     if staleness_weighting not in weightings:
         raise ValueError(f"staleness_weighting must be one of {weightings}, got {staleness_weighting!r}")
-    for name, value in (("staleness_a", staleness_a), ("staleness_b", staleness_b)):
-        if not (_is_real(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    check_number("staleness_a", staleness_a, 0.0)
+    check_number("staleness_b", staleness_b, 0.0)
     if max_staleness is not None and (not is_int(max_staleness) or max_staleness < 0):
         raise ValueError(f"max_staleness must be None or an int >= 0, got {max_staleness!r}")
     if arrival_weight is not None and (
-        isinstance(arrival_weight, bool) or not (_is_real(arrival_weight) and arrival_weight > 0)
+        not isinstance(arrival_weight, numbers.Real)
+        or isinstance(arrival_weight, bool)
+        or not (math.isfinite(arrival_weight) and arrival_weight > 0)
     ):
         raise ValueError(f"arrival_weight must be None or a finite number > 0, got {arrival_weight!r}")
