@@ -1,6 +1,7 @@
 """Run a method matrix on the same shards and seeds, then plot and tabulate the comparison.
 
     python recipes/compare.py --config recipes/configs/demo.yaml [--jobs 2] [--output_dir DIR] [--only LABEL ...]
+                              [--seeds 0 1]
 
 The YAML has a ``base`` mapping (recipes/train.py keys shared by every run), a ``methods`` mapping
 (label → overrides), ``seeds``, and where to put the results. Finished runs (summary.json present) are
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> str:
         "--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)"
     )
     parser.add_argument("--output_dir", default=None)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="run these seeds instead of the config's"
+    )
     parser.add_argument("--docs_dir", default=None, help="also copy plots + table here")
     parser.add_argument(
         "--only",
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> str:
     spec = load_matrix(args.config)
     if args.output_dir:
         spec["output_dir"] = args.output_dir
+    if args.seeds:
+        spec["seeds"] = args.seeds
     jobs = args.jobs or int(spec["jobs"])
     runs = run_configs(spec)
     if args.only:
