@@ -30,12 +30,14 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from heloco.simulation import VirtualClock
-from recipes.common import inner_step, make_inner_optimizer, make_model, quiet_libraries
+from heloco.transport import InProcessTransport
+from recipes.common import make_inner_optimizer, make_model, quiet_libraries
 from recipes.config import config_from_dict
 from recipes.data import TokenStream
 from recipes.methods import build_aggregator
 from recipes.run_state import RunState, write_checkpoint
 from recipes.simulator import SimulatedWorker, Simulator
+from recipes.worker_round import InnerLoop
 from recipes.worker_state import WorkerState
 
 
@@ -77,28 +79,20 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     data = torch.randint(0, 8192, (512, 128), generator=generator)
 
+    aggregator = build_aggregator(config, [p.detach().clone() for p in model.parameters()])
+    transport = InProcessTransport(aggregator)
     workers = []
     for w in range(k):
         replica = copy.deepcopy(model)
         stream = TokenStream(data, args.batch_size, 0, stream_id=w)
-        workers.append(
-            SimulatedWorker(
-                w,
-                replica,
-                make_inner_optimizer(config, replica),
-                stream,
-                args.inner_steps,
-                accelerator.device,
-            )
-        )
-    aggregator = build_aggregator(config, [p.detach().clone() for p in model.parameters()])
+        loop = InnerLoop(config, replica, make_inner_optimizer(config, replica), stream, accelerator)
+        workers.append(SimulatedWorker(w, loop, transport, args.inner_steps, accelerator.device))
     simulator = Simulator(config, aggregator, workers, VirtualClock([1.0] * k), accelerator)
     simulator.start()
-    worker = workers[0]
+    worker = workers[0].loop
 
     def round_() -> None:
-        for _ in range(args.inner_steps):
-            inner_step(worker.model, worker.optimizer, worker.stream.next_batch(), accelerator, 0.0)
+        worker.run(args.inner_steps, progress=lambda: 0.0)
 
     def take() -> WorkerState:
         return WorkerState.take(0, 1, worker.local_step, worker.optimizer, worker.stream)

@@ -35,6 +35,7 @@ from recipes.config import RecipeConfig, config_from_dict
 from recipes.data import TokenStream
 from recipes.methods import build_aggregator
 from recipes.simulator import SimulatedWorker, Simulator
+from recipes.worker_round import InnerLoop
 
 PACES = [1.0, 6.0, 6.0, 6.0, 6.0]  # the paper's moderate cell, seconds per inner step
 
@@ -137,8 +138,15 @@ def main() -> None:
 
     # explicit: the recipe's simulator
     explicit_agg = build_aggregator(config, masters())
+    explicit_transport = InProcessTransport(explicit_agg)
     workers = [
-        SimulatedWorker(k, m, o, s, args.inner_steps, accelerator.device)
+        SimulatedWorker(
+            k,
+            InnerLoop(config, m, o, s, accelerator),
+            explicit_transport,
+            args.inner_steps,
+            accelerator.device,
+        )
         for k, ((m, o), s) in enumerate(zip(replicas(), streams(), strict=True))
     ]
     simulator = Simulator(

@@ -10,8 +10,8 @@ Public API (stable names):
 
 from heloco.aggregator import AsyncAggregator, Update
 from heloco.correction import CorrectionStats, correct_pseudo_gradient
-from heloco.distributed.protocol import InProcessTransport
 from heloco.optim import HELOCO_DEFAULTS, DelayedNesterov, HeLoCo
+from heloco.transport import InProcessTransport
 from heloco.worker import DiLoCoWorker
 
 __all__ = [

@@ -5,8 +5,14 @@ every ``sync_every`` of them, sends the pseudo-gradient Δ = θ_start − θ_now
 the parameters it answers with. The inner optimizer's state (AdamW moments) stays on the worker and
 is never reset, as in DiLoCo (arXiv 2311.08105).
 
+Our own round loops (the simulator, a distributed rank) use the same class without the hooks: they run
+the inner steps themselves and call ``sync()`` where the round ends. When the transport can write its
+answer into given tensors (``InProcessTransport.writes_into_out``), the answer lands in θ_start
+directly, so a round writes four model-sized tensors: Δ, the aggregator's copy of it, the answer and
+the replica.
+
 A transport that sends from its own buffers (``DistributedTransport``) may offer them with an
-optional ``pseudo_grad_buffers()`` method (``heloco.distributed.protocol.BufferedTransport``): Δ is then computed straight into them (one pass, which
+optional ``pseudo_grad_buffers()`` method (``heloco.transport.BufferedTransport``): Δ is then computed straight into them (one pass, which
 also converts to the wire dtype) instead of into the worker's buffers and copied again when sent.
 """
 
@@ -19,7 +25,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from heloco.distributed.protocol import Transport
+from heloco.transport import Transport
 
 if TYPE_CHECKING:
     from heloco.aggregator import Update
@@ -97,6 +103,7 @@ class DiLoCoWorker:
             torch.empty_like(p, device=device if device is not None else p.device) for p in self.params
         ]
         self._delta: list[torch.Tensor] | None = None  # Δ's own buffers, made on first in-process use
+        self._answer_into_start = bool(getattr(transport, "writes_into_out", False))  # decided once
         self.base_version: int | None = None
         self.local_step = 0
         self.steps_since_sync = 0
@@ -158,10 +165,10 @@ class DiLoCoWorker:
                 return buffers
         if self._delta is None:
             self._delta = [torch.empty_like(s) for s in self._start]
-        torch._foreach_copy_(self._delta, self._start)
         if self._delta[0].device != now[0].device:
             now = [t.to(self._delta[0].device, non_blocking=True) for t in now]
-        torch._foreach_sub_(self._delta, now)
+        for delta, start, cur in zip(self._delta, self._start, now, strict=True):
+            torch.sub(start, cur, out=delta)  # one pass per tensor
         return self._delta
 
     def sync(self) -> Update:
@@ -170,7 +177,11 @@ class DiLoCoWorker:
             raise RuntimeError(
                 "worker has no base parameters yet; use it as a context manager or call pull()"
             )
-        update = self.transport.submit(self.worker_id, self.pseudo_gradient(), self.base_version)
+        delta = self.pseudo_gradient()
+        if self._answer_into_start:
+            update = self.transport.submit(self.worker_id, delta, self.base_version, out=self._start)
+        else:
+            update = self.transport.submit(self.worker_id, delta, self.base_version)
         self.steps_since_sync = 0
         self.last_update = update
         if update.params is None:
@@ -183,7 +194,10 @@ class DiLoCoWorker:
 
     def pull(self) -> Update:
         """Fetch the current global parameters (start, rejoin, or after a pending quorum completes)."""
-        update = self.transport.dispatch(self.worker_id)
+        if self._answer_into_start:
+            update = self.transport.dispatch(self.worker_id, out=self._start)
+        else:
+            update = self.transport.dispatch(self.worker_id)
         if update.params is None:
             raise RuntimeError(f"server sent no parameters to worker {self.worker_id} on dispatch")
         self.load(update.params, update.version)
@@ -197,7 +211,8 @@ class DiLoCoWorker:
             raise ValueError(f"server sent {len(params)} tensors, the model has {len(self.params)}")
         with record_function("heloco.load"):
             torch._foreach_copy_([p.data for p in self.params], list(params))
-            torch._foreach_copy_(self._start, list(params))
+            if any(a is not b for a, b in zip(params, self._start, strict=True)):  # else: answered there
+                torch._foreach_copy_(self._start, list(params))
         self.base_version = int(version)
         self.waiting = False
 

@@ -18,7 +18,7 @@ from transformers import HfArgumentParser
 
 from heloco.aggregator import DISPATCHES
 from heloco.correction import REORIENT_SCHEDULES
-from recipes.methods import METHOD_SPECS, METHODS
+from recipes.method_specs import METHOD_SPECS, METHODS
 from recipes.model import PRESETS
 
 MODES = ("simulate", "distributed")

@@ -72,8 +72,8 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from heloco.distributed.client import setup_transport
-from heloco.distributed.protocol import ServerHandle, TransportError
 from heloco.simulation import dylu_steps
+from heloco.transport import ServerHandle, TransportError
 from recipes.common import (
     load_data,
     make_inner_optimizer,

@@ -28,7 +28,7 @@ from recipes.run_state import RunState, final_checkpoint_error, read_checkpoint,
 from recipes.tracking import MetricsLog
 
 if TYPE_CHECKING:
-    from heloco.distributed.protocol import ServerHandle
+    from heloco.transport import ServerHandle
 
 
 def keep_records_until(path: Path, arrivals: int) -> int:

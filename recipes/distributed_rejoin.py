@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from heloco.distributed.protocol import TransportError
+from heloco.transport import TransportError
 from recipes.common import load_data, make_inner_optimizer, make_model, warm_start
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from heloco.distributed.protocol import ServerStopped
+from heloco.transport import ServerStopped
 from recipes.config import RecipeConfig
 from recipes.records import arrival_record
 from recipes.schedule import RunSchedule

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from heloco.distributed.protocol import ServerHandle
+from heloco.transport import ServerHandle
 from recipes.config import RecipeConfig
 from recipes.distributed_resume import ResumePoint
 from recipes.distributed_utils import AGENT_STORE_ENV, attempt_prefix

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from heloco import DiLoCoWorker
-from heloco.distributed.protocol import QuorumUnreachable, ServerStopped
+from heloco.transport import QuorumUnreachable, ServerStopped
 from recipes.common import begin_round, inner_step, set_inner_lr
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream

@@ -23,48 +23,17 @@ Any method's dispatch, arrival weight and correction knobs can be overridden fro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import torch
 
 from heloco import AsyncAggregator, DelayedNesterov, HeLoCo
 from heloco.optim import HELOCO_PRESETS
+from recipes.method_specs import METHOD_SPECS
 
 if TYPE_CHECKING:
     from recipes.config import RecipeConfig
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    optimizer: str  # "nesterov" (torch SGD), "delayed_nesterov" or "heloco"
-    lr: float  # default outer learning rate
-    variant: str = "none"  # HeLoCo's correction: "full", "project" or "none"
-    preset: str = "reference"  # HeLoCo hyperparameters (heloco.optim.HELOCO_PRESETS)
-    synchronous: bool = False  # quorum K instead of 1
-    dispatch: str = "plain"
-    inverse_sqrt_k_weight: bool = False  # arrival weight ρ = 1/√K
-    paper: bool = False  # defined as the HeLoCo authors define it
-
-
-METHOD_SPECS = MappingProxyType(
-    {
-        "sync": MethodSpec("nesterov", 0.7, synchronous=True, paper=True),
-        "async_nesterov": MethodSpec("nesterov", 0.07, inverse_sqrt_k_weight=True, paper=True),
-        "mla": MethodSpec("heloco", 0.7, inverse_sqrt_k_weight=True, paper=True),
-        "heloco": MethodSpec(
-            "heloco", 0.7, variant="full", dispatch="lookahead", inverse_sqrt_k_weight=True, paper=True
-        ),
-        "async": MethodSpec("nesterov", 0.025),
-        "async_dn": MethodSpec("delayed_nesterov", 0.35),
-        "lookahead": MethodSpec("heloco", 0.175, dispatch="scaled_lookahead"),
-        "async_ema": MethodSpec("heloco", 0.175),
-        "heloco_tiny": MethodSpec("heloco", 0.175, variant="full", preset="tiny_sweep"),
-        "heloco_project": MethodSpec("heloco", 0.175, variant="project", preset="tiny_sweep"),
-    }
-)
-METHODS = tuple(METHOD_SPECS)
 
 # Config fields that override the preset of a HeLoCo method (None in the config: the preset's value).
 CORRECTION_FIELDS = (

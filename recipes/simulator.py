@@ -1,14 +1,14 @@
 """The simulator of heterogeneous workers: K virtual workers in one process, in the order a virtual
 clock says they arrive.
 
-Each round is spelled out, with no hooks and no transport in between:
+Each round is the one both modes run (``recipes.worker_round``), spelled out with no hooks:
 
-    pop the next arrival → its H inner steps → Δ = θ_start − θ_now into a preallocated buffer →
-    ``aggregator.submit(Δ, out=θ_start)`` → θ_start copied into the replica
+    pop the next arrival → its H inner steps (``InnerLoop.run``) → ``DiLoCoWorker.sync()``: Δ = θ_start
+    − θ_now into its buffer, ``aggregator.submit(Δ, out=θ_start)`` through the in-process transport,
+    θ_start copied into the replica
 
 so a round writes four model-sized tensors of its own (Δ, the aggregator's copy of it, the answer,
-the replica) besides the outer optimizer's step. Users' own loops keep ``heloco.DiLoCoWorker``, whose
-hooks do the same for an unchanged training loop.
+the replica) besides the outer optimizer's step.
 
 A worker's round is computed when it arrives, from the parameters it was dispatched: the result is
 the same as if it had run concurrently, and runs are deterministic.
@@ -25,84 +25,82 @@ from accelerate import Accelerator
 
 from heloco.aggregator import AsyncAggregator, Update
 from heloco.simulation import VirtualClock
-from recipes.common import begin_round, inner_step, set_inner_lr
+from heloco.transport import InProcessTransport
+from heloco.worker import DiLoCoWorker
 from recipes.config import RecipeConfig
-from recipes.data import TokenStream
+from recipes.worker_round import InnerLoop
 
 
 class SimulatedWorker:
-    """One virtual worker: its replica, inner optimizer, data stream and the round's two buffers
-    (θ_start, where the server's answer lands, and Δ). Buffers live on ``buffer_device`` (the host
-    when idle workers are offloaded)."""
+    """One virtual worker: the ``InnerLoop`` of its replica, inner optimizer and data stream, and a
+    ``heloco.DiLoCoWorker`` over the in-process transport for θ_start, Δ and ``sync()`` (used
+    explicitly, no hooks). Its buffers live on ``buffer_device`` (the host when idle workers are
+    offloaded)."""
 
     def __init__(
         self,
         worker_id: int,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        stream: TokenStream,
+        loop: InnerLoop,
+        transport: InProcessTransport,
         inner_steps: int,
         buffer_device: torch.device,
     ) -> None:
         self.worker_id = worker_id
-        self.model = model
-        self.optimizer = optimizer
-        self.stream = stream
-        self.inner_steps = inner_steps
-        self.params = list(model.parameters())
-        self.start = [torch.empty_like(p, device=buffer_device) for p in self.params]
-        self.delta = [torch.empty_like(p, device=buffer_device) for p in self.params]
-        self.base_version: int | None = None
-        self.local_step = 0
-        self.waiting = False
+        self.loop = loop
+        self.diloco = DiLoCoWorker(
+            loop.model, loop.optimizer, transport, worker_id, inner_steps, start_device=buffer_device
+        )
+        self.buffer_device = buffer_device
 
-    @torch.no_grad()
-    def pseudo_gradient(self) -> list[torch.Tensor]:
-        """Δ = θ_start − θ_now, written into the Δ buffers in one pass."""
-        for d, s, p in zip(self.delta, self.start, self.params, strict=True):
-            torch.sub(s, p.detach(), out=d)
-        return self.delta
+    @property
+    def inner_steps(self) -> int:
+        return self.diloco.sync_every
 
-    @torch.no_grad()
-    def take(self, update: Update) -> None:
-        """The server wrote the parameters to continue from into θ_start: copy them into the replica."""
-        torch._foreach_copy_([p.data for p in self.params], self.start)
-        self.base_version = update.version
-        self.waiting = False
+    @property
+    def waiting(self) -> bool:
+        return self.diloco.waiting
 
     def move_to(self, device: torch.device) -> None:
         """Move the replica and its inner-optimizer state (offloading idle workers)."""
-        self.model.to(device)
-        for state in self.optimizer.state.values():
+        self.loop.model.to(device)
+        for state in self.loop.optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.ndim > 0:
                     state[key] = value.to(device)
 
     def state_dict(self) -> dict[str, Any]:
+        diloco = self.diloco.state_dict()
         return {
             "worker_id": self.worker_id,
             "inner_steps": self.inner_steps,
-            "base_version": self.base_version,
-            "local_step": self.local_step,
-            "waiting": self.waiting,
-            "start": [s.detach().clone() for s in self.start],
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "stream": self.stream.state_dict(),
+            "base_version": diloco["base_version"],
+            "local_step": self.loop.local_step,
+            "waiting": diloco["waiting"],
+            "start": diloco["start"],
+            "model": self.loop.model.state_dict(),
+            "optimizer": self.loop.optimizer.state_dict(),
+            "stream": self.loop.stream.state_dict(),
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["worker_id"] != self.worker_id:
             raise ValueError(f"state is for worker {state['worker_id']}, this is worker {self.worker_id}")
-        self.inner_steps = int(state["inner_steps"])
-        self.base_version = state["base_version"]
-        self.local_step = int(state["local_step"])
-        self.waiting = bool(state["waiting"])
-        torch._foreach_copy_(self.start, list(state["start"]))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.stream.load_state_dict(state["stream"])
+        self.diloco.load_state_dict(
+            {
+                "worker_id": self.worker_id,
+                "sync_every": state["inner_steps"],
+                "base_version": state["base_version"],
+                "local_step": state["local_step"],
+                "steps_since_sync": 0,
+                "waiting": state["waiting"],
+                "start": state["start"],
+            }
+        )
+        self.loop.local_step = int(state["local_step"])
+        self.loop.model.load_state_dict(state["model"])
+        self.loop.optimizer.load_state_dict(state["optimizer"])
+        self.loop.stream.load_state_dict(state["stream"])
 
 
 @dataclass
@@ -151,7 +149,7 @@ class Simulator:
             self.dispatch(worker)
 
     def dispatch(self, worker: SimulatedWorker) -> None:
-        worker.take(self.aggregator.dispatch(worker.worker_id, out=worker.start))
+        worker.diloco.pull()
         self.clock.start(worker.worker_id, worker.inner_steps)
 
     def next_time(self) -> float:
@@ -165,48 +163,23 @@ class Simulator:
         workers its submission released from a synchronous round start again."""
         now, k = self.clock.pop()
         worker = self.workers[k]
-        loss, checksum = self.inner_steps(worker, progress)
+        if self.offload:
+            worker.move_to(self.device)
+        result = worker.loop.run(worker.inner_steps, progress)
+        if self.offload:
+            worker.move_to(worker.buffer_device)
         update = self.sync(worker)
-        return Arrival(now, k, worker.inner_steps, loss, checksum, update)
+        return Arrival(now, k, result.steps, result.train_loss, result.data_checksum, update)
 
     def sync(self, worker: SimulatedWorker) -> Update:
-        """End the worker's round: Δ, submit, continue from the answer (or wait for an open
-        synchronous round); the workers the submission released start their next round."""
-        update = self.aggregator.submit(
-            worker.worker_id, worker.pseudo_gradient(), worker.base_version, out=worker.start
-        )
-        if update.params is None:
-            worker.waiting = True
-        else:
-            worker.take(update)
+        """End the worker's round (``DiLoCoWorker.sync``: Δ, submit, continue from the answer, or
+        wait for an open synchronous round); the workers the submission released start again."""
+        update = worker.diloco.sync()
+        if update.params is not None:
             self.clock.start(worker.worker_id, worker.inner_steps)
         for r in update.released:
             self.dispatch(self.workers[r])
         return update
-
-    def inner_steps(self, worker: SimulatedWorker, progress: Callable[[], float]) -> tuple[float, int]:
-        """H inner steps on the worker's own shard; returns the mean loss and a checksum of the
-        tokens seen (equal across methods at equal seeds)."""
-        config, optimizer = self.config, worker.optimizer
-        per_step_lr = config.train.lr_schedule == "worker_cosine"
-        begin_round(config, optimizer)
-        set_inner_lr(config, optimizer, progress(), worker.local_step)
-        if self.offload:
-            worker.move_to(self.device)
-        loss_sum = torch.zeros((), device=self.device)
-        checksum = 0
-        for _ in range(worker.inner_steps):
-            if per_step_lr:
-                set_inner_lr(config, optimizer, progress(), worker.local_step)
-            batch = worker.stream.next_batch()
-            checksum += int(batch.sum())
-            loss_sum += inner_step(
-                worker.model, optimizer, batch.to(self.device), self.accelerator, config.train.grad_clip
-            )
-            worker.local_step += 1
-        if self.offload:
-            worker.move_to(worker.start[0].device)
-        return float(loss_sum) / worker.inner_steps, checksum
 
     def state_dict(self) -> dict[str, Any]:
         return {"clock": self.clock.state_dict(), "workers": [w.state_dict() for w in self.workers]}

@@ -20,11 +20,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from transformers import AutoTokenizer
 
 from heloco.aggregator import AsyncAggregator
 from heloco.simulation import VirtualClock, dylu_steps
+from heloco.transport import InProcessTransport
 from recipes.common import (
     load_data,
     make_inner_optimizer,
@@ -47,10 +46,10 @@ from recipes.common import (
 )
 from recipes.config import RecipeConfig, parse_config
 from recipes.data import TokenStream
+from recipes.driver import InlineServices, RunDriver
 from recipes.evaluation import Evaluator
 from recipes.methods import build_aggregator
 from recipes.model import count_parameters
-from recipes.records import arrival_record
 from recipes.run_state import (
     RunState,
     final_checkpoint_error,
@@ -59,8 +58,9 @@ from recipes.run_state import (
     write_checkpoint,
 )
 from recipes.schedule import RunSchedule
-from recipes.simulator import Arrival, SimulatedWorker, Simulator
+from recipes.simulator import SimulatedWorker, Simulator
 from recipes.tracking import MetricsLog
+from recipes.worker_round import InnerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def simulate(config: RecipeConfig, command: str | None = None) -> dict[str, Any]
             version=aggregator.version,
         )
 
-    def checkpoint(losses: dict[str, float] | None = None, periodic: bool = True) -> None:
+    def checkpoint(at: float, losses: dict[str, float] | None = None, periodic: bool = True) -> None:
         """Write ``checkpoint-<arrivals>``. A periodic one that fails (a full disk) is logged and
         training goes on, the next one retries; the final one raises."""
         path = output_dir / f"checkpoint-{schedule.arrivals}"
@@ -160,7 +160,7 @@ def simulate(config: RecipeConfig, command: str | None = None) -> dict[str, Any]
             inner_steps=steps,
             workers=simulator.state_dict(),
             rng=rng_state(),
-            info={"time": clock.now, "version": aggregator.version},
+            info={"time": at, "version": aggregator.version},
         )
         model_now = evaluator.load(aggregator.global_params)
         try:
@@ -171,58 +171,36 @@ def simulate(config: RecipeConfig, command: str | None = None) -> dict[str, Any]
             logger.error("checkpoint %s failed (%s); training goes on, the next checkpoint retries", path, e)
             return
         if pusher is not None:
-            losses = losses or evaluate(clock.now, "checkpoint")
+            losses = losses or evaluate(at, "checkpoint")
             pusher.push_checkpoint(path, schedule.tokens, aggregator.version, losses)
 
-    if not schedule.evaluated_start:
-        evaluate(0.0, "start")
-        schedule.evaluated_start = True
+    driver = RunDriver(
+        schedule, aggregator, log, steps, tokens_per_step, InlineServices(evaluate, checkpoint)
+    )
+    driver.evaluate_start()
 
     # -- the rounds: the next worker to arrive runs its round and submits ------------------------------
-    def log_arrival(arrival: Arrival) -> None:
-        record = arrival_record(
-            arrival.update,
-            arrival=schedule.arrivals,
-            time=arrival.time,
-            tokens=schedule.tokens,
-            worker=arrival.worker,
-            inner_steps=arrival.inner_steps,
-            version=aggregator.version,
-            train_loss=arrival.train_loss,
-            data_checksum=arrival.data_checksum,
-        )
-        log.write(record, step=schedule.arrivals)
-
     started = time.perf_counter()
-    interrupted = run_rounds(
-        simulator, schedule, tokens_per_step, log_arrival, evaluate, checkpoint, t.progress
-    )
-    if interrupted:  # behave like a crash: no final checkpoint, no summary
+    stop_reason = run_rounds(simulator, driver, t.progress)
+    if stop_reason == "interrupted":  # behave like a crash: no final checkpoint, no summary
         log.close()
         accelerator.end_training()
         return {"interrupted": True, "arrivals": schedule.arrivals}
 
     # -- final evaluation, checkpoint, summary -------------------------------------------------------
-    for at in schedule.eval_times_before(math.inf):
-        evaluate(at, "time")
+    driver.evaluate_end()
     final = evaluate(clock.now, "final")
-    checkpoint(final, periodic=False)
-    summary = {
-        "method": o.method,
-        "outer_lr": config.outer_lr,
-        "seed": t.seed,
-        "arrivals": schedule.arrivals,
-        "outer_updates": aggregator.version,
-        "tokens": schedule.tokens,
-        "virtual_time": clock.now,
-        "final_val_loss": final,
-        "idle_time": clock.idle,
-        "busy_time": clock.busy,
-        "workers": aggregator.worker_stats(),
-        "elapsed_s": time.perf_counter() - started,
-        "hub_pushes": pusher.close() if pusher is not None else None,
-        "config": config.to_dict(),
-    }
+    checkpoint(clock.now, final, periodic=False)
+    summary = driver.summary(
+        config,
+        time=clock.now,
+        stop_reason=stop_reason,
+        final=final,
+        busy=list(clock.busy),
+        idle=list(clock.idle),
+        elapsed=time.perf_counter() - started,
+        hub_pushes=pusher.close() if pusher is not None else None,
+    )
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.close()
     accelerator.end_training()
@@ -243,27 +221,22 @@ def build_simulator(
     d, o, t = config.data, config.diloco, config.train
     steps = dylu_steps(o.worker_speeds, o.inner_steps) if o.dylu else [o.inner_steps] * o.num_workers
     buffer_device = torch.device("cpu") if o.offload_idle_workers else accelerator.device
+    transport = InProcessTransport(aggregator)
     workers = []
     for k in range(o.num_workers):
         replica = copy.deepcopy(model)
         optimizer = make_inner_optimizer(config, replica, warm_optimizer_state)
         stream = TokenStream(shards[k], d.batch_size, t.seed, stream_id=k)
-        workers.append(SimulatedWorker(k, replica, optimizer, stream, steps[k], buffer_device))
+        loop = InnerLoop(config, replica, optimizer, stream, accelerator)
+        workers.append(SimulatedWorker(k, loop, transport, steps[k], buffer_device))
     clock = VirtualClock(o.worker_speeds, o.speed_jitter, t.seed)
     return Simulator(config, aggregator, workers, clock, accelerator)
 
 
-def run_rounds(
-    simulator: Simulator,
-    schedule: RunSchedule,
-    tokens_per_step: int,
-    log_arrival: Callable[[Arrival], None],
-    evaluate: Callable[[float, str], Any],
-    checkpoint: Callable[[], None],
-    progress_bar: bool,
-) -> bool:
-    """Arrival after arrival until the budget is spent; True if ``stop_after_arrivals`` cut it short."""
-    clock, aggregator = simulator.clock, simulator.aggregator
+def run_rounds(simulator: Simulator, driver: RunDriver, progress_bar: bool) -> str:
+    """Arrival after arrival until the budget is spent; returns why it stopped: ``budget_tokens``,
+    ``budget_time``, or ``interrupted`` when ``stop_after_arrivals`` cut it short."""
+    clock, schedule = simulator.clock, driver.schedule
     bar = tqdm(
         total=1.0,
         desc=simulator.config.diloco.method,
@@ -271,25 +244,22 @@ def run_rounds(
         bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
     )
     try:
-        while True:
+        while not driver.finished():
             bar.n = min(schedule.progress(clock.now), 1.0)
-            bar.set_postfix(arrivals=schedule.arrivals, version=aggregator.version)
-            next_time = simulator.next_time()
-            if schedule.past_time_budget(next_time):
-                return False
-            if schedule.tokens_spent() and not simulator.waiting:  # an open synchronous round completes first
-                return False
-            for at in schedule.eval_times_before(next_time):
-                evaluate(at, "time")
+            bar.set_postfix(arrivals=schedule.arrivals, version=simulator.aggregator.version)
+            if not driver.admit(simulator.next_time()):
+                return "budget_time"
             arrival = simulator.step(progress=lambda: schedule.progress(clock.now))
-            schedule.count_arrival(arrival.inner_steps * tokens_per_step)
-            log_arrival(arrival)
-            if schedule.eval_after_update(arrival.update.applied, aggregator.version):
-                evaluate(arrival.time, "updates")
-            if schedule.checkpoint_due():
-                checkpoint()
-            if schedule.interrupt_due():
-                return True
+            arrived = driver.arrived(
+                arrival.worker,
+                arrival.update,
+                arrival.time,
+                train_loss=arrival.train_loss,
+                data_checksum=arrival.data_checksum,
+            )
+            if arrived.interrupt:
+                return "interrupted"
+        return "budget_tokens"
     finally:
         bar.close()
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from heloco.aggregator import AsyncAggregator
-from heloco.distributed.protocol import ServerStopped
+from heloco.transport import ServerStopped
 from recipes import distributed_utils
 from recipes.config import config_from_dict
 from recipes.distributed_server import Gate

@@ -19,7 +19,9 @@ from torch.distributed import HashStore, TCPStore
 
 from heloco.aggregator import AsyncAggregator, Update
 from heloco.distributed.client import DistributedTransport
-from heloco.distributed.protocol import (
+from heloco.distributed.server import DistributedServer
+from heloco.distributed.wire import FlatMessage, MessageHeader, MessageKind
+from heloco.transport import (
     AggregatorLike,
     InProcessTransport,
     QuorumUnreachable,
@@ -27,8 +29,6 @@ from heloco.distributed.protocol import (
     ServerStopped,
     TransportError,
 )
-from heloco.distributed.server import DistributedServer
-from heloco.distributed.wire import FlatMessage, MessageHeader, MessageKind
 
 SHAPES = [(3,), (2, 2)]
 

@@ -2,7 +2,8 @@
 
 Split by who needs what, so each process loads only what it uses:
 
-    protocol   Transport / Server / AggregatorLike interfaces, the errors, InProcessTransport (light; ``heloco`` uses it)
+    (heloco.transport, outside this package: the Transport / Server / AggregatorLike interfaces, the
+    errors and InProcessTransport; re-exported here)
     wire       message kinds, header, FlatMessage buffers, wire dtypes, where the two ends meet
     server     DistributedServer: the aggregator on the server rank (one thread per remote worker)
     session    one remote worker's slot and serving thread (used by the server)
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from heloco.distributed.client import DistributedTransport, setup_transport
-    from heloco.distributed.protocol import (
+    from heloco.distributed.server import DistributedServer
+    from heloco.distributed.wire import WIRE_DTYPES, FlatMessage, MessageHeader, MessageKind
+    from heloco.transport import (
         AggregatorLike,
         BufferedTransport,
         InProcessTransport,
@@ -30,26 +33,24 @@ if TYPE_CHECKING:
         Transport,
         TransportError,
     )
-    from heloco.distributed.server import DistributedServer
-    from heloco.distributed.wire import WIRE_DTYPES, FlatMessage, MessageHeader, MessageKind
 
 _MODULE_OF = {
-    "AggregatorLike": "protocol",
-    "BufferedTransport": "protocol",
-    "InProcessTransport": "protocol",
-    "QuorumUnreachable": "protocol",
-    "Server": "protocol",
-    "ServerHandle": "protocol",
-    "ServerStopped": "protocol",
-    "Transport": "protocol",
-    "TransportError": "protocol",
-    "WIRE_DTYPES": "wire",
-    "FlatMessage": "wire",
-    "MessageHeader": "wire",
-    "MessageKind": "wire",
-    "DistributedServer": "server",
-    "DistributedTransport": "client",
-    "setup_transport": "client",
+    "AggregatorLike": "heloco.transport",
+    "BufferedTransport": "heloco.transport",
+    "InProcessTransport": "heloco.transport",
+    "QuorumUnreachable": "heloco.transport",
+    "Server": "heloco.transport",
+    "ServerHandle": "heloco.transport",
+    "ServerStopped": "heloco.transport",
+    "Transport": "heloco.transport",
+    "TransportError": "heloco.transport",
+    "WIRE_DTYPES": "heloco.distributed.wire",
+    "FlatMessage": "heloco.distributed.wire",
+    "MessageHeader": "heloco.distributed.wire",
+    "MessageKind": "heloco.distributed.wire",
+    "DistributedServer": "heloco.distributed.server",
+    "DistributedTransport": "heloco.distributed.client",
+    "setup_transport": "heloco.distributed.client",
 }
 
 __all__ = [
@@ -77,7 +78,7 @@ def __getattr__(name: str) -> Any:
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 

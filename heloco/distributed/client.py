@@ -20,7 +20,6 @@ from torch import Tensor
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store
 
 from heloco.aggregator import Update
-from heloco.distributed.protocol import InProcessTransport, QuorumUnreachable, ServerStopped, TransportError
 from heloco.distributed.wire import (
     MESSAGE_TAG,
     SERVER_PAIR_RANK,
@@ -34,6 +33,7 @@ from heloco.distributed.wire import (
     pair_store,
     shapes_and_dtype,
 )
+from heloco.transport import InProcessTransport, QuorumUnreachable, ServerStopped, TransportError
 
 if TYPE_CHECKING:
     from heloco.distributed.server import DistributedServer

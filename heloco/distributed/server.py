@@ -18,7 +18,7 @@ round that the remaining submissions now complete is closed at once. With ``shri
 the waiting workers get ``QuorumUnreachable`` at once when too few workers remain.
 
 What the server uses of what it serves is declared, not probed: a plain ``Server`` (``dispatch`` and
-``submit``) is enough; an ``AggregatorLike`` (``heloco.distributed.protocol``: ``AsyncAggregator``, the
+``submit``) is enough; an ``AggregatorLike`` (``heloco.transport``: ``AsyncAggregator``, the
 recipes' gate) also gets ``out=``, its ``quorum`` and ``remove_worker``. Which one it is is decided
 once, when the server is built.
 """
@@ -39,9 +39,9 @@ from torch import Tensor
 from torch.distributed import Store
 
 from heloco.aggregator import AsyncAggregator, Update
-from heloco.distributed.protocol import AggregatorLike, QuorumUnreachable, Server, ServerStopped
 from heloco.distributed.session import WorkerSession, WorkerSlot
 from heloco.distributed.wire import FlatMessage, as_timedelta, check_wire_dtype, shapes_and_dtype
+from heloco.transport import AggregatorLike, QuorumUnreachable, Server, ServerStopped
 
 __all__ = ["DistributedServer"]
 
@@ -114,7 +114,7 @@ class DistributedServer:
             raise ValueError(
                 f"aggregator must have callable dispatch() and submit(); got {type(aggregator).__name__}"
             )
-        # Decided once: what the server may use besides dispatch/submit (heloco.distributed.protocol).
+        # Decided once: what the server may use besides dispatch/submit (heloco.transport).
         full = isinstance(aggregator, AggregatorLike)
         if not isinstance(shrink_quorum, bool):
             raise ValueError(f"shrink_quorum must be True or False, got {shrink_quorum!r}")

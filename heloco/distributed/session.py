@@ -25,17 +25,17 @@ srun without kill-on-bad-exit). The job's store lives on the rank that created i
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from torch import Tensor
 from torch.distributed import ProcessGroupGloo, Store
 
 from heloco.aggregator import Update
-from heloco.distributed.protocol import QuorumUnreachable, ServerStopped
 from heloco.distributed.wire import (
     MESSAGE_TAG,
     SERVER_PAIR_RANK,
@@ -46,15 +46,36 @@ from heloco.distributed.wire import (
     incarnation_key,
     pair_store,
 )
+from heloco.transport import QuorumUnreachable, ServerStopped
 
-if TYPE_CHECKING:
-    from heloco.distributed.server import DistributedServer
-
-__all__ = ["WorkerSession", "WorkerSlot"]
+__all__ = ["SessionHost", "WorkerSession", "WorkerSlot"]
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often a server thread looks for a (re)connecting worker in the store
+
+
+class SessionHost(Protocol):
+    """What a session needs of the server it serves for (``DistributedServer``): its answers, whether it
+    stopped, and its settings. A protocol, so that this module does not import the server's."""
+
+    prefix: str
+    store: Store
+    shapes: list[tuple[int, ...]]
+    wire_dtype: Any
+    info_capacity: int
+    timeout: datetime.timedelta
+    connect_timeout: datetime.timedelta
+    rejoin_timeout: float
+
+    @property
+    def stopped(self) -> bool: ...
+
+    def dispatch(self, worker_id: int, *, out: Sequence[Tensor] | None = None) -> Update: ...
+
+    def submit(
+        self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int, *, out: Any = None
+    ) -> Update: ...
 
 
 @dataclasses.dataclass
@@ -135,7 +156,7 @@ class WorkerSession:
 
     def __init__(
         self,
-        server: DistributedServer,
+        server: SessionHost,
         slot: WorkerSlot,
         cond: threading.Condition,
         on_gone: Callable[[int], None],

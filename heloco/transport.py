@@ -12,6 +12,7 @@ care where the server lives: in this process (``InProcessTransport``) or on anot
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -160,7 +161,9 @@ class InProcessTransport:
     """Forwards ``dispatch``/``submit`` to an aggregator (or a ``DistributedServer``) in this process.
 
     Used by the simulator, and by the server rank's own worker in distributed mode (wrapping the
-    ``DistributedServer``, whose ``submit`` waits for a synchronous round to complete).
+    ``DistributedServer``, whose ``submit`` waits for a synchronous round to complete). When the target
+    takes ``out=`` (``AsyncAggregator`` and ``DistributedServer`` do; decided once, from its signature),
+    ``writes_into_out`` is true and the answer can be written straight into the worker's θ_start.
     """
 
     def __init__(self, aggregator: Server) -> None:
@@ -170,11 +173,25 @@ class InProcessTransport:
                     f"aggregator must have a callable {method}(); got {type(aggregator).__name__}"
                 )
         self.aggregator = aggregator
+        self.writes_into_out = all(
+            "out" in inspect.signature(getattr(aggregator, m)).parameters for m in ("dispatch", "submit")
+        )
 
-    def dispatch(self, worker_id: int) -> Update:
+    def dispatch(self, worker_id: int, *, out: Sequence[Tensor] | None = None) -> Update:
+        if out is not None and self.writes_into_out:
+            return self.aggregator.dispatch(worker_id, out=out)
         return self.aggregator.dispatch(worker_id)
 
-    def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int) -> Update:
+    def submit(
+        self,
+        worker_id: int,
+        pseudo_grads: Sequence[Tensor],
+        base_version: int,
+        *,
+        out: Sequence[Tensor] | None = None,
+    ) -> Update:
+        if out is not None and self.writes_into_out:
+            return self.aggregator.submit(worker_id, pseudo_grads, base_version, out=out)
         return self.aggregator.submit(worker_id, pseudo_grads, base_version)
 
     def leave(self, worker_id: int) -> None:
