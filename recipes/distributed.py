@@ -98,6 +98,7 @@ from recipes.distributed_utils import (
     slowdown_factors,
 )
 from recipes.distributed_worker import train_worker
+from recipes.worker_round import InnerLoop
 from recipes.worker_state import WorkerCheckpoints
 
 logger = logging.getLogger(__name__)
@@ -268,21 +269,18 @@ def run_worker(
     event = {"event": "start" if job.resume is None else "resume", "rank": job.rank}
     rank_log.write({**event, "pid": os.getpid(), "host": socket.gethostname(), "submissions": submissions})
     try:
+        local_step = resumed.local_step if resumed is not None else 0
         report = train_worker(
             config=config,
             rank=job.rank,
-            model=job.model,
-            optimizer=optimizer,
+            loop=InnerLoop(config, job.model, optimizer, stream, job.accelerator, local_step),
             transport=transport,
-            stream=stream,
             steps=job.steps[job.rank],
             slowdown=job.slowdowns[job.rank],
-            accelerator=job.accelerator,
             start=start,
             rank_log=rank_log,
             gate=rank0.gate if rank0 is not None else None,
             checkpoints=checkpoints,
-            local_step=resumed.local_step if resumed is not None else 0,
         )
     except KeyboardInterrupt:
         if rank0 is None:

@@ -212,35 +212,28 @@ class RankZero:
         elapsed: float,
         hub_history: Any,
     ) -> dict[str, Any]:
-        o, t = self.config.diloco, self.config.train
+        o = self.config.diloco
         gate, job = self.gate, self.job
         ranks = [reports.get(r) for r in range(job.world)]
-        return {
-            "method": o.method,
-            "mode": "distributed",
-            "seed": t.seed,
-            "world_size": job.world,
-            "arrivals": gate.arrivals,
-            "outer_updates": gate.aggregator.version,
-            "tokens": gate.tokens,
-            "wall_time": gate.close_time,
-            "stop_reason": gate.stop_reason,
-            "final_val_loss": final,
-            "idle_time": [r.get("idle_s") if r else None for r in ranks],
-            "busy_time": [r.get("busy_s") if r else None for r in ranks],
-            "idle_fraction": [r.get("idle_fraction") if r else None for r in ranks],
-            "ranks": ranks,
-            "inner_steps": job.steps,
-            "measured_speeds": job.measured if o.dylu else None,
-            "slowdown": job.slowdowns,
-            "workers": gate.aggregator.worker_stats(),
-            "server": server.worker_stats(),
-            "evals_skipped": gate.evals_skipped,
-            "background_error": repr(self.background.error) if self.background.error else None,
-            "elapsed_s": elapsed,
-            "hub_pushes": hub_history,
-            "config": self.config.to_dict(),
-        }
+        return gate.driver.summary(
+            self.config,
+            time=gate.close_time,
+            stop_reason=gate.stop_reason,
+            final=final,
+            busy=[r.get("busy_s") if r else None for r in ranks],
+            idle=[r.get("idle_s") if r else None for r in ranks],
+            elapsed=elapsed,
+            hub_pushes=hub_history,
+            evals_skipped=gate.evals_skipped,
+            background_error=repr(self.background.error) if self.background.error else None,
+            distributed={
+                "world_size": job.world,
+                "ranks": ranks,
+                "measured_speeds": job.measured if o.dylu else None,
+                "slowdown": job.slowdowns,
+                "server": server.worker_stats(),
+            },
+        )
 
     def close(self) -> None:
         self.log.close()

@@ -30,6 +30,7 @@ from recipes.distributed_utils import (
     slowdown_factors,
 )
 from recipes.distributed_worker import train_worker
+from recipes.worker_round import InnerLoop
 from recipes.worker_state import WorkerCheckpoints, WorkerState, available_submissions
 
 REJOIN_ENV = "HELOCO_REJOIN"  # =1: this process restarts a worker of a running job (see rejoin_worker)
@@ -112,21 +113,18 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
             "time": time.monotonic() - start,
         }
     )
+    local_step = resumed.local_step if resumed is not None else 0
     report = train_worker(
         config=config,
         rank=rank,
-        model=model,
-        optimizer=optimizer,
+        loop=InnerLoop(config, model, optimizer, stream, shim, local_step),
         transport=transport,
-        stream=stream,
         steps=o.inner_steps,
         slowdown=slowdown_factors(o.worker_speeds)[rank],
-        accelerator=shim,
         start=start,
         rank_log=rank_log,
         gate=None,
         checkpoints=WorkerCheckpoints.for_run(config, rank),  # its count: the server's first reply
-        local_step=resumed.local_step if resumed is not None else 0,
     )
     report["incarnation"] = transport.incarnation
     with contextlib.suppress(TransportError):

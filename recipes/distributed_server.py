@@ -18,7 +18,7 @@ import torch
 
 from heloco.transport import ServerStopped
 from recipes.config import RecipeConfig
-from recipes.records import arrival_record
+from recipes.driver import RunDriver
 from recipes.schedule import RunSchedule
 
 if TYPE_CHECKING:
@@ -56,14 +56,14 @@ class Snapshot:
 
 
 class Gate:
-    """What the ``DistributedServer`` serves on rank 0: the aggregator plus the run's bookkeeping.
+    """What the ``DistributedServer`` serves on rank 0: the aggregator behind the run's driver.
 
     Every submission passes here (from the server threads, and rank 0's worker in process), one at a
-    time: it is refused once the budget is spent, counted (tokens = H_w × batch × seq_len), logged to
-    metrics.jsonl, and schedules evaluations (every ``eval_every`` outer updates, and at the
-    ``eval_times`` in seconds) and checkpoints (every ``save_every`` arrivals) from consistent
-    snapshots taken here; the work itself runs in the ``Background`` thread. The ``schedule`` (a
-    ``RunSchedule``, as in the simulator) counts and decides; time is real seconds since ``start``.
+    time, under one lock, through the same ``RunDriver`` as the simulator's arrivals: refused once the
+    budget is spent, counted (tokens = H_w × batch × seq_len), logged to metrics.jsonl, and
+    evaluations and checkpoints scheduled from consistent snapshots taken here; the work itself runs
+    in the ``Background`` thread. What is the gate's own: the real clock (seconds since ``start``),
+    closing the run, and which worker states a checkpoint needs.
     """
 
     def __init__(
@@ -81,6 +81,7 @@ class Gate:
         self.steps = steps
         self.tokens_per_step = tokens_per_step
         self.schedule = RunSchedule(config.train)
+        self.driver = RunDriver(self.schedule, aggregator, log, steps, tokens_per_step, services=self)
         self.log = log
         self.background = background
         self.lock = threading.Lock()
@@ -108,9 +109,7 @@ class Gate:
     def start(self, start: float) -> None:
         self.started = start - self.resumed_at
         with self.lock:
-            if not self.schedule.evaluated_start:
-                self._eval(0.0, "start")
-                self.schedule.evaluated_start = True
+            self.driver.evaluate_start()
 
     def restore(self, schedule: dict[str, Any], submissions: list[int], elapsed: float) -> None:
         """Continue a checkpointed run: its counts and pending evaluations, the submissions taken
@@ -165,35 +164,39 @@ class Gate:
             return self.aggregator.remove_worker(worker_id)
 
     def submit(self, worker_id: int, pseudo_grads: Any, base_version: int, *, out: Any = None) -> Any:
-        schedule = self.schedule
+        """The aggregator's ``submit`` behind the run's driver (``recipes.driver``, as in the
+        simulator): refused once the run is over, counted, logged, evaluated and checkpointed when
+        due; the reply's statistics carry the run's tokens, the worker states a checkpoint needs and
+        ``stop`` when this arrival ended the run."""
         with self.lock:
             if self.closed.is_set():
                 raise ServerStopped(f"the run is over ({self.stop_reason}); no more rounds")
             now = self.now()
-            for at in schedule.eval_times_before(now):
-                self._eval(at, "time")  # the model as it was at that time
-            if schedule.past_time_budget(now):
+            if not self.driver.admit(now):
                 self._close("budget_time")  # arrivals after the deadline do not count (as simulated)
-                raise ServerStopped(f"the time budget of {schedule.budget_time} s is spent")
+                raise ServerStopped(f"the time budget of {self.schedule.budget_time} s is spent")
             update = self.aggregator.submit(worker_id, pseudo_grads, base_version, out=out)
-            schedule.count_arrival(self.steps[worker_id] * self.tokens_per_step)
             self.submissions[worker_id] += 1
-            self._log_arrival(update, worker_id, now)
             requests = self._state_requests(worker_id)
-            if schedule.eval_after_update(update.applied, self.aggregator.version):
-                self._eval(now, "updates")
-            if schedule.checkpoint_due():
-                self.background.put_checkpoint(self._snapshot(now))
+            arrived = self.driver.arrived(worker_id, update, now)
+            if arrived.checkpoint:
                 requests |= self._request_states(worker_id)
-            if schedule.interrupt_due() and not self.resumed:  # fault injection: rank 0 crashes once
-                logger.error("stop_after_arrivals=%d: rank 0 kills itself", schedule.stop_after_arrivals)
+            if arrived.interrupt and not self.resumed:  # fault injection: rank 0 crashes once
+                logger.error("stop_after_arrivals=%d: rank 0 kills itself", self.schedule.stop_after_arrivals)
                 os.kill(os.getpid(), signal.SIGKILL)
-            if schedule.tokens_spent() and not self.aggregator.pending_workers:
-                self._close("budget_tokens")  # (an open synchronous round completes first)
-            update.stats = {**update.stats, **requests, "tokens": float(schedule.tokens)}
+            if arrived.finished:
+                self._close("budget_tokens")
+            update.stats = {**update.stats, **requests, "tokens": float(self.schedule.tokens)}
             if self.closed.is_set():
                 update.stats["stop"] = 1.0
             return update
+
+    # -- the driver's services: evaluations and checkpoints go to the background thread ---------------
+    def evaluate(self, at: float, reason: str) -> None:
+        self._eval(at, reason)
+
+    def checkpoint(self, at: float) -> None:
+        self.background.put_checkpoint(self._snapshot(at))
 
     def _state_requests(self, worker_id: int) -> dict[str, float]:
         """A checkpoint taken while this worker computed its round needs its state as of its
@@ -209,18 +212,6 @@ class Gate:
                 self.state_requests[other] = self.requested[other] = count
         self.requested[worker_id] = self.submissions[worker_id]
         return {"checkpoint_submission": float(self.submissions[worker_id])}
-
-    def _log_arrival(self, update: Any, worker_id: int, now: float) -> None:
-        record = arrival_record(
-            update,
-            arrival=self.schedule.arrivals,
-            time=now,
-            tokens=self.schedule.tokens,
-            worker=worker_id,
-            inner_steps=self.steps[worker_id],
-            version=self.aggregator.version,
-        )
-        self.log.write(record, step=self.schedule.arrivals)
 
     # -- snapshots for the background thread (taken under the lock) -----------------------------------
     def _snapshot(self, at: float, stop_reason: str | None = None) -> Snapshot:

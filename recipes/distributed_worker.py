@@ -1,22 +1,23 @@
-"""Distributed mode, the worker side every rank runs: the round loop (``train_worker``) and the
-``_RoundTimer`` that measures compute, emulated sleep and time blocked in the server call."""
+"""Distributed mode, the worker side every rank runs: the round loop (``train_worker``: the same
+``InnerLoop.run`` then ``DiLoCoWorker.sync()`` as the simulator) and the ``RoundTimer`` that measures
+compute, emulated sleep and time blocked in the server call."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import Accelerator
 
 from heloco import DiLoCoWorker
 from heloco.transport import QuorumUnreachable, ServerStopped
-from recipes.common import begin_round, inner_step, set_inner_lr
 from recipes.config import RecipeConfig
-from recipes.data import TokenStream
 from recipes.distributed_utils import emulate_slowdown, synchronize
 from recipes.schedule import budget_progress
+from recipes.worker_round import InnerLoop
 
 if TYPE_CHECKING:
     from recipes.distributed_server import Gate
@@ -26,39 +27,38 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class _RoundTimer:
-    """Per-step compute time, emulated slowdown and time blocked in the server call, via two post-step
-    hooks on the inner optimizer around DiLoCoWorker's own (hooks run in registration order)."""
+class RoundTimer:
+    """A rank's time, per round and in all: compute, emulated slowdown (sleep) and time blocked in
+    the server call. The round loop calls ``after_step`` after each inner step and wraps ``sync()``
+    in ``blocked()``; nothing is hooked into the optimizer."""
 
     def __init__(self, slowdown: float, device: torch.device) -> None:
         self.slowdown = slowdown
         self.device = device
         self.compute = self.sleep = self.idle = 0.0
         self.round = {"compute_s": 0.0, "sleep_s": 0.0, "idle_s": 0.0}
-        self._step_start = 0.0
-        self._sync_start = 0.0
 
-    def begin_step(self) -> None:
-        self._step_start = time.perf_counter()
-
-    def after_step(self, *_: Any) -> None:  # registered before the worker's hook: runs before a submit
+    def after_step(self, began: float) -> None:
+        """One inner step that began at ``began`` (``time.perf_counter()``) is done: count its compute
+        and sleep ``(slowdown − 1) ×`` as long."""
         synchronize(self.device)
-        compute = time.perf_counter() - self._step_start
+        compute = time.perf_counter() - began
         slept = emulate_slowdown(compute, self.slowdown)
         self.compute += compute
         self.sleep += slept
         self.round["compute_s"] += compute
         self.round["sleep_s"] += slept
-        self._sync_start = time.perf_counter()
 
-    def after_sync(self, worker: DiLoCoWorker) -> Any:  # registered after the worker's hook
-        def hook(*_: Any) -> None:
-            if worker.steps_since_sync == 0:  # the worker's hook just submitted and loaded the reply
-                blocked = time.perf_counter() - self._sync_start
-                self.idle += blocked
-                self.round["idle_s"] += blocked
-
-        return hook
+    @contextlib.contextmanager
+    def blocked(self) -> Iterator[None]:
+        """Time spent waiting for the server (a submission and its reply, or a dispatch)."""
+        entered = time.perf_counter()
+        try:
+            yield
+        finally:
+            waited = time.perf_counter() - entered
+            self.idle += waited
+            self.round["idle_s"] += waited
 
     def new_round(self) -> None:
         self.round = {"compute_s": 0.0, "sleep_s": 0.0, "idle_s": 0.0}
@@ -103,20 +103,13 @@ def why_the_server_ended(error: Exception, gate: Gate | None, rank: int) -> str:
 
 
 def skip_refused_round(
-    worker: DiLoCoWorker,
-    optimizer: torch.optim.Optimizer,
-    rank_log: JsonLines,
-    rank: int,
-    rounds: int,
-    refused: ValueError,
+    worker: DiLoCoWorker, rank_log: JsonLines, rank: int, rounds: int, refused: ValueError
 ) -> None:
     """The server refused this round's Δ (NaN or Inf, a wrong shape, a version from the future) and
     left the global model unchanged: log it, drop the round and start the next one from the current
     global parameters."""
     logger.warning("rank %d: the server refused round %d's pseudo-gradient: %s", rank, rounds + 1, refused)
     rank_log.write({"event": "refused", "rank": rank, "round": rounds + 1, "error": str(refused)})
-    optimizer.zero_grad(set_to_none=True)  # the step ran; its zero_grad did not
-    worker.steps_since_sync = 0
     worker.pull()
 
 
@@ -124,103 +117,75 @@ def train_worker(
     *,
     config: RecipeConfig,
     rank: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    loop: InnerLoop,
     transport: Any,
-    stream: TokenStream,
     steps: int,
     slowdown: float,
-    accelerator: Accelerator,
     start: float,
     rank_log: JsonLines,
     gate: Gate | None,
     checkpoints: WorkerCheckpoints,
-    local_step: int = 0,
 ) -> dict[str, Any]:
     """Rounds of ``steps`` inner steps until the server says stop; returns this rank's report.
-    After each submission ``checkpoints`` keeps this worker's state and writes what the server asks
-    for; ``local_step``: the inner steps of a resumed worker so far (its learning-rate schedule)."""
+    Each round is ``loop.run`` then ``worker.sync()``, as in the simulator. After each submission
+    ``checkpoints`` keeps this worker's state and writes what the server asks for."""
     t = config.train
-    device = accelerator.device
-    timer = _RoundTimer(slowdown, device)
-    worker = DiLoCoWorker(model, optimizer, transport, rank, steps)
-    worker.local_step = local_step
-    tokens_per_step = stream.tokens_per_batch
+    timer = RoundTimer(slowdown, loop.accelerator.device)
+    worker = DiLoCoWorker(loop.model, loop.optimizer, transport, rank, steps)  # explicit: pull, sync
+    tokens_per_step = loop.stream.tokens_per_batch
     global_tokens = 0.0
     rounds = wasted = rejected = 0
     reason = "unknown"
-    before = optimizer.register_step_post_hook(timer.after_step)
 
     def progress() -> float:
         return budget_progress(t.budget_tokens, t.budget_time, global_tokens, time.monotonic() - start)
 
+    def abandon() -> bool:  # rank 0 knows at once that the run stopped: no need to finish the round
+        return gate is not None and gate.closed.is_set()
+
     try:
-        entered = time.perf_counter()
-        first = worker.pull()  # the global parameters, their version and the run's progress
-        timer.idle += time.perf_counter() - entered
+        with timer.blocked():
+            first = worker.pull()  # the global parameters, their version and the run's progress
         global_tokens = first.stats.get("tokens", 0.0)
         steps = worker.sync_every = int(first.stats.get("inner_steps", steps))  # the server's count
         checkpoints.submissions = int(first.stats.get("submissions", checkpoints.submissions))
-        with worker:
-            after = optimizer.register_step_post_hook(timer.after_sync(worker))
+        while True:
+            stop = reason_to_stop(gate, t.budget_time, start)
+            if stop is not None:
+                reason = stop
+                break
+            timer.new_round()
+            result = loop.run(steps, progress, after_step=timer.after_step, abandon=abandon)
+            if result is None:
+                wasted += 1
+                reason = gate.stop_reason or "stopped"
+                break
             try:
-                while True:
-                    stop = reason_to_stop(gate, t.budget_time, start)
-                    if stop is not None:
-                        reason = stop
-                        break
-                    begin_round(config, optimizer)
-                    set_inner_lr(config, optimizer, progress(), worker.local_step)
-                    timer.new_round()
-                    loss_sum = torch.zeros((), device=device)
-                    abandoned = False
-                    try:
-                        for _ in range(worker.sync_every):
-                            if t.lr_schedule == "worker_cosine":
-                                set_inner_lr(config, optimizer, progress(), worker.local_step)
-                            batch = stream.next_batch()
-                            timer.begin_step()
-                            # the H-th step's hook submits Δ and loads the server's answer
-                            loss_sum += inner_step(
-                                model, optimizer, batch.to(device), accelerator, t.grad_clip
-                            )
-                            if gate is not None and gate.closed.is_set() and worker.steps_since_sync:
-                                abandoned = True  # rank 0 knows at once: no need to finish the round
-                                break
-                    except ValueError as refused:
-                        if worker.steps_since_sync < worker.sync_every:
-                            raise  # not the submission: a real error of the inner step
-                        skip_refused_round(worker, optimizer, rank_log, rank, rounds, refused)
-                        rejected += 1
-                        continue
-                    if abandoned:
-                        wasted += 1
-                        reason = gate.stop_reason or "stopped"
-                        break
-                    rounds += 1
-                    update = worker.last_update
-                    checkpoints.after_submission(worker.local_step, optimizer, stream, update.stats)
-                    global_tokens = update.stats.get("tokens", global_tokens)
-                    record = {
-                        "event": "arrival",
-                        "rank": rank,
-                        "round": rounds,
-                        "time": time.monotonic() - start,
-                        "tokens": rounds * steps * tokens_per_step,
-                        "global_tokens": global_tokens,
-                        "train_loss": float(loss_sum) / worker.sync_every,
-                    }
-                    rank_log.write(round_record(record, worker, update, timer.round))
-                    if update.stats.get("stop"):
-                        reason = "budget_tokens"
-                        break
-            finally:
-                after.remove()
+                with timer.blocked():
+                    update = worker.sync()
+            except ValueError as refused:
+                skip_refused_round(worker, rank_log, rank, rounds, refused)
+                rejected += 1
+                continue
+            rounds += 1
+            checkpoints.after_submission(loop.local_step, loop.optimizer, loop.stream, update.stats)
+            global_tokens = update.stats.get("tokens", global_tokens)
+            record = {
+                "event": "arrival",
+                "rank": rank,
+                "round": rounds,
+                "time": time.monotonic() - start,
+                "tokens": rounds * steps * tokens_per_step,
+                "global_tokens": global_tokens,
+                "train_loss": result.train_loss,
+            }
+            rank_log.write(round_record(record, worker, update, timer.round))
+            if update.stats.get("stop"):
+                reason = "budget_tokens"
+                break
     except (ServerStopped, QuorumUnreachable, TimeoutError) as e:  # the round in flight is lost
         wasted += 1
         reason = why_the_server_ended(e, gate, rank)
-    finally:
-        before.remove()
     wall = time.monotonic() - start
     busy = timer.compute + timer.sleep
     report = {

@@ -220,7 +220,7 @@ def test_stalled_worker_is_declared_dead_the_others_go_on_and_it_rejoins(tiny_sh
     stalled_log = logs[2].read_text()
     assert stalled_code != 0 and "TransportError: worker 2: submit failed" in stalled_log, stalled_log[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    s2 = summary["server"][2]
+    s2 = summary["distributed"]["server"][2]
     assert s2["departures"] == 1 and s2["incarnation"] == 2, s2  # declared gone once, then rejoined
     assert summary["stop_reason"] == "budget_tokens"
     per_arrival = 3 * 4 * 32  # H × batch × seq_len, every worker alike
@@ -231,10 +231,13 @@ def test_stalled_worker_is_declared_dead_the_others_go_on_and_it_rejoins(tiny_sh
     rejoin_at = next(i for i, r in enumerate(records) if r["event"] == "rejoin")
     assert records[rejoin_at]["incarnation"] == 2
     assert any(r["event"] == "arrival" for r in records[rejoin_at:])  # it trained again
-    assert summary["ranks"][2]["incarnation"] == 2 and summary["ranks"][2]["rounds"] >= 1
+    assert (
+        summary["distributed"]["ranks"][2]["incarnation"] == 2
+        and summary["distributed"]["ranks"][2]["rounds"] >= 1
+    )
     # the stalled process's submission never arrived: worker 2's arrivals are its rounds before the
     # stall and the replacement's
-    assert arrivals_by_worker(out)[2] == during[2] + summary["ranks"][2]["rounds"]
+    assert arrivals_by_worker(out)[2] == during[2] + summary["distributed"]["ranks"][2]["rounds"]
     print(
         f"\nstall noticed after {noticed_after:.1f} s; arrivals meanwhile {before} -> {during}; "
         f"stalled rank exited {stalled_code}; exits after SIGCONT {ended}; replacement rounds {summary['ranks'][2]['rounds']}; "

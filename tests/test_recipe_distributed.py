@@ -368,9 +368,13 @@ def test_async_and_sync_with_a_3x_slower_rank(tiny_shards, warm_cache, capsys):
         for r in range(3):
             rank_records = read_jsonl(out / f"metrics-rank{r}.jsonl")
             assert rank_records[0]["event"] == "start" and rank_records[-1]["event"] == "end"
-            assert sum(x["event"] == "arrival" for x in rank_records) == summary["ranks"][r]["rounds"] >= 1
+            assert (
+                sum(x["event"] == "arrival" for x in rank_records)
+                == summary["distributed"]["ranks"][r]["rounds"]
+                >= 1
+            )
         # every arrival the server counted is one round some rank logged
-        assert sum(rank["rounds"] for rank in summary["ranks"]) == summary["arrivals"]
+        assert sum(rank["rounds"] for rank in summary["distributed"]["ranks"]) == summary["arrivals"]
 
     heloco, sync = runs["heloco"][1], runs["sync"][1]
     staleness = [w["staleness_mean"] for w in heloco["workers"]]
@@ -378,10 +382,12 @@ def test_async_and_sync_with_a_3x_slower_rank(tiny_shards, warm_cache, capsys):
     assert heloco["outer_updates"] == heloco["arrivals"]
     assert all(w["staleness_max"] == 0 for w in sync["workers"])
     assert sync["outer_updates"] * 3 == sync["arrivals"]
-    assert heloco["ranks"][2]["sleep_s"] > heloco["ranks"][2]["compute_s"]  # 3×: sleeps 2× its compute
+    assert (
+        heloco["distributed"]["ranks"][2]["sleep_s"] > heloco["distributed"]["ranks"][2]["compute_s"]
+    )  # 3×: sleeps 2× its compute
     # bf16 on the wire halves the bytes of every message with tensors
     per_msg = {
-        m: s["server"][1]["bytes_in"] / s["server"][1]["messages_in"]
+        m: s["distributed"]["server"][1]["bytes_in"] / s["distributed"]["server"][1]["messages_in"]
         for m, s in (("bf16", heloco), ("fp32", sync))
     }
     assert 0.45 < per_msg["bf16"] / per_msg["fp32"] < 0.55, per_msg
@@ -414,9 +420,9 @@ def test_killed_worker_leaves_the_run_and_a_loadable_checkpoint(tiny_shards, war
         (warm_cache / f"killed-{r}.log").read_text()[-2000:] for r in range(2)
     ]
     summary = json.loads((out / "summary.json").read_text())
-    server = summary["server"]
+    server = summary["distributed"]["server"]
     assert [s["state"] for s in server][2] == "dead" and server[2]["departures"] == 1
-    assert summary["ranks"][2] is None and summary["ranks"][1]["rounds"] >= 1
+    assert summary["distributed"]["ranks"][2] is None and summary["distributed"]["ranks"][1]["rounds"] >= 1
     assert summary["workers"][2]["submissions"] >= 2
     assert summary["tokens"] >= 12000  # the two others finished the budget
     checkpoint = out / f"checkpoint-{summary['arrivals']}"
@@ -454,14 +460,14 @@ def test_restarted_worker_rejoins_the_running_job(tiny_shards, warm_cache):
             p.kill()
     assert codes == [0, 0, 0], (warm_cache / "rejoin-2b.log").read_text()[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stop_reason"] == "budget_time" and 25.0 <= summary["wall_time"] < 35.0
-    s2 = summary["server"][2]
+    assert summary["stop_reason"] == "budget_time" and 25.0 <= summary["time"] < 35.0
+    s2 = summary["distributed"]["server"][2]
     assert s2["incarnation"] == 2 and s2["departures"] == 1
     records = read_jsonl(out / "metrics-rank2.jsonl")
     rejoin_at = next(i for i, r in enumerate(records) if r["event"] == "rejoin")
     after = [r for r in records[rejoin_at:] if r["event"] == "arrival"]
-    assert after and summary["ranks"][2]["incarnation"] == 2  # it trained again
-    speeds, steps = summary["measured_speeds"], summary["inner_steps"]
+    assert after and summary["distributed"]["ranks"][2]["incarnation"] == 2  # it trained again
+    speeds, steps = summary["distributed"]["measured_speeds"], summary["inner_steps"]
     assert speeds[2] < 0.5 * min(speeds[:2]) and steps[2] < min(steps[:2]), (speeds, steps)
     assert all(r["inner_steps"] == steps[2] for r in records if r["event"] == "arrival")  # kept on rejoin
 
