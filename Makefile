@@ -29,7 +29,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 demo: $(STAMP)
-	$(PY) recipes/compare.py --config recipes/configs/demo.yaml
+	$(PY) recipes/analysis/compare.py --config recipes/configs/demo.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/outer_step.py

@@ -34,11 +34,11 @@ from heloco.transport import InProcessTransport
 from recipes.common import make_inner_optimizer, make_model, quiet_libraries
 from recipes.config import config_from_dict
 from recipes.data import TokenStream
+from recipes.distributed.worker_state import WorkerState
 from recipes.methods import build_aggregator
 from recipes.run_state import RunState, write_checkpoint
 from recipes.simulator import SimulatedWorker, Simulator
 from recipes.worker_round import InnerLoop
-from recipes.worker_state import WorkerState
 
 
 def seconds(fn: Callable[[], object]) -> float:

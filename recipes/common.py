@@ -1,6 +1,6 @@
 """What both run modes share: the inner optimizer and its schedule, the inner step, RNG state, data
 loading, the cached warm start and the model (the metrics log lives in recipes/tracking.py).
-recipes/train.py (simulate) and recipes/distributed*.py (one worker per process) import it; neither
+recipes/train.py (simulate) and recipes/distributed/ (one worker per process) import it; neither
 script imports the other's code.
 """
 

@@ -7,7 +7,7 @@
 
 A mode supplies only its clock (the ``now`` it passes: virtual seconds in the simulator, real seconds
 since the start in distributed mode) and the ``RunServices`` that evaluate and checkpoint: in line
-in the simulator, on rank 0's background thread in distributed mode (``recipes.distributed``). The
+in the simulator, on rank 0's background thread in distributed mode (``recipes.distributed.run``). The
 ``RunSchedule`` counts and decides; the driver is where its answers are acted on.
 """
 

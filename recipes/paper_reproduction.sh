@@ -10,18 +10,18 @@ part=${1:-all}
 configs=recipes/configs/reproduction
 
 if [[ $part == all || $part == moderate ]]; then
-  $PY recipes/compare.py --config $configs/moderate_noniid.yaml
+  $PY recipes/analysis/compare.py --config $configs/moderate_noniid.yaml
 fi
 if [[ $part == all || $part == logged ]]; then
-  $PY recipes/compare.py --config $configs/logged_run_noniid.yaml
+  $PY recipes/analysis/compare.py --config $configs/logged_run_noniid.yaml
 fi
 if [[ $part == all || $part == extreme ]]; then
-  $PY recipes/compare.py --config $configs/extreme_noniid.yaml
+  $PY recipes/analysis/compare.py --config $configs/extreme_noniid.yaml
 fi
 if [[ $part == all || $part == ablations ]]; then
-  $PY recipes/compare.py --config $configs/moderate_noniid_ablations.yaml
+  $PY recipes/analysis/compare.py --config $configs/moderate_noniid_ablations.yaml
 fi
 if [[ $part == all || $part == tuning ]]; then
-  $PY recipes/compare.py --config $configs/tuning.yaml
-  $PY recipes/report.py sweep outputs/reproduction/tuning docs/paper_reproduction/tuning
+  $PY recipes/analysis/compare.py --config $configs/tuning.yaml
+  $PY recipes/analysis/report.py sweep outputs/reproduction/tuning docs/paper_reproduction/tuning
 fi

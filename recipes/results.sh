@@ -9,29 +9,29 @@ PY=${PY:-.venv/bin/python}
 part=${1:-all}
 
 if [[ $part == all || $part == lr ]]; then
-  $PY recipes/compare.py --config recipes/configs/results/lr_sweep.yaml
-  $PY recipes/report.py sweep outputs/results/lr_sweep docs/results/lr_sweep
+  $PY recipes/analysis/compare.py --config recipes/configs/results/lr_sweep.yaml
+  $PY recipes/analysis/report.py sweep outputs/results/lr_sweep docs/results/lr_sweep
 fi
 if [[ $part == all || $part == hparams ]]; then
   for sweep in heloco_sweep heloco_sweep_conflict; do
-    $PY recipes/compare.py --config recipes/configs/results/$sweep.yaml
-    $PY recipes/report.py corrections outputs/results/$sweep docs/results/$sweep
+    $PY recipes/analysis/compare.py --config recipes/configs/results/$sweep.yaml
+    $PY recipes/analysis/report.py corrections outputs/results/$sweep docs/results/$sweep
   done
 fi
 if [[ $part == all || $part == main ]]; then
-  $PY recipes/compare.py --config recipes/configs/results/main.yaml
-  $PY recipes/report.py corrections outputs/severe_noniid docs/results/main
-  $PY recipes/compare.py --config recipes/configs/demo.yaml
+  $PY recipes/analysis/compare.py --config recipes/configs/results/main.yaml
+  $PY recipes/analysis/report.py corrections outputs/severe_noniid docs/results/main
+  $PY recipes/analysis/compare.py --config recipes/configs/demo.yaml
 fi
 if [[ $part == all || $part == grid ]]; then
   for config in recipes/configs/results/grid/*.yaml; do
-    $PY recipes/compare.py --config "$config"
+    $PY recipes/analysis/compare.py --config "$config"
   done
-  $PY recipes/report.py grid outputs/results/grid docs/results/grid
+  $PY recipes/analysis/report.py grid outputs/results/grid docs/results/grid
 fi
 if [[ $part == all || $part == slow_workers ]]; then
   for config in recipes/configs/results/slow_workers/*.yaml; do
-    $PY recipes/compare.py --config "$config"
+    $PY recipes/analysis/compare.py --config "$config"
   done
-  $PY recipes/report.py slow_workers outputs/results/slow_workers docs/results/slow_workers
+  $PY recipes/analysis/report.py slow_workers outputs/results/slow_workers docs/results/slow_workers
 fi

@@ -9,7 +9,7 @@ worker's round (H inner AdamW steps on its own shard) is computed when it arrive
 it was dispatched. Each worker keeps its own parameters, AdamW state and data position across rounds.
 
 mode=distributed: one worker per process (``accelerate launch --num_processes N``), the server in a
-thread on rank 0; see recipes/distributed.py.
+thread on rank 0; see recipes/distributed/run.py.
 
 This file reads top to bottom: setup → data → warm start → server and workers → resume or start →
 the rounds → final evaluation, checkpoint and summary.
@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 def run(config: RecipeConfig, command: str | None = None) -> dict[str, Any]:
     """Run one training job in the configured mode; returns its summary."""
     if config.diloco.mode == "distributed":
-        from recipes.distributed import run_distributed
+        from recipes.distributed.run import run_distributed
 
         return run_distributed(config, command)
     return simulate(config, command)

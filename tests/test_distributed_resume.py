@@ -13,10 +13,10 @@ import torch
 
 from recipes.config import config_from_dict
 from recipes.data import TokenStream
-from recipes.distributed_rank0 import keep_records_until
-from recipes.distributed_resume import own_state_for, pick_checkpoint, resume_request
+from recipes.distributed.rank0 import keep_records_until
+from recipes.distributed.resume import own_state_for, pick_checkpoint, resume_request
+from recipes.distributed.worker_state import WorkerCheckpoints, WorkerState, available_submissions
 from recipes.run_state import RunState, write_checkpoint
-from recipes.worker_state import WorkerCheckpoints, WorkerState, available_submissions
 from tests.test_recipe_distributed import delta, make_gate, values
 
 
@@ -166,10 +166,10 @@ def test_a_refused_pseudo_gradient_leaves_the_model_unchanged_and_the_run_goes_o
 
     from heloco import InProcessTransport
     from recipes.common import make_inner_optimizer
-    from recipes.distributed_rejoin import Standalone
-    from recipes.distributed_server import Gate
-    from recipes.distributed_utils import JsonLines
-    from recipes.distributed_worker import train_worker
+    from recipes.distributed.gate import Gate
+    from recipes.distributed.logs import JsonLines
+    from recipes.distributed.rejoin import Standalone
+    from recipes.distributed.worker import train_worker
     from recipes.methods import build_aggregator
     from recipes.model import build_model
     from tests.test_recipe_distributed import FakeBackground, FakeLog
@@ -239,7 +239,7 @@ def test_sigterm_waits_for_the_worker_state_being_written():
     import os
     import signal
 
-    from recipes.worker_state import sigterm_deferred
+    from recipes.distributed.worker_state import sigterm_deferred
 
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
@@ -260,8 +260,8 @@ def test_a_relaunched_group_keeps_its_store_keys_apart_from_the_previous_attempt
 
     import torch.distributed as dist
 
-    from recipes.distributed_setup import init_restarted_group
-    from recipes.distributed_utils import attempt_prefix, job_store
+    from recipes.distributed.setup import init_restarted_group
+    from recipes.distributed.store import attempt_prefix, job_store
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")

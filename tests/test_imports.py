@@ -113,7 +113,7 @@ def test_no_module_imports_another_modules_private_names():
     assert [hit for p in files for hit in private_imports(p)] == []
 
 
-@pytest.mark.parametrize("script", ["train.py", "compare.py", "report.py"])
+@pytest.mark.parametrize("script", ["train.py", "analysis/compare.py", "analysis/report.py"])
 def test_recipe_scripts_run_from_anywhere_without_touching_sys_path(script, tmp_path):
     """recipes is an installed package: its entry scripts import it like any other, from any cwd."""
     source = (ROOT / "recipes" / script).read_text()

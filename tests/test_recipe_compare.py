@@ -1,4 +1,4 @@
-"""recipes/compare.py on tiny shards: runs a matrix in subprocesses, resumes, plots and tabulates."""
+"""recipes/analysis/compare.py on tiny shards: runs a matrix in subprocesses, resumes, plots and tabulates."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.compare import equal_wallclock, main
-from recipes.plots import final_eval, read_evals
+from recipes.analysis.compare import equal_wallclock, main
+from recipes.analysis.plots import final_eval, read_evals
 from tests.test_recipe_train import base_values
 
 
@@ -91,7 +91,7 @@ def test_a_default_a_method_never_reads_does_not_invalidate_its_finished_run(tmp
 
     import pytest
 
-    from recipes.compare import finished_matches
+    from recipes.analysis.compare import finished_matches
     from recipes.config import config_from_dict
 
     for method in ("async", "heloco_project", "heloco"):

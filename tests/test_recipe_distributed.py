@@ -1,4 +1,4 @@
-"""Distributed mode (recipes/distributed*.py): fast checks of its pieces (world-size and option
+"""Distributed mode (recipes/distributed/): fast checks of its pieces (world-size and option
 errors, slowdown emulation, the budget gate in front of a real aggregator), and real multi-process
 runs on CPU: `accelerate launch` with accelerate_configs/cpu.yaml (gloo), ranks started by hand for
 the fault tests (so killing one leaves the others alive), one process against the simulator."""
@@ -22,16 +22,11 @@ import torch
 
 from heloco.aggregator import AsyncAggregator
 from heloco.transport import ServerStopped
-from recipes import distributed_utils
+from recipes.distributed import pacing
 from recipes.config import config_from_dict
-from recipes.distributed_server import Gate
-from recipes.distributed_utils import (
-    check_distributed_options,
-    check_world_size,
-    emulate_slowdown,
-    parameter_checksum,
-    slowdown_factors,
-)
+from recipes.distributed.checks import check_distributed_options, check_world_size, parameter_checksum
+from recipes.distributed.gate import Gate
+from recipes.distributed.pacing import emulate_slowdown, slowdown_factors
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -123,7 +118,7 @@ def test_slowdown_is_relative_to_the_fastest_worker():
 
 def test_emulated_slowdown_sleeps_the_missing_time(monkeypatch):
     slept = []
-    monkeypatch.setattr(distributed_utils.time, "sleep", slept.append)
+    monkeypatch.setattr(pacing.time, "sleep", slept.append)
     assert emulate_slowdown(0.25, 3.0) == 0.5  # the step must last 3 × 0.25 s: 0.5 s more
     assert emulate_slowdown(0.25, 1.0) == 0.0  # the fastest worker never sleeps
     assert slept == [0.5]
@@ -140,14 +135,14 @@ def test_checksum_detects_a_one_ulp_difference():
 
 
 def test_speed_probe_includes_the_slowdown_and_leaves_the_model_unchanged(monkeypatch):
-    from recipes.distributed_rejoin import Standalone
-    from recipes.distributed_utils import measure_speed
+    from recipes.distributed.pacing import measure_speed
+    from recipes.distributed.rejoin import Standalone
     from recipes.model import build_model
 
     model = build_model("tiny", vocab_size=64, max_positions=16, eos_token_id=None)
     before = copy.deepcopy(model.state_dict())
     slept = []
-    monkeypatch.setattr(distributed_utils.time, "sleep", slept.append)
+    monkeypatch.setattr(pacing.time, "sleep", slept.append)
     batch = torch.randint(0, 64, (2, 16))
     speed = measure_speed(model, batch, Standalone(torch.device("cpu"), "no"), slowdown=3.0, repeats=3)
     assert speed > 0 and len(slept) == 4  # one warm-up and three timed steps, each padded to 3×

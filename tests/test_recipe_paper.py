@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipes.analysis.compare import load_matrix, run_configs
 from recipes.common import begin_round, inner_lr_factor, make_inner_optimizer
-from recipes.compare import load_matrix, run_configs
 from recipes.config import config_from_dict
 from recipes.data import eval_record, evaluate_metrics
 from recipes.methods import METHOD_SPECS, arrival_weight, build_aggregator, dispatch_mode, fields_not_read

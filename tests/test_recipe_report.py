@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.plots import plot_curves
-from recipes.report import (
+from recipes.analysis.plots import plot_curves
+from recipes.analysis.report import (
     along_table,
     cell_losses,
     correction_over_time,

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from heloco.checkpoint import list_checkpoints, save_state
 from recipes.config import RecipeConfig, config_from_dict
-from recipes.distributed_server import Background
+from recipes.distributed.gate import Background
 from recipes.run_state import (
     FORMAT_VERSION,
     MANIFEST,

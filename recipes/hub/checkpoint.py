@@ -11,10 +11,10 @@ from typing import Any
 
 from huggingface_hub import ModelCard
 
+from recipes.analysis.plots import plot_curves, read_evals
 from recipes.config import RecipeConfig
 from recipes.hub.card import ModelCardInfo, render_model_card
 from recipes.hub.upload import HubUploader, redact_secrets
-from recipes.plots import plot_curves, read_evals
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """Tables and plots for docs/results.md from finished comparison directories.
 
-    python recipes/report.py sweep outputs/results/lr_sweep docs/results/lr_sweep      # method × lr table + heat map
-    python recipes/report.py corrections outputs/severe_noniid docs/results/main        # what the correction did
-    python recipes/report.py grid outputs/results/grid docs/results/grid                # heterogeneity × data matrix
-    python recipes/report.py slow_workers outputs/results/slow_workers docs/results/slow_workers  # heat maps
-    python recipes/report.py along outputs/reproduction/moderate_noniid docs/paper_reproduction/moderate_noniid  # heloco vs mla per eval
+    python recipes/analysis/report.py sweep outputs/results/lr_sweep docs/results/lr_sweep      # method × lr table + heat map
+    python recipes/analysis/report.py corrections outputs/severe_noniid docs/results/main        # what the correction did
+    python recipes/analysis/report.py grid outputs/results/grid docs/results/grid                # heterogeneity × data matrix
+    python recipes/analysis/report.py slow_workers outputs/results/slow_workers docs/results/slow_workers  # heat maps
+    python recipes/analysis/report.py along outputs/reproduction/moderate_noniid docs/paper_reproduction/moderate_noniid  # heloco vs mla per eval
 
 Labels of the form ``name@lr`` are read as (method, outer lr).
 """
@@ -22,7 +22,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from recipes.plots import eval_at_time, final_eval, mean_std, paired_improvement, read_arrivals, read_evals
+from recipes.analysis.plots import (
+    eval_at_time,
+    final_eval,
+    mean_std,
+    paired_improvement,
+    read_arrivals,
+    read_evals,
+)
 
 
 def finished_runs(compare_dir: Path) -> dict[str, dict[int, Path]]:

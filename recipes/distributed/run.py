@@ -34,25 +34,20 @@ simulator's format (``recipes.run_state``, mode ``distributed``: ``model/`` with
 tokenizer, ``aggregator.*``, ``workers.*`` with the submissions the server took from each worker and
 the workers it had lost, ``run.*`` with the schedule and the metrics log's length, ``config.json``,
 ``manifest.json``), each rank's own state as of that submission in
-``worker-states/rank{r}/submission-{s}/`` (``recipes.worker_state``), ``summary.json``.
+``worker-states/rank{r}/submission-{s}/`` (``recipes.distributed.worker_state``), ``summary.json``.
 
 Faults: a worker that dies (connection closed) is logged by the server; the others go on and rank 0
 still writes a valid final checkpoint. A worker can be restarted into the running job
-(``HELOCO_REJOIN=1``, ``recipes.distributed_rejoin``). If any rank dies, rank 0 included, every rank
+(``HELOCO_REJOIN=1``, ``recipes.distributed.rejoin``). If any rank dies, rank 0 included, every rank
 restarted with ``resume_from=latest`` continues from the newest complete checkpoint
-(``recipes.distributed_resume``); under ``accelerate launch --max_restarts N`` that happens by
+(``recipes.distributed.resume``); under ``accelerate launch --max_restarts N`` that happens by
 itself. Under ``accelerate launch``/torchrun the launcher's agent stops every local rank when one
 fails (SIGTERM, 30 s grace): rank 0 treats SIGTERM like Ctrl-C (stop the server, write a final
 checkpoint). See docs/distributed.md.
 
 Layout: this module is the entry point and reads top to bottom (setup and the identical-start check,
-rank 0's services, the transport, the worker phase, then a worker's exit or rank 0's shutdown);
-``recipes.distributed_rank0`` holds rank 0's services (evaluation, checkpoints, shutdown, summary),
-``recipes.distributed_server`` its gate and evaluation/checkpoint thread,
-``recipes.distributed_worker`` the worker loop every rank runs, ``recipes.distributed_setup`` the
-process plumbing, ``recipes.distributed_rejoin`` a restarted worker, ``recipes.distributed_resume``
-the choice of a checkpoint to resume from, ``recipes.worker_state`` each worker's part of it,
-``recipes.distributed_utils`` the checks and small helpers.
+rank 0's services, the transport, the worker phase, then a worker's exit or rank 0's shutdown); the
+package's other modules are listed in ``recipes/distributed/__init__.py``.
 """
 
 from __future__ import annotations
@@ -84,22 +79,17 @@ from recipes.common import (
 )
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream
-from recipes.distributed_rank0 import RankZero, WorkerOutcome
-from recipes.distributed_rejoin import REJOIN_ENV, rejoin_worker
-from recipes.distributed_resume import choose_resume_point
-from recipes.distributed_setup import REPORT_KEY, Job, Signals, end_run, make_accelerator
-from recipes.distributed_utils import (
-    JsonLines,
-    check_distributed_options,
-    check_world_size,
-    job_store,
-    measure_speed,
-    parameter_checksum,
-    slowdown_factors,
-)
-from recipes.distributed_worker import train_worker
+from recipes.distributed.checks import check_distributed_options, check_world_size, parameter_checksum
+from recipes.distributed.logs import JsonLines
+from recipes.distributed.pacing import measure_speed, slowdown_factors
+from recipes.distributed.rank0 import RankZero, WorkerOutcome
+from recipes.distributed.rejoin import REJOIN_ENV, rejoin_worker
+from recipes.distributed.resume import choose_resume_point
+from recipes.distributed.setup import REPORT_KEY, Job, Signals, end_run, make_accelerator
+from recipes.distributed.store import job_store
+from recipes.distributed.worker import train_worker
+from recipes.distributed.worker_state import WorkerCheckpoints
 from recipes.worker_round import InnerLoop
-from recipes.worker_state import WorkerCheckpoints
 
 logger = logging.getLogger(__name__)
 

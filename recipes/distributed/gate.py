@@ -22,7 +22,7 @@ from recipes.driver import RunDriver
 from recipes.schedule import RunSchedule
 
 if TYPE_CHECKING:
-    from recipes.distributed_utils import LockedLog
+    from recipes.distributed.logs import LockedLog
 
 logger = logging.getLogger(__name__)
 

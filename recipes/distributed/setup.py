@@ -21,8 +21,8 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from heloco.transport import ServerHandle
 from recipes.config import RecipeConfig
-from recipes.distributed_resume import ResumePoint
-from recipes.distributed_utils import AGENT_STORE_ENV, attempt_prefix
+from recipes.distributed.resume import ResumePoint
+from recipes.distributed.store import AGENT_STORE_ENV, attempt_prefix
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A checkpoint is complete when rank 0's part (``checkpoint-<arrivals>/``, the server) exists and
 verifies and every worker r that had submitted holds its state as of the submission the server
-recorded (``recipes.worker_state``), on its own disk. Choosing is one collective step of the setup:
+recorded (``recipes.distributed.worker_state``), on its own disk. Choosing is one collective step of the setup:
 every rank reports the worker states it holds, rank 0 picks the newest complete checkpoint (or checks
 the one named) and tells everyone. ``resume_from: latest`` asks for this; so does a restart by the
 launcher (``accelerate launch --max_restarts N`` / torchrun sets ``TORCHELASTIC_RESTART_COUNT``),
@@ -21,9 +21,9 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from heloco.checkpoint import list_checkpoints
 from recipes.config import RecipeConfig
-from recipes.distributed_utils import RESTART_ENV
+from recipes.distributed.store import RESTART_ENV
+from recipes.distributed.worker_state import WorkerState, available_submissions
 from recipes.run_state import RunState, read_checkpoint
-from recipes.worker_state import WorkerState, available_submissions
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Run a method matrix on the same shards and seeds, then plot and tabulate the comparison.
 
-    python recipes/compare.py --config recipes/configs/demo.yaml [--jobs 2] [--output_dir DIR] [--only LABEL ...]
+    python recipes/analysis/compare.py --config recipes/configs/demo.yaml [--jobs 2] [--output_dir DIR] [--only LABEL ...]
                               [--seeds 0 1]
 
 The YAML has a ``base`` mapping (recipes/train.py keys shared by every run), a ``methods`` mapping
@@ -25,11 +25,11 @@ from typing import Any
 import yaml
 
 from heloco.checkpoint import latest_checkpoint
+from recipes.analysis.plots import final_eval, read_evals, summarize
 from recipes.config import config_from_dict
 from recipes.methods import fields_not_read
-from recipes.plots import final_eval, read_evals, summarize
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def read_matrix_yaml(path: str | Path) -> dict[str, Any]:

@@ -20,18 +20,16 @@ from heloco.transport import TransportError
 from recipes.common import load_data, make_inner_optimizer, make_model, warm_start
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream
-from recipes.distributed_setup import (
+from recipes.distributed.logs import JsonLines
+from recipes.distributed.pacing import slowdown_factors
+from recipes.distributed.setup import (
     REPORT_KEY,
     START_KEY,
 )
-from recipes.distributed_utils import (
-    JsonLines,
-    attempt_store,
-    slowdown_factors,
-)
-from recipes.distributed_worker import train_worker
+from recipes.distributed.store import attempt_store
+from recipes.distributed.worker import train_worker
+from recipes.distributed.worker_state import WorkerCheckpoints, WorkerState, available_submissions
 from recipes.worker_round import InnerLoop
-from recipes.worker_state import WorkerCheckpoints, WorkerState, available_submissions
 
 REJOIN_ENV = "HELOCO_REJOIN"  # =1: this process restarts a worker of a running job (see rejoin_worker)
 

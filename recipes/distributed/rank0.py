@@ -18,9 +18,10 @@ from transformers import AutoTokenizer
 
 from heloco.checkpoint import atomic_write_text
 from recipes.config import RecipeConfig
-from recipes.distributed_server import Background, Gate, Snapshot
-from recipes.distributed_setup import START_KEY, Job, Signals, collect_reports
-from recipes.distributed_utils import LockedLog, job_store
+from recipes.distributed.gate import Background, Gate, Snapshot
+from recipes.distributed.logs import LockedLog
+from recipes.distributed.setup import START_KEY, Job, Signals, collect_reports
+from recipes.distributed.store import job_store
 from recipes.evaluation import Evaluator
 from recipes.methods import build_aggregator
 from recipes.model import count_parameters
@@ -115,7 +116,7 @@ class RankZero:
 
     def checkpoint(self, snapshot: Snapshot, losses: dict[str, float] | None = None) -> Path:
         """Write ``snapshot`` as ``checkpoint-<arrivals>/`` (the server's part; each worker writes its
-        own, see ``recipes.worker_state``), then push it to the Hub if asked."""
+        own, see ``recipes.distributed.worker_state``), then push it to the Hub if asked."""
         path = self.output_dir / f"checkpoint-{snapshot.schedule['arrivals']}"
         info: dict[str, Any] = {"time": snapshot.time, "version": snapshot.version}
         if snapshot.stop_reason is not None:

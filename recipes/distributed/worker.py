@@ -15,14 +15,14 @@ import torch
 from heloco import DiLoCoWorker
 from heloco.transport import QuorumUnreachable, ServerStopped
 from recipes.config import RecipeConfig
-from recipes.distributed_utils import emulate_slowdown, synchronize
+from recipes.distributed.pacing import emulate_slowdown, synchronize
 from recipes.schedule import budget_progress
 from recipes.worker_round import InnerLoop
 
 if TYPE_CHECKING:
-    from recipes.distributed_server import Gate
-    from recipes.distributed_utils import JsonLines
-    from recipes.worker_state import WorkerCheckpoints
+    from recipes.distributed.gate import Gate
+    from recipes.distributed.logs import JsonLines
+    from recipes.distributed.worker_state import WorkerCheckpoints
 
 logger = logging.getLogger(__name__)
 
