@@ -172,6 +172,7 @@ def test_a_refused_pseudo_gradient_leaves_the_model_unchanged_and_the_run_goes_o
     from recipes.distributed.worker import train_worker
     from recipes.methods import build_aggregator
     from recipes.model import build_model
+    from recipes.worker_round import InnerLoop
     from tests.test_recipe_distributed import FakeBackground, FakeLog
 
     config = config_from_dict(
@@ -196,16 +197,15 @@ def test_a_refused_pseudo_gradient_leaves_the_model_unchanged_and_the_run_goes_o
                 raise
 
     rank_log = JsonLines(tmp_path / "rank0.jsonl", fresh=True)
+    stream = TokenStream(torch.randint(0, 64, (64, 16)), 2, seed=0, stream_id=0)
+    shim = Standalone(torch.device("cpu"), "no")
     report = train_worker(
         config=config,
         rank=0,
-        model=model,
-        optimizer=make_inner_optimizer(config, model),
+        loop=InnerLoop(config, model, make_inner_optimizer(config, model), stream, shim),
         transport=Watching(InProcessTransport(gate), kind, at=2),
-        stream=TokenStream(torch.randint(0, 64, (64, 16)), 2, seed=0, stream_id=0),
         steps=2,
         slowdown=1.0,
-        accelerator=Standalone(torch.device("cpu"), "no"),
         start=time.monotonic(),
         rank_log=rank_log,
         gate=gate,
