@@ -22,6 +22,7 @@ from recipes.method_specs import METHOD_SPECS, METHODS
 from recipes.model import PRESETS
 
 MODES = ("simulate", "distributed")
+GROUP_PARALLELISMS = ("ddp", "fsdp")
 MODEL_SIZES = tuple(PRESETS)
 WEIGHTINGS = ("none", "poly", "hinge")
 REPORTERS = ("none", "tensorboard", "wandb", "trackio")
@@ -121,6 +122,17 @@ class DiLoCoArguments:
         default=0.0,
         metadata={"help": "distributed: seconds the server waits for a dead worker to restart (0: never)"},
     )
+    group_sizes: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Processes per worker (e.g. 2 1 1; unset: one each). A worker's global batch is its "
+            "size x batch_size; in distributed mode its processes train one replica with data parallelism"
+        },
+    )
+    group_parallelism: str = field(
+        default="ddp",
+        metadata={"help": f"distributed: inside a group, one of {', '.join(GROUP_PARALLELISMS)}"},
+    )
 
 
 @dataclass
@@ -204,6 +216,12 @@ class RecipeConfig:
         return out
 
     @property
+    def group_sizes(self) -> list[int]:
+        """Processes per worker (1 each unless ``group_sizes`` is set)."""
+        sizes = self.diloco.group_sizes
+        return [int(p) for p in sizes] if sizes is not None else [1] * self.diloco.num_workers
+
+    @property
     def outer_lr(self) -> float:
         d = self.diloco
         return d.outer_lr if d.outer_lr is not None else METHOD_SPECS[d.method].lr
@@ -277,6 +295,7 @@ def _validate_choices(config: RecipeConfig) -> None:
     _one_of("report_to", t.report_to, REPORTERS)
     _one_of("lr_schedule", t.lr_schedule, SCHEDULES)
     _one_of("wire_dtype", o.wire_dtype, ("float32", "bfloat16"))
+    _one_of("group_parallelism", o.group_parallelism, GROUP_PARALLELISMS)
     if o.dispatch is not None:
         _one_of("dispatch", o.dispatch, DISPATCHES)
     if o.reorient_schedule is not None:
@@ -309,6 +328,13 @@ def _validate_workers(config: RecipeConfig) -> None:
     for i, v in enumerate(o.worker_speeds):
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"worker_speeds[{i}] must be a positive number, got {v}")
+    if o.group_sizes is not None and (
+        len(o.group_sizes) != o.num_workers or any(int(p) != p or p < 1 for p in o.group_sizes)
+    ):
+        raise ValueError(
+            f"group_sizes must give one integer >= 1 (processes) per worker, {o.num_workers} in all; "
+            f"got {o.group_sizes}"
+        )
 
 
 def _validate_sizes_and_budget(config: RecipeConfig) -> None:

@@ -57,7 +57,8 @@ class RunDriver:
         aggregator: the server's ``AsyncAggregator`` (its version and open round).
         log: where arrival records go (the metrics log).
         inner_steps: every worker's H (a round's tokens are H × ``tokens_per_step``).
-        tokens_per_step: tokens of one inner step of one worker (its global batch).
+        tokens_per_step: tokens of one inner step of a worker (its global batch: a group's batch is
+            its size × ``batch_size``), one per worker or one for all.
         services: the mode's evaluation and checkpoint.
     """
 
@@ -67,14 +68,16 @@ class RunDriver:
         aggregator: AsyncAggregator,
         log: RecordLog,
         inner_steps: list[int],
-        tokens_per_step: int,
+        tokens_per_step: int | list[int],
         services: RunServices,
     ) -> None:
         self.schedule = schedule
         self.aggregator = aggregator
         self.log = log
         self.inner_steps = inner_steps
-        self.tokens_per_step = tokens_per_step
+        if isinstance(tokens_per_step, int):
+            tokens_per_step = [tokens_per_step] * len(inner_steps)
+        self.tokens_per_step = list(tokens_per_step)
         self.services = services
 
     def evaluate_start(self) -> None:
@@ -100,7 +103,7 @@ class RunDriver:
         due."""
         schedule = self.schedule
         steps = self.inner_steps[worker]
-        schedule.count_arrival(steps * self.tokens_per_step)
+        schedule.count_arrival(steps * self.tokens_per_step[worker])
         record = arrival_record(
             update,
             arrival=schedule.arrivals,
@@ -141,7 +144,8 @@ class RunDriver:
         background_error: str | None = None,
     ) -> dict[str, Any]:
         """summary.json: the same keys in both modes. ``time`` is the mode's clock at the end (virtual
-        or real seconds: ``clock`` says which); ``busy``/``idle`` per worker (None: never reported);
+        or real seconds: ``clock`` says which); ``busy``/``idle`` per worker in the simulator, per rank in distributed mode (None: never
+        reported);
         ``distributed``: the processes' reports (world size, ranks, measured speeds, slowdowns, server
         connections), None in the simulator."""
         o, t = config.diloco, config.train

@@ -99,7 +99,7 @@ def simulate(config: RecipeConfig, command: str | None = None) -> dict[str, Any]
     # -- data, model, warm start ---------------------------------------------------------------------
     shards, validation, metadata = load_data(config)
     tokenizer = AutoTokenizer.from_pretrained(str(Path(d.data_dir) / "tokenizer"))
-    tokens_per_step = d.batch_size * int(metadata["seq_len"])
+    tokens_per_step = [p * d.batch_size * int(metadata["seq_len"]) for p in config.group_sizes]
     model = make_model(config, metadata).to(accelerator.device)  # also the evaluation / export model
     warm_optimizer_state = (
         None if t.resume_from is not None else warm_start(config, model, shards, metadata, accelerator)
@@ -226,7 +226,7 @@ def build_simulator(
     for k in range(o.num_workers):
         replica = copy.deepcopy(model)
         optimizer = make_inner_optimizer(config, replica, warm_optimizer_state)
-        stream = TokenStream(shards[k], d.batch_size, t.seed, stream_id=k)
+        stream = TokenStream(shards[k], config.group_sizes[k] * d.batch_size, t.seed, stream_id=k)
         loop = InnerLoop(config, replica, optimizer, stream, accelerator)
         workers.append(SimulatedWorker(k, loop, transport, steps[k], buffer_device))
     clock = VirtualClock(o.worker_speeds, o.speed_jitter, t.seed)

@@ -237,6 +237,9 @@ def setup_transport(
     rejoin_timeout: float = 0.0,
     prefix: str = "heloco",
     shrink_quorum: bool = True,
+    worker_id: int | None = None,
+    num_workers: int | None = None,
+    server_worker: int | None = None,
 ) -> tuple[InProcessTransport | DistributedTransport, DistributedServer | None]:
     """Build this rank's transport once ``torch.distributed`` is initialised (any backend).
 
@@ -246,6 +249,10 @@ def setup_transport(
     traffic always uses gloo pair groups over CPU buffers, even when the default backend is NCCL.
     Returns ``(transport, server)``, ``server`` being ``None`` off the server rank. ``shrink_quorum``
     is the server's (ignored off the server rank).
+
+    By default worker id = rank and there are ``world_size`` workers. When a worker is a group of
+    processes, only each group's first rank calls this, with its ``worker_id`` and the
+    ``num_workers``, and everyone names the server rank's own worker (``server_worker``).
 
     The store is the TCPStore underneath the default group's store, so a restarted worker can reach
     the same keys with a plain ``TCPStore(MASTER_ADDR, MASTER_PORT, is_master=False)``.
@@ -257,10 +264,13 @@ def setup_transport(
     rank, world = dist.get_rank(), dist.get_world_size()
     if isinstance(server_rank, bool) or not isinstance(server_rank, int) or not 0 <= server_rank < world:
         raise ValueError(f"server_rank must be an int in [0, world_size={world}), got {server_rank!r}")
+    worker_id = rank if worker_id is None else worker_id
+    num_workers = world if num_workers is None else num_workers
     if store is None:
         store = dist.distributed_c10d._get_default_store()
         while isinstance(store, PrefixStore):
             store = store.underlying_store
+    server_worker = server_rank if server_worker is None else server_worker  # the server rank's worker
     if rank == server_rank:
         from heloco.distributed.server import DistributedServer  # only the server rank needs it
 
@@ -273,9 +283,9 @@ def setup_transport(
         server = DistributedServer(
             aggregator,
             store,
-            world,
+            num_workers,
             params_like,
-            server_rank=server_rank,
+            server_rank=server_worker,
             wire_dtype=wire_dtype,
             timeout=timeout,
             connect_timeout=connect_timeout,
@@ -285,10 +295,10 @@ def setup_transport(
         ).start()
         return InProcessTransport(server), server
     transport = DistributedTransport(
-        rank,
+        worker_id,
         params_like,
         store,
-        server_rank=server_rank,
+        server_rank=server_worker,
         wire_dtype=wire_dtype,
         timeout=timeout,
         connect_timeout=connect_timeout,

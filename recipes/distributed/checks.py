@@ -14,8 +14,17 @@ if TYPE_CHECKING:
     pass
 
 
-def check_world_size(world_size: int, num_workers: int, launched: int | None = None) -> None:
-    """One worker per process: the number of processes must equal ``num_workers``."""
+def check_world_size(
+    world_size: int, num_workers: int, launched: int | None = None, group_sizes: list[int] | None = None
+) -> None:
+    """One process per worker, or ``sum(group_sizes)`` when workers are groups of processes."""
+    if group_sizes is not None and any(p != 1 for p in group_sizes):
+        if world_size != sum(group_sizes):
+            raise ValueError(
+                f"group_sizes={group_sizes} needs {sum(group_sizes)} processes, {world_size} were "
+                f"launched; launch with `accelerate launch --num_processes {sum(group_sizes)} ...`"
+            )
+        return
     if world_size == num_workers:
         return
     hint = ""

@@ -96,7 +96,7 @@ class RankZero:
         self.server: ServerHandle | None = None  # set once it serves (``connect``)
         self.background = Background(self.evaluate, self.checkpoint)
         masters = [p.detach().clone().float() for p in job.model.parameters()]
-        tokens_per_step = d.batch_size * int(job.metadata["seq_len"])
+        tokens_per_step = [p * d.batch_size * int(job.metadata["seq_len"]) for p in config.group_sizes]
         aggregator = build_aggregator(config, masters)
         self.gate = Gate(aggregator, config, job.steps, tokens_per_step, self.log, self.background)
         if resumed is not None:
@@ -160,7 +160,7 @@ class RankZero:
         self.background.start()
         self.gate.start(start)
         job.accelerator.print(
-            f"{o.method} distributed: {job.world} workers, speeds={o.worker_speeds} "
+            f"{o.method} distributed: {job.num_workers} workers on {job.world} processes, speeds={o.worker_speeds} "
             f"slowdown={[round(s, 3) for s in job.slowdowns]} H={job.steps} "
             f"model={count_parameters(job.model) / 1e6:.2f}M params outer_lr={config.outer_lr} "
             f"budget tokens={t.budget_tokens} time={t.budget_time}s wire={o.wire_dtype}"
@@ -187,7 +187,9 @@ class RankZero:
             ) from e
         self.job.accelerator.print(f"final checkpoint {path}")
         timeout = 5.0 if outcome.interrupted else self.config.diloco.comm_timeout_s
-        reports = collect_reports(job_store(), server, self.job.world, rejoining, timeout, signals)
+        job = self.job
+        worker_of = [r if job.layout is None else job.layout.worker_of(r) for r in range(job.world)]
+        reports = collect_reports(job_store(), server, job.world, rejoining, timeout, signals, worker_of)
         reports[0] = outcome.report
         hub_history = self.pusher.close() if self.pusher is not None else None
         summary = self.summary(reports, server, final, time.monotonic() - start, hub_history)

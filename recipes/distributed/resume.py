@@ -53,8 +53,12 @@ def resume_request(config: RecipeConfig) -> str | None:
     return None
 
 
-def choose_resume_point(config: RecipeConfig, accelerator: Accelerator) -> ResumePoint | None:
-    """Collective (every rank calls it): the checkpoint to resume from, or None to start afresh."""
+def choose_resume_point(
+    config: RecipeConfig, accelerator: Accelerator, worker_of: list[int] | None = None
+) -> ResumePoint | None:
+    """Collective (every rank calls it): the checkpoint to resume from, or None to start afresh.
+    ``worker_of[r]``: rank r's worker (default: worker = rank); every rank of a group resumes its own
+    state as of its worker's recorded submission."""
     wanted = resume_request(config)
     if wanted is None:
         return None
@@ -63,7 +67,7 @@ def choose_resume_point(config: RecipeConfig, accelerator: Accelerator) -> Resum
     choice: list[object] = [None]
     if accelerator.is_main_process:
         try:
-            choice[0] = pick_checkpoint(output_dir, wanted, held)
+            choice[0] = pick_checkpoint(output_dir, wanted, held, worker_of)
         except (FileNotFoundError, ValueError) as e:
             choice[0] = e  # every rank raises it, not only rank 0
     broadcast_object_list(choice, from_process=0)
@@ -71,9 +75,10 @@ def choose_resume_point(config: RecipeConfig, accelerator: Accelerator) -> Resum
         raise choice[0]
     path, submissions, gone = choice[0]  # type: ignore[misc]
     rank = accelerator.process_index
-    mine = own_state_for(submissions[rank], held[rank], rank in gone)
-    worker = WorkerState.read(output_dir, rank, mine) if mine is not None else None
-    return ResumePoint(Path(path), list(submissions), worker)
+    worker = rank if worker_of is None else worker_of[rank]
+    mine = own_state_for(submissions[worker], held[rank], worker in gone)
+    state = WorkerState.read(output_dir, rank, mine) if mine is not None else None
+    return ResumePoint(Path(path), list(submissions), state)
 
 
 def own_state_for(submission: int, held: list[int], gone: bool) -> int | None:
@@ -86,10 +91,15 @@ def own_state_for(submission: int, held: list[int], gone: bool) -> int | None:
     return None
 
 
-def pick_checkpoint(output_dir: Path, wanted: str, held: list[list[int]]) -> tuple[str, list[int], list[int]]:
+def pick_checkpoint(
+    output_dir: Path, wanted: str, held: list[list[int]], worker_of: list[int] | None = None
+) -> tuple[str, list[int], list[int]]:
     """The newest complete checkpoint (``wanted="latest"``) or the named one if complete, with the
     submissions it recorded and the workers the server had lost; raises naming what is missing
-    otherwise. ``held[r]``: the worker states rank r holds. A lost worker's state is not required."""
+    otherwise. ``held[r]``: the worker states rank r holds; ``worker_of[r]``: its worker (default:
+    worker = rank). A lost worker's states are not required."""
+    worker_of = list(range(len(held))) if worker_of is None else worker_of
+    num_workers = max(worker_of) + 1
     if wanted == "latest":
         candidates = list(reversed(list_checkpoints(output_dir)))
     elif Path(wanted).is_dir():
@@ -107,13 +117,17 @@ def pick_checkpoint(output_dir: Path, wanted: str, held: list[list[int]]) -> tup
         except (OSError, ValueError) as e:
             refused.append(f"{path.name}: {e}")
         else:
-            if len(submissions) != len(held):
+            if len(submissions) != num_workers:
                 raise ValueError(
                     f"{path} was written by a run of {len(submissions)} workers, this one has "
-                    f"{len(held)} (num_workers must stay the same to resume)"
+                    f"{num_workers} (num_workers must stay the same to resume)"
                 )
             gone = [int(w) for w in state.workers.get("gone", [])]
-            missing = [r for r, s in enumerate(submissions) if s > 0 and s not in held[r] and r not in gone]
+            missing = [
+                r
+                for r, w in enumerate(worker_of)
+                if submissions[w] > 0 and submissions[w] not in held[r] and w not in gone
+            ]
             if not missing:
                 return str(path), submissions, gone
             refused.append(f"{path.name}: no worker state from rank(s) {missing}")

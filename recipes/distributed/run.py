@@ -80,6 +80,13 @@ from recipes.common import (
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream
 from recipes.distributed.checks import check_distributed_options, check_world_size, parameter_checksum
+from recipes.distributed.groups import (
+    GroupLayout,
+    GroupSlice,
+    GroupTransport,
+    new_worker_groups,
+    wrap_for_group,
+)
 from recipes.distributed.logs import JsonLines
 from recipes.distributed.pacing import measure_speed, slowdown_factors
 from recipes.distributed.rank0 import RankZero, WorkerOutcome
@@ -142,7 +149,8 @@ def set_up(config: RecipeConfig) -> Job:
     if (output_dir / "summary.json").exists():
         raise FileExistsError(f"{output_dir} already holds a finished run; pick another output_dir")
     accelerator = make_accelerator(config, output_dir)
-    check_world_size(accelerator.num_processes, o.num_workers, int(os.environ.get("WORLD_SIZE", "1")))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    check_world_size(accelerator.num_processes, o.num_workers, launched, o.group_sizes)
     if not dist.is_initialized():  # one process, no launcher: the transport still needs a group and a store
         timeout = datetime.timedelta(seconds=o.comm_timeout_s)
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -159,12 +167,27 @@ def set_up(config: RecipeConfig) -> Job:
     with accelerator.main_process_first(), accelerator.local_main_process_first():
         warm_state = warm_start(config, model, shards, metadata, accelerator)
 
-    slowdowns = slowdown_factors(o.worker_speeds)
-    speed = probe_speed(config, accelerator, model, shards, slowdowns) if o.dylu else 0.0
+    layout = GroupLayout(tuple(config.group_sizes)) if o.group_sizes is not None else None
+    rank, world = accelerator.process_index, accelerator.num_processes
+    worker = rank if layout is None else layout.worker_of(rank)
+    slowdowns = slowdown_factors(o.worker_speeds)  # per worker: every rank of a group sleeps alike
+    speed = probe_speed(config, accelerator, model, shards, slowdowns, worker) if o.dylu else 0.0
     measured = check_identical_start(accelerator, model, speed)
-    resume = choose_resume_point(config, accelerator)
-    world = accelerator.num_processes
-    steps = dylu_steps(measured, o.inner_steps) if o.dylu else [o.inner_steps] * world
+    worker_of = [r if layout is None else layout.worker_of(r) for r in range(world)]
+    resume = choose_resume_point(config, accelerator, worker_of)
+    group = replica = None
+    if layout is not None:  # after the identical-start check: DDP/FSDP wrap the checked replica
+        groups = new_worker_groups(layout, datetime.timedelta(seconds=o.comm_timeout_s))
+        group = groups.get(worker)
+        if group is not None:
+            replica = wrap_for_group(model, group, o.group_parallelism, accelerator.device)
+    if o.dylu:  # a group is as fast as its slowest rank
+        per_worker = [
+            min(m for m, w in zip(measured, worker_of, strict=True) if w == k) for k in range(o.num_workers)
+        ]
+        steps = dylu_steps(per_worker, o.inner_steps)
+    else:
+        steps = [o.inner_steps] * o.num_workers
     return Job(
         accelerator=accelerator,
         rank=accelerator.process_index,
@@ -178,6 +201,9 @@ def set_up(config: RecipeConfig) -> Job:
         measured=measured,
         slowdowns=slowdowns,
         resume=resume,
+        layout=layout,
+        group=group,
+        replica=replica,
     )
 
 
@@ -187,15 +213,16 @@ def probe_speed(
     model: torch.nn.Module,
     shards: list[torch.Tensor],
     slowdowns: list[float],
+    worker: int,
 ) -> float:
     """This rank's inner steps per second (DyLU), measured one rank at a time so that ranks sharing a
     machine do not slow each other's probe."""
     rank = accelerator.process_index
-    probe = shards[rank][: config.data.batch_size].to(accelerator.device)
+    probe = shards[worker][: config.data.batch_size].to(accelerator.device)
     speed = 0.0
     for r in range(accelerator.num_processes):
         if r == rank:
-            speed = measure_speed(model, probe, accelerator, slowdowns[rank])
+            speed = measure_speed(model, probe, accelerator, slowdowns[worker])
         accelerator.wait_for_everyone()
     return speed
 
@@ -220,18 +247,29 @@ def check_identical_start(accelerator: Accelerator, model: torch.nn.Module, spee
 
 
 def connect(config: RecipeConfig, job: Job, rank0: RankZero | None) -> tuple[Any, ServerHandle | None]:
-    """Rank 0 serves its gate over one gloo pair group per worker; every other rank connects."""
+    """Rank 0 serves its gate over one gloo pair group per worker; every other worker connects. In a
+    worker group only the first rank connects, and the group shares its answers (``GroupTransport``)."""
     o = config.diloco
-    return setup_transport(
-        list(job.model.parameters()),
-        rank0.gate if rank0 is not None else None,
-        server_rank=0,
-        store=job_store(),  # this attempt's namespace of the job's store
-        wire_dtype=getattr(torch, o.wire_dtype),
-        timeout=o.comm_timeout_s,
-        connect_timeout=o.comm_timeout_s,
-        rejoin_timeout=o.rejoin_timeout_s,
-    )
+    params = list(job.model.parameters())
+    transport, server = None, None
+    leader = job.layout is None or job.layout.is_leader(job.rank)
+    if leader:
+        transport, server = setup_transport(
+            params,
+            rank0.gate if rank0 is not None else None,
+            server_rank=0,
+            store=job_store(),  # this attempt's namespace of the job's store
+            wire_dtype=getattr(torch, o.wire_dtype),
+            timeout=o.comm_timeout_s,
+            connect_timeout=o.comm_timeout_s,
+            rejoin_timeout=o.rejoin_timeout_s,
+            worker_id=job.worker,
+            num_workers=job.num_workers,
+            server_worker=0,
+        )
+    if job.group is not None:
+        transport = GroupTransport(transport, job.group, job.layout.leader_of(job.worker), leader, params)
+    return transport, server
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,12 +287,15 @@ def run_worker(
     """This rank's rounds until the server says stop. On rank 0 an interrupt or a failure of its own
     worker ends the run but is held back until the global model is saved; elsewhere it propagates."""
     d, t = config.data, config.train
-    optimizer = make_inner_optimizer(config, job.model, job.warm_state)
-    stream = TokenStream(job.shards[job.rank], d.batch_size, t.seed, stream_id=job.rank)
+    optimizer = make_inner_optimizer(config, job.trained, job.warm_state)
+    size = config.group_sizes[job.worker]
+    stream = TokenStream(job.shards[job.worker], size * d.batch_size, t.seed, stream_id=job.worker)
+    if size > 1:  # this rank's slice of its group's batches
+        stream = GroupSlice(stream, job.rank - job.layout.leader_of(job.worker), size)
     resumed = job.resume.worker if job.resume is not None else None
     if resumed is not None:
         resumed.restore(optimizer, stream)
-    submissions = job.resume.submissions[job.rank] if job.resume is not None else 0
+    submissions = job.resume.submissions[job.worker] if job.resume is not None else 0
     checkpoints = WorkerCheckpoints.for_run(config, job.rank, submissions)
     event = {"event": "start" if job.resume is None else "resume", "rank": job.rank}
     rank_log.write({**event, "pid": os.getpid(), "host": socket.gethostname(), "submissions": submissions})
@@ -263,10 +304,11 @@ def run_worker(
         report = train_worker(
             config=config,
             rank=job.rank,
-            loop=InnerLoop(config, job.model, optimizer, stream, job.accelerator, local_step),
+            worker_id=job.worker,
+            loop=InnerLoop(config, job.trained, optimizer, stream, job.accelerator, local_step),
             transport=transport,
-            steps=job.steps[job.rank],
-            slowdown=job.slowdowns[job.rank],
+            steps=job.steps[job.worker],
+            slowdown=job.slowdowns[job.worker],
             start=start,
             rank_log=rank_log,
             gate=rank0.gate if rank0 is not None else None,

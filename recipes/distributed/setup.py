@@ -21,6 +21,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from heloco.transport import ServerHandle
 from recipes.config import RecipeConfig
+from recipes.distributed.groups import GroupLayout
 from recipes.distributed.resume import ResumePoint
 from recipes.distributed.store import AGENT_STORE_ENV, attempt_prefix
 
@@ -94,8 +95,24 @@ class Job:
     warm_state: dict[str, Any] | None  # the warm start's AdamW state
     steps: list[int]  # H of every worker
     measured: list[float]  # inner steps per second of every rank (DyLU; zeros otherwise)
-    slowdowns: list[float]  # emulated slowdown of every rank
+    slowdowns: list[float]  # emulated slowdown of every worker
     resume: ResumePoint | None = None  # the checkpoint this run continues (None: a fresh start)
+    layout: GroupLayout | None = None  # which ranks make up which worker (None: one rank each)
+    group: Any = None  # this rank's worker group (None: a worker of one process)
+    replica: torch.nn.Module | None = None  # what trains: ``model`` in DDP/FSDP over ``group`` (None: model)
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        return self.model if self.replica is None else self.replica
+
+    @property
+    def worker(self) -> int:
+        """This rank's worker (its group's index; the rank itself without groups)."""
+        return self.rank if self.layout is None else self.layout.worker_of(self.rank)
+
+    @property
+    def num_workers(self) -> int:
+        return self.world if self.layout is None else self.layout.num_workers
 
 
 class Signals:
@@ -125,10 +142,18 @@ class Signals:
 
 
 def collect_reports(
-    store: dist.Store, server: ServerHandle, world: int, exclude: set[int], timeout: float, signals: Signals
+    store: dist.Store,
+    server: ServerHandle,
+    world: int,
+    exclude: set[int],
+    timeout: float,
+    signals: Signals,
+    worker_of: list[int] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """Remote ranks' end-of-run reports from the store; gives up on ranks that died (or after
-    ``timeout`` seconds, e.g. a worker still finishing a long round)."""
+    """Remote ranks' end-of-run reports from the store; gives up on ranks whose worker died (or after
+    ``timeout`` seconds, e.g. a worker still finishing a long round). ``worker_of[r]``: rank r's worker
+    (default: the rank); ``exclude``: workers not waited for."""
+    worker_of = list(range(world)) if worker_of is None else worker_of
     reports: dict[int, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
     while True:
@@ -140,7 +165,9 @@ def collect_reports(
         waiting = [
             r
             for r in range(1, world)
-            if r not in reports and r not in exclude and states[r]["state"] not in ("dead", "missing")
+            if r not in reports
+            and worker_of[r] not in exclude
+            and states[worker_of[r]]["state"] not in ("dead", "missing")
         ]
         if not waiting:
             return reports

@@ -118,6 +118,7 @@ def train_worker(
     config: RecipeConfig,
     rank: int,
     loop: InnerLoop,
+    worker_id: int | None = None,
     transport: Any,
     steps: int,
     slowdown: float,
@@ -131,7 +132,8 @@ def train_worker(
     ``checkpoints`` keeps this worker's state and writes what the server asks for."""
     t = config.train
     timer = RoundTimer(slowdown, loop.accelerator.device)
-    worker = DiLoCoWorker(loop.model, loop.optimizer, transport, rank, steps)  # explicit: pull, sync
+    worker_id = rank if worker_id is None else worker_id  # a group's ranks share their worker's id
+    worker = DiLoCoWorker(loop.model, loop.optimizer, transport, worker_id, steps)  # explicit: pull, sync
     tokens_per_step = loop.stream.tokens_per_batch
     global_tokens = 0.0
     rounds = wasted = rejected = 0

@@ -1,0 +1,206 @@
+"""Workers that are groups of processes: worker k is ``group_sizes[k]`` consecutive ranks training
+one replica with data parallelism inside (DDP, or FSDP2's ``fully_shard``).
+
+Who talks to the server: the group's first rank. It sends the group's Δ and broadcasts the answer to
+the others (``GroupTransport``), so the server sees one worker per group whatever its size. The
+alternative, every rank sending its own shard over a connection of its own, saves the gather but
+needs a server that knows the shards and P times the connections; benchmarks/groups.py measures
+both costs side by side (docs/distributed.md has the numbers behind this choice).
+
+Data: a group reads its worker's shard with a batch of size × ``batch_size`` sequences per inner step
+(the same stream the simulator reads for that worker), and each rank takes its own consecutive slice,
+so a group of P on the global batch computes what one process computes on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from heloco.aggregator import Update
+from heloco.transport import QuorumUnreachable, ServerStopped, TransportError
+from recipes.data import TokenStream
+
+__all__ = ["GroupLayout", "GroupSlice", "GroupTransport", "new_worker_groups", "wrap_for_group"]
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Which ranks make up which worker: consecutive blocks of ``sizes``."""
+
+    sizes: tuple[int, ...]
+
+    @property
+    def world(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.sizes)
+
+    def ranks_of(self, worker: int) -> list[int]:
+        first = sum(self.sizes[:worker])
+        return list(range(first, first + self.sizes[worker]))
+
+    def worker_of(self, rank: int) -> int:
+        for worker in range(self.num_workers):
+            if rank in self.ranks_of(worker):
+                return worker
+        raise ValueError(f"rank {rank} is outside the {self.world} ranks of group_sizes {list(self.sizes)}")
+
+    def leader_of(self, worker: int) -> int:
+        """The rank that talks to the server for ``worker``."""
+        return self.ranks_of(worker)[0]
+
+    def is_leader(self, rank: int) -> bool:
+        return rank == self.leader_of(self.worker_of(rank))
+
+
+def new_worker_groups(layout: GroupLayout, timeout: datetime.timedelta) -> dict[int, Any]:
+    """One process group per worker of more than one rank (every rank creates all of them, in the same
+    order, as ``dist.new_group`` requires): NCCL on GPUs, gloo on CPUs."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    groups = {}
+    for worker, size in enumerate(layout.sizes):
+        if size > 1:
+            groups[worker] = dist.new_group(layout.ranks_of(worker), backend=backend, timeout=timeout)
+    return groups
+
+
+def wrap_for_group(
+    model: torch.nn.Module, group: Any, parallelism: str, device: torch.device
+) -> torch.nn.Module:
+    """The replica a group trains: DDP over the group (gradients averaged at every step), or FSDP2
+    (``fully_shard``: each rank holds a shard of every parameter) on a one-dimensional mesh of it."""
+    if parallelism == "ddp":
+        device_ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, process_group=group, device_ids=device_ids)
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(group, device_type=device.type)
+    return fully_shard(model, mesh=mesh)
+
+
+class GroupSlice:
+    """A rank's share of its group's batches: rows ``[i·b, (i+1)·b)`` of each group batch of the
+    worker's stream (``index`` = position in the group, ``b`` = ``batch_size``)."""
+
+    def __init__(self, stream: TokenStream, index: int, size: int) -> None:
+        if stream.batch_size % size:
+            raise ValueError(f"a group batch of {stream.batch_size} rows cannot be split over {size} ranks")
+        self.stream = stream
+        self.rows = stream.batch_size // size
+        self.index = index
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """The group's tokens per step (what the budget counts)."""
+        return self.stream.tokens_per_batch
+
+    def next_batch(self) -> Tensor:
+        batch = self.stream.next_batch()
+        return batch[self.index * self.rows : (self.index + 1) * self.rows]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
+_ERRORS: dict[str, type[Exception]] = {
+    "ServerStopped": ServerStopped,
+    "QuorumUnreachable": QuorumUnreachable,
+    "TransportError": TransportError,
+    "TimeoutError": TimeoutError,
+    "ValueError": ValueError,
+}
+
+
+class GroupTransport:
+    """A group's end of the connection. On the group's first rank it forwards to ``inner`` (the
+    worker's real transport) and broadcasts each answer to the group: a small header (version,
+    statistics, or the error the server raised) and the parameters as one flat buffer. On the other
+    ranks ``dispatch``/``submit`` wait for that broadcast, so every rank's ``DiLoCoWorker.sync()``
+    returns the same ``Update`` (or raises the same error) at the same point of the round."""
+
+    def __init__(
+        self,
+        inner: Any,
+        group: Any,
+        leader: int,
+        is_leader: bool,
+        params_like: list[Tensor],
+    ) -> None:
+        self.inner = inner
+        self.group = group
+        self.leader = leader
+        self.is_leader = is_leader
+        self.shapes = [p.shape for p in params_like]
+        device = params_like[0].device
+        self.flat = torch.empty(sum(p.numel() for p in params_like), dtype=torch.float32, device=device)
+        self.views = [
+            v.view(s)
+            for v, s in zip(self.flat.split([p.numel() for p in params_like]), self.shapes, strict=True)
+        ]
+
+    def dispatch(self, worker_id: int) -> Update:
+        return self.relay(lambda: self.inner.dispatch(worker_id))
+
+    def submit(self, worker_id: int, pseudo_grads: Any, base_version: int) -> Update:
+        if not self.is_leader:  # its Δ equals the leader's (DDP) or is gathered by it (FSDP)
+            return self.relay(None)
+        return self.relay(lambda: self.inner.submit(worker_id, pseudo_grads, base_version))
+
+    def leave(self, worker_id: int | None = None) -> None:
+        if self.is_leader:
+            self.inner.leave(worker_id) if worker_id is not None else self.inner.leave()
+
+    def relay(self, call: Any) -> Update:
+        header: list[Any] = [None]
+        update = None
+        if self.is_leader:
+            try:
+                update = call()
+                header[0] = ("ok", self.describe(update))
+            except tuple(_ERRORS.values()) as e:
+                header[0] = (
+                    "error",
+                    type(e).__name__ if type(e).__name__ in _ERRORS else "TransportError",
+                    str(e),
+                )
+                dist.broadcast_object_list(header, src=self.leader, group=self.group)
+                raise
+        dist.broadcast_object_list(header, src=self.leader, group=self.group)
+        kind, *rest = header[0]
+        if kind == "error":
+            raise _ERRORS[rest[0]](rest[1])
+        meta = rest[0]
+        if meta["has_params"]:
+            if self.is_leader:
+                torch._foreach_copy_(
+                    self.views, [t.reshape(s) for t, s in zip(update.params, self.shapes, strict=True)]
+                )
+            dist.broadcast(self.flat, src=self.leader, group=self.group)
+        if self.is_leader:
+            return update
+        return Update(params=list(self.views) if meta["has_params"] else None, **meta["fields"])
+
+    @staticmethod
+    def describe(update: Update) -> dict[str, Any]:
+        fields = {
+            "version": update.version,
+            "staleness": update.staleness,
+            "applied": update.applied,
+            "dropped": update.dropped,
+            "weight": update.weight,
+            "released": list(update.released),
+            "stats": dict(update.stats),
+        }
+        return {"has_params": update.params is not None, "fields": fields}
