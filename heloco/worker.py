@@ -52,6 +52,16 @@ def _usable_buffers(
     return list(buffers)
 
 
+def copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``dst[i].copy_(src[i])`` for all i: one foreach kernel for plain tensors, one copy each for
+    tensor subclasses without a foreach rule (FSDP2's DTensor shards)."""
+    if all(type(t) is torch.Tensor for t in (*dst[:1], *src[:1])):
+        torch._foreach_copy_(dst, src)
+        return
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s)
+
+
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """Accelerate wraps optimizers; hooks must sit on the real torch optimizer, whose step only runs
     when gradients were really synchronised (gradient accumulation, skipped fp16 steps)."""
@@ -210,9 +220,9 @@ class DiLoCoWorker:
         if len(params) != len(self.params):
             raise ValueError(f"server sent {len(params)} tensors, the model has {len(self.params)}")
         with record_function("heloco.load"):
-            torch._foreach_copy_([p.data for p in self.params], list(params))
+            copy_all([p.data for p in self.params], list(params))
             if any(a is not b for a, b in zip(params, self._start, strict=True)):  # else: answered there
-                torch._foreach_copy_(self._start, list(params))
+                copy_all(self._start, list(params))
         self.base_version = int(version)
         self.waiting = False
 
@@ -239,4 +249,4 @@ class DiLoCoWorker:
         self.local_step = int(state["local_step"])
         self.steps_since_sync = int(state["steps_since_sync"])
         self.waiting = bool(state["waiting"])
-        torch._foreach_copy_(self._start, list(state["start"]))
+        copy_all(self._start, list(state["start"]))

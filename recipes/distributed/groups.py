@@ -21,12 +21,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from heloco.aggregator import Update
 from heloco.transport import QuorumUnreachable, ServerStopped, TransportError
 from recipes.data import TokenStream
 
-__all__ = ["GroupLayout", "GroupSlice", "GroupTransport", "new_worker_groups", "wrap_for_group"]
+__all__ = ["GroupLayout", "GroupSlice", "GroupTransport", "new_worker_groups", "shard_like", "wrap_for_group"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,21 @@ def wrap_for_group(
     return fully_shard(model, mesh=mesh)
 
 
+def shard_like(state: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+    """An optimizer state dict of the whole model (the warm start's) for an FSDP-sharded one: every
+    per-parameter tensor becomes a DTensor shard laid out like its parameter (no communication)."""
+    state = {**state, "state": dict(state["state"])}
+    for index, per_param in state["state"].items():
+        p = params[int(index)]
+        state["state"][index] = {
+            key: distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+            if isinstance(value, Tensor) and value.shape == p.shape
+            else value
+            for key, value in per_param.items()
+        }
+    return state
+
+
 class GroupSlice:
     """A rank's share of its group's batches: rows ``[i·b, (i+1)·b)`` of each group batch of the
     worker's stream (``index`` = position in the group, ``b`` = ``batch_size``)."""
@@ -142,7 +158,9 @@ class GroupTransport:
         self.group = group
         self.leader = leader
         self.is_leader = is_leader
-        self.shapes = [p.shape for p in params_like]
+        self.like = params_like
+        self.sharded = isinstance(params_like[0], DTensor)  # FSDP: every rank holds a shard
+        self.shapes = [p.shape for p in params_like]  # a DTensor's shape is the full one
         device = params_like[0].device
         self.flat = torch.empty(sum(p.numel() for p in params_like), dtype=torch.float32, device=device)
         self.views = [
@@ -154,7 +172,9 @@ class GroupTransport:
         return self.relay(lambda: self.inner.dispatch(worker_id))
 
     def submit(self, worker_id: int, pseudo_grads: Any, base_version: int) -> Update:
-        if not self.is_leader:  # its Δ equals the leader's (DDP) or is gathered by it (FSDP)
+        if self.sharded:  # FSDP: the group gathers the full Δ on every rank (one collective each)
+            pseudo_grads = [d.full_tensor() for d in pseudo_grads]
+        if not self.is_leader:  # its Δ equals the leader's (DDP) or was gathered by it (FSDP)
             return self.relay(None)
         return self.relay(lambda: self.inner.submit(worker_id, pseudo_grads, base_version))
 
@@ -188,9 +208,17 @@ class GroupTransport:
                     self.views, [t.reshape(s) for t, s in zip(update.params, self.shapes, strict=True)]
                 )
             dist.broadcast(self.flat, src=self.leader, group=self.group)
-        if self.is_leader:
+        params = None
+        if meta["has_params"]:
+            params = list(self.views)
+            if self.sharded:  # each rank keeps its shard of the answer (no communication)
+                params = [
+                    distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+                    for v, p in zip(params, self.like, strict=True)
+                ]
+        if self.is_leader and not self.sharded:
             return update
-        return Update(params=list(self.views) if meta["has_params"] else None, **meta["fields"])
+        return Update(params=params, **meta["fields"])
 
     @staticmethod
     def describe(update: Update) -> dict[str, Any]:

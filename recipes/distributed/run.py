@@ -53,6 +53,7 @@ package's other modules are listed in ``recipes/distributed/__init__.py``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import logging
@@ -85,6 +86,7 @@ from recipes.distributed.groups import (
     GroupSlice,
     GroupTransport,
     new_worker_groups,
+    shard_like,
     wrap_for_group,
 )
 from recipes.distributed.logs import JsonLines
@@ -180,7 +182,9 @@ def set_up(config: RecipeConfig) -> Job:
         groups = new_worker_groups(layout, datetime.timedelta(seconds=o.comm_timeout_s))
         group = groups.get(worker)
         if group is not None:
-            replica = wrap_for_group(model, group, o.group_parallelism, accelerator.device)
+            if o.group_parallelism == "fsdp":  # fully_shard converts the module itself: keep a whole copy
+                model, replica = copy.deepcopy(model), model
+            replica = wrap_for_group(replica or model, group, o.group_parallelism, accelerator.device)
     if o.dylu:  # a group is as fast as its slowest rank
         per_worker = [
             min(m for m, w in zip(measured, worker_of, strict=True) if w == k) for k in range(o.num_workers)
@@ -250,7 +254,7 @@ def connect(config: RecipeConfig, job: Job, rank0: RankZero | None) -> tuple[Any
     """Rank 0 serves its gate over one gloo pair group per worker; every other worker connects. In a
     worker group only the first rank connects, and the group shares its answers (``GroupTransport``)."""
     o = config.diloco
-    params = list(job.model.parameters())
+    params = list(job.trained.parameters())  # FSDP: DTensors (full shapes, local shards)
     transport, server = None, None
     leader = job.layout is None or job.layout.is_leader(job.rank)
     if leader:
@@ -287,7 +291,10 @@ def run_worker(
     """This rank's rounds until the server says stop. On rank 0 an interrupt or a failure of its own
     worker ends the run but is held back until the global model is saved; elsewhere it propagates."""
     d, t = config.data, config.train
-    optimizer = make_inner_optimizer(config, job.trained, job.warm_state)
+    warm_state = job.warm_state
+    if warm_state is not None and job.replica is not None and config.diloco.group_parallelism == "fsdp":
+        warm_state = shard_like(warm_state, list(job.trained.parameters()))
+    optimizer = make_inner_optimizer(config, job.trained, warm_state)
     size = config.group_sizes[job.worker]
     stream = TokenStream(job.shards[job.worker], size * d.batch_size, t.seed, stream_id=job.worker)
     if size > 1:  # this rank's slice of its group's batches

@@ -1,0 +1,215 @@
+"""Worker groups (recipes/distributed/groups.py): the layout of ranks into workers, a rank's slice of
+its group's batches, the checks, and (slow, real gloo processes) that a DDP group of 2 and an FSDP
+group of 2 compute the Δ one process computes on the same global batch, and that an async run with
+groups [2, 1] completes its budget with every arrival counted once."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.config import config_from_dict
+from recipes.data import TokenStream
+from recipes.distributed.checks import check_world_size
+from recipes.distributed.groups import GroupLayout, GroupSlice
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_layout_maps_consecutive_ranks_to_workers():
+    layout = GroupLayout((2, 1, 3))
+    assert layout.world == 6 and layout.num_workers == 3
+    assert [layout.worker_of(r) for r in range(6)] == [0, 0, 1, 2, 2, 2]
+    assert layout.ranks_of(2) == [3, 4, 5] and [layout.leader_of(w) for w in range(3)] == [0, 2, 3]
+    assert [layout.is_leader(r) for r in range(6)] == [True, False, True, True, False, False]
+    with pytest.raises(ValueError, match="rank 6 is outside the 6 ranks"):
+        layout.worker_of(6)
+
+
+def test_group_slices_partition_the_group_batch():
+    data = torch.arange(40 * 4).reshape(40, 4)
+    whole = TokenStream(data, 6, seed=0, stream_id=1)
+    parts = [GroupSlice(TokenStream(data, 6, seed=0, stream_id=1), i, 3) for i in range(3)]
+    for _ in range(5):
+        batch = whole.next_batch()
+        assert torch.equal(torch.cat([p.next_batch() for p in parts]), batch)
+    assert parts[0].tokens_per_batch == 6 * 4  # the group's tokens per step, what the budget counts
+    with pytest.raises(ValueError, match="cannot be split over 4 ranks"):
+        GroupSlice(TokenStream(data, 6, seed=0, stream_id=0), 0, 4)
+
+
+def test_group_sizes_are_validated_and_set_the_world_size():
+    base = dict(num_workers=2, worker_speeds=[1.0, 1.0])
+    assert config_from_dict({**base, "group_sizes": [2, 1]}).group_sizes == [2, 1]
+    assert config_from_dict(base).group_sizes == [1, 1]
+    for bad in ([2], [2, 0], [1.5, 1]):
+        with pytest.raises(ValueError, match="group_sizes must give one integer >= 1"):
+            config_from_dict({**base, "group_sizes": bad})
+    with pytest.raises(ValueError, match="group_parallelism must be one of ddp, fsdp"):
+        config_from_dict({**base, "group_parallelism": "tp"})
+    check_world_size(3, 2, group_sizes=[2, 1])
+    with pytest.raises(ValueError, match=r"group_sizes=\[2, 1\] needs 3 processes, 2 were launched"):
+        check_world_size(2, 2, group_sizes=[2, 1])
+
+
+def test_the_simulator_counts_a_group_worker_s_global_batch(tmp_path):
+    """A simulated worker of group size 2 reads 2 x batch_size sequences per step, so each of its
+    rounds counts twice the tokens of a worker of size 1."""
+    from recipes.train import run
+    from tests.conftest import build_tiny_shards
+
+    shards = build_tiny_shards(tmp_path / "data", num_workers=2)
+    v = dict(
+        data_dir=str(shards),
+        output_dir=str(tmp_path / "run"),
+        model_size="tiny",
+        num_workers=2,
+        worker_speeds=[1.0, 1.0],
+        group_sizes=[2, 1],
+        inner_steps=2,
+        batch_size=2,
+        budget_tokens=2000,
+        pretrain_steps=0,
+        eval_sequences=4,
+        report_to="none",
+        progress=False,
+    )
+    run(config_from_dict(v))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    arrivals = [r for r in records if r["event"] == "arrival"]
+    step = {
+        w: [b["tokens"] - a["tokens"] for a, b in itertools.pairwise(arrivals) if b["worker"] == w]
+        for w in (0, 1)
+    }
+    assert set(step[0]) == {2 * 2 * 2 * 32} and set(step[1]) == {2 * 2 * 32}
+
+
+# -- real process groups ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(code: str, world: int, tmp_path: Path, timeout: float = 240) -> None:
+    """``code`` in ``world`` gloo processes (RANK/WORLD_SIZE set); raises with their output on failure."""
+    script = tmp_path / "group_script.py"
+    script.write_text(code)
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            "OUT": str(tmp_path),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    outputs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)[-4000:]
+
+
+DELTA_SCRIPT = r"""
+import os, torch, torch.distributed as dist
+from recipes.model import build_model
+from recipes.distributed.groups import wrap_for_group
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+data = torch.randint(0, 64, (6, 4, 16))  # 6 steps of a global batch of 4 sequences
+model = build_model("tiny", vocab_size=64, max_positions=16, eos_token_id=None)
+start = [p.detach().clone() for p in model.parameters()]
+mode = os.environ["MODE"]
+if mode != "single":
+    model = wrap_for_group(model, dist.group.WORLD, mode, torch.device("cpu"))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+rows = 4 // world
+for batch in data:
+    mine = batch[rank * rows : (rank + 1) * rows]
+    model(input_ids=mine, labels=mine).loss.backward()
+    opt.step()
+    opt.zero_grad()
+now = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+delta = [s - n for s, n in zip(start, now)]
+if rank == 0:
+    torch.save(delta, os.path.join(os.environ["OUT"], mode + ".pt"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ddp_and_fsdp_groups_of_two_give_the_delta_of_one_process(tmp_path, monkeypatch):
+    """H = 6 inner AdamW steps on a global batch of 4: one process on all 4 rows, a DDP group of 2 and
+    an FSDP2 group of 2 on 2 rows each give the same Δ (fp32 tolerance)."""
+    deltas = {}
+    for mode, world in (("single", 1), ("ddp", 2), ("fsdp", 2)):
+        monkeypatch.setenv("MODE", mode)
+        run_script(DELTA_SCRIPT, world, tmp_path)
+        deltas[mode] = torch.load(tmp_path / f"{mode}.pt")
+    size = sum(d.abs().sum() for d in deltas["single"])
+    assert size > 0
+    for mode in ("ddp", "fsdp"):
+        for a, b in zip(deltas["single"], deltas[mode], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)  # Adam steps are ~1e-2
+    for a, b in zip(deltas["ddp"], deltas["fsdp"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)  # Adam steps are ~1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_an_async_run_with_groups_2_1_completes_its_budget(parallelism, tmp_path):
+    """Three processes under `accelerate launch`: worker 0 is a group of 2 (DDP or FSDP2 inside),
+    worker 1 a single process. The run reaches its token budget, every arrival is counted once, a
+    group's arrival counts its global batch, and both ranks of the group log the same rounds."""
+    from recipes.common import prepare
+    from tests.conftest import build_tiny_shards
+    from tests.test_recipe_distributed import ACCELERATE, child_env, cli, read_jsonl, values
+
+    shards = build_tiny_shards(tmp_path / "data", num_workers=2)
+    out = tmp_path / "run"
+    v = values(shards, out, num_workers=2, worker_speeds=[1.0, 1.0], group_sizes=[2, 1])
+    v.update(budget_tokens=6000, group_parallelism=parallelism)
+    prepare(config_from_dict({**v, "mode": "simulate", "group_sizes": None}))  # the warm-start cache
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml")]
+    cmd += ["--num_processes", "3", "recipes/train.py", *cli(v)]
+    with open(tmp_path / "launch.log", "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=800)
+    assert proc.returncode == 0, (tmp_path / "launch.log").read_text()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "budget_tokens" and summary["tokens"] >= 6000
+    records = read_jsonl(out / "metrics.jsonl")
+    arrivals = [r for r in records if r["event"] == "arrival"]
+    assert [r["arrival"] for r in arrivals] == list(range(1, summary["arrivals"] + 1))  # each once
+    per_round = {0: 2 * 4 * 32 * 3, 1: 4 * 32 * 3}  # group size x batch x seq_len x H
+    for before, after in itertools.pairwise([{"tokens": 0}, *arrivals]):
+        assert after["tokens"] - before["tokens"] == per_round[after["worker"]]
+    ranks = [read_jsonl(out / f"metrics-rank{r}.jsonl") for r in range(3)]
+    rounds = [[x["version"] for x in rank if x["event"] == "arrival"] for rank in ranks]
+    assert rounds[0] == rounds[1] and len(rounds[0]) == sum(r["worker"] == 0 for r in arrivals)
+    assert len(rounds[2]) == sum(r["worker"] == 1 for r in arrivals)
+    evals = [r for r in records if r["event"] == "eval"]
+    assert evals[-1]["val_loss/mean"] < evals[0]["val_loss/mean"] - 0.2
