@@ -32,9 +32,14 @@ With K workers, Δ_k worker k's pseudo-gradient and w its usual weight (stalenes
       Δ̃_k = Δ_k + λ·Δ_k⊙Δ_k⊙(θ_now − θ_base)
 
   where θ_base is exactly the point worker k was handed (θ, or its look-ahead point), kept by the
-  server. ``drift_normalization="tensor"`` (ours) divides Δ⊙Δ by its mean over each tensor, so that λ
-  is unit-free (the mean diagonal of the Jacobian of Δ with respect to its start point):
-  Δ̃ = Δ + λ·(Δ⊙Δ / mean(Δ⊙Δ))⊙(θ_now − θ_base). Applied before any weighting.
+  server. λ·Δ⊙Δ stands for the diagonal of the Jacobian J = ∂Δ/∂θ_start; for a pseudo-gradient its
+  scale follows the inner learning rate, so the useful λ does too. ``drift_normalization="max"``
+  (ours) divides Δ⊙Δ by its largest entry in each tensor, so that diag J ∈ [0, λ] (J = 1: the
+  worker would have ended at the same point from θ_now, J = 0: Δ does not depend on its start):
+
+      Δ̃_k = Δ_k + λ·(Δ_k⊙Δ_k / max(Δ_k⊙Δ_k))⊙(θ_now − θ_base)
+
+  Applied before any weighting; a compensated Δ that is not finite is refused like a bad one.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from heloco.validation import check_number, check_tensor_list, is_int
+from heloco.validation import check_finite, check_number, check_tensor_list, is_int
 
 __all__ = [
     "DRIFT_NORMALIZATIONS",
@@ -59,7 +64,7 @@ __all__ = [
 
 WORKER_WEIGHTINGS = (None, "rate")
 MEMORIES = (None, "latest")
-DRIFT_NORMALIZATIONS = ("none", "tensor")
+DRIFT_NORMALIZATIONS = ("none", "max")
 
 
 def rate_weight(shares: Sequence[float], worker_id: int, power: float = 1.0) -> float:
@@ -202,7 +207,8 @@ class ServerPolicies:
         return stats["worker_weight"]
 
     def compensate(self, worker_id: int, delta: list[Tensor], stats: dict[str, float]) -> None:
-        """Δ ← Δ + λ·Δ⊙Δ⊙(θ_now − θ_base), in place (nothing when λ = 0)."""
+        """Δ ← Δ + λ·Δ⊙Δ⊙(θ_now − θ_base), in place (nothing when λ = 0); raises ValueError if the
+        result is not finite (before anything but the caller's scratch ``delta`` changed)."""
         if not self.keeps_bases:
             return
         base = self.bases[worker_id]
@@ -214,13 +220,14 @@ class ServerPolicies:
         for d, p, b, s in zip(delta, self.masters, base, self._drift, strict=True):
             torch.sub(p.detach(), b, out=s)
             s.mul_(d).mul_(d)
-            if self.drift_normalization == "tensor":
-                s.mul_(lam / d.square().mean().clamp_min(torch.finfo(d.dtype).tiny))
+            if self.drift_normalization == "max":
+                s.mul_(lam / d.abs().amax().square().clamp_min(torch.finfo(d.dtype).tiny))
             else:
                 s.mul_(lam)
             sq_delta.append(d.square().sum())
             sq_corr.append(s.square().sum())
             d.add_(s)
+        check_finite(delta, "drift-compensated pseudo_grads")
         norm = float(torch.stack(sq_delta).sum().sqrt())
         stats["drift/relative_norm"] = float(torch.stack(sq_corr).sum().sqrt()) / norm if norm else 0.0
 

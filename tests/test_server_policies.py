@@ -174,15 +174,26 @@ def test_drift_compensation_by_hand():
     assert u.stats["drift/relative_norm"] == pytest.approx(0.5)
 
 
-def test_drift_compensation_normalized_per_tensor():
-    # "tensor": Δ⊙Δ / mean(Δ⊙Δ). Δ_0 = (1, 3): Δ² = (1, 9), mean 5 → (0.2, 1.8); Δ_1 ≡ 1 → 1.
-    params, agg = sgd(num_workers=2, drift_compensation=0.25, drift_normalization="tensor")
+def test_drift_compensation_normalized_by_the_tensor_max():
+    # "max": Δ⊙Δ / max(Δ⊙Δ). Δ_0 = (1, 3): Δ² = (1, 9) → (1/9, 1); Δ_1 ≡ 1 → 1.
+    params, agg = sgd(num_workers=2, drift_compensation=0.25, drift_normalization="max")
     agg.dispatch(0)
     agg.dispatch(1)
     agg.submit(0, delta(1, 2), 0)  # θ = (−1, −2)
     agg.submit(1, [torch.tensor([1.0, 3.0]), torch.ones(2, 2)], 0)  # drift (−1, −2)
-    torch.testing.assert_close(params[0], torch.tensor([-1 - (1 - 0.25 * 0.2), -1 - (3 - 0.25 * 1.8)]))
+    torch.testing.assert_close(params[0], torch.tensor([-1 - (1 - 0.25 / 9), -1 - (3 - 0.25)]))
     torch.testing.assert_close(params[1], torch.full((2, 2), -2 - (1 - 0.25 * 2)))
+
+
+def test_a_compensated_delta_that_overflows_is_refused_and_changes_nothing():
+    _, agg = sgd(num_workers=2, drift_compensation=1e30, memory="latest")
+    agg.dispatch(0)
+    agg.dispatch(1)
+    agg.submit(0, delta(1), 0)
+    before = frozen(agg)
+    with pytest.raises(ValueError, match=r"drift-compensated pseudo_grads\[0\] contains NaN or Inf"):
+        agg.submit(1, delta(1e10), 0)  # 1e30·1e20·(−1) overflows fp32
+    assert_bit_identical(frozen(agg), before)
 
 
 def test_drift_is_measured_from_the_lookahead_point_handed_out():
@@ -283,7 +294,7 @@ def test_a_rejected_delta_changes_no_policy_state():
         ({"drift_compensation": float("nan")}, r"drift_compensation must be a finite number >= 0"),
         (
             {"drift_normalization": "global"},
-            r"drift_normalization must be one of \('none', 'tensor'\), got 'global'",
+            r"drift_normalization must be one of \('none', 'max'\), got 'global'",
         ),
     ],
 )
@@ -311,7 +322,7 @@ ALL_ON = {
     "worker_weighting": "rate",
     "memory": "latest",
     "drift_compensation": 0.1,
-    "drift_normalization": "tensor",
+    "drift_normalization": "max",
     "arrival_weight": 0.5,
 }
 
