@@ -238,7 +238,7 @@ class AsyncAggregator:
         round is open). It may be the very tensors of ``pseudo_grads`` (a transport answering from
         the buffer Δ arrived in): Δ is read first, and if those tensors have the masters' dtype and
         device the aggregator works on Δ right there instead of copying it (after a failed outer
-        step their contents are then unspecified).
+        step, or a drift-compensated Δ refused as not finite, their contents are then unspecified).
         """
         with self._lock, torch.no_grad(), record_function("heloco.submit"):
             book = self._book
