@@ -9,6 +9,9 @@ DiLoCo; q = K: synchronous DiLoCo, Douillard et al. 2023, arXiv 2311.08105), wri
 ``p.grad`` of the masters and runs one outer step. Every Δ can also be scaled by a constant arrival
 weight ρ (the HeLoCo authors use ρ = 1/√K for every asynchronous method). Optionally it hands out
 momentum look-ahead points instead of the plain parameters (``dispatch``, see ``heloco.lookahead``).
+Three optional policies of ours (``heloco.server_policies``, all off by default) weight each worker by
+its arrival rate, keep every worker's latest Δ and step on their mean, or compensate a stale Δ for the
+drift of the global model since it was dispatched.
 
 A synchronous run whose worker is gone for good goes on with the others: ``remove_worker`` lowers
 the effective quorum to the live workers and completes an open round that now has enough
@@ -38,6 +41,7 @@ from torch.profiler import record_function
 from heloco.lookahead import DISPATCHES, dispatched_params, lookahead_coefs, resolve_dispatch
 from heloco.protocols import StalenessAwareOptimizer
 from heloco.rounds import WEIGHTINGS, RoundBook, staleness_weight
+from heloco.server_policies import ServerPolicies
 from heloco.validation import (
     check_aggregator_settings,
     check_masters,
@@ -87,6 +91,10 @@ class AsyncAggregator:
         dispatch: which parameters a worker starts from (see ``dispatch``): ``"plain"`` θ,
             ``"lookahead"`` θ − η·μ·m (HeLoCo's), ``"scaled_lookahead"`` θ − η·τ̂_i·μ·m (ours).
         lookahead: deprecated alias of ``dispatch="scaled_lookahead"``.
+        worker_weighting, worker_rates, worker_weighting_power, memory, drift_compensation,
+            drift_normalization: the optional policies of ``heloco.server_policies`` (formulas and
+            sources there): per-worker rate weights, a memory of every worker's latest Δ (quorum 1
+            only), compensation of a stale Δ for the drift since its dispatch; off by default.
     """
 
     def __init__(
@@ -102,6 +110,12 @@ class AsyncAggregator:
         arrival_weight: float | None = None,
         dispatch: str = "plain",
         lookahead: bool = False,
+        worker_weighting: str | None = None,
+        worker_rates: Sequence[float] | None = None,
+        worker_weighting_power: float = 1.0,
+        memory: str | None = None,
+        drift_compensation: float = 0.0,
+        drift_normalization: str = "none",
     ) -> None:
         params = list(global_params)
         group_of = check_masters(params, outer_optimizer)
@@ -118,6 +132,17 @@ class AsyncAggregator:
             weightings=WEIGHTINGS,
         )
         self.dispatch_mode = resolve_dispatch(dispatch, lookahead, outer_optimizer)
+        self.policies = ServerPolicies(
+            params,
+            num_workers,
+            quorum,
+            worker_weighting,
+            worker_rates,
+            worker_weighting_power,
+            memory,
+            drift_compensation,
+            drift_normalization,
+        )
         self.global_params: list[Tensor] = params
         self.outer_optimizer = outer_optimizer
         self.num_workers = int(num_workers)
@@ -213,18 +238,22 @@ class AsyncAggregator:
         round is open). It may be the very tensors of ``pseudo_grads`` (a transport answering from
         the buffer Δ arrived in): Δ is read first, and if those tensors have the masters' dtype and
         device the aggregator works on Δ right there instead of copying it (after a failed outer
-        step their contents are then unspecified).
+        step, or a drift-compensated Δ refused as not finite, their contents are then unspecified).
         """
         with self._lock, torch.no_grad(), record_function("heloco.submit"):
             book = self._book
             book.check_worker(worker_id)
             out = check_out(out, self.global_params)
             tau = book.check_submission(worker_id, base_version)
+            policies = self.policies
+            policies.check_submission(worker_id, base_version)
             # Δ validated (the one finiteness check of an arrival), in the masters' dtype, in scratch:
             incoming = receive(pseudo_grads, self.global_params, self._incoming, out)
             weight = staleness_weight(tau, self.staleness_weighting, self.staleness_a, self.staleness_b)
             if self.arrival_weight is not None:
                 weight *= self.arrival_weight
+            stats: dict[str, float] = {}
+            weight *= policies.worker_weight(worker_id, [r.submissions for r in book.workers], stats)
             record = book.workers[worker_id]
 
             if self.max_staleness is not None and tau > self.max_staleness:
@@ -239,7 +268,8 @@ class AsyncAggregator:
                     stats={"staleness": float(tau), "weight": 0.0},
                 )
 
-            stats = {"staleness": float(tau), "weight": weight}
+            stats.update(staleness=float(tau), weight=weight)
+            policies.compensate(worker_id, incoming, stats)
             if len(book.pending) + 1 < book.round_quorum():
                 torch._foreach_add_(self._sum, incoming, alpha=weight)
                 book.pending.append((worker_id, tau, weight))
@@ -248,7 +278,9 @@ class AsyncAggregator:
 
             # This submission completes a round: p.grad = mean of the n (weighted) Δ.
             kwargs = self._weigh_round(incoming, weight)
-            released = self._complete_round(incoming, book.round_staleness(tau), kwargs, stats)
+            grads = policies.step_grads(worker_id, incoming, stats)  # incoming, or the memory's mean
+            released = self._complete_round(grads, book.round_staleness(tau), kwargs, stats)
+            policies.commit(worker_id, incoming)
             record.observe(tau, dropped=False)
             record.base_version = book.version
             return Update(
@@ -312,13 +344,15 @@ class AsyncAggregator:
                 "optimizer": copy.deepcopy(self.outer_optimizer.state_dict()),
                 "workers": book["workers"],
                 "pending": {**book["pending"], "sum": pending_sum},
+                **self.policies.state(),
             }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a ``state_dict()``; everything is validated before anything is changed.
 
         The weighting, dropping and look-ahead settings come from the constructor (they may differ
-        from the saved run's); ``num_workers`` and the parameter shapes must match.
+        from the saved run's); ``num_workers`` and the parameter shapes must match, and the entries of
+        ``memory`` and ``drift_compensation``, when on, must be in the state_dict.
         """
         with self._lock, torch.no_grad():
             sd = state_dict
@@ -327,6 +361,7 @@ class AsyncAggregator:
                     raise ValueError(f"aggregator state_dict has no {key!r} entry")
             check_tensor_list(sd["global_params"], self.global_params, "state_dict['global_params']")
             version, records, pending = self._book.parse_state(sd)
+            policies = self.policies.parse_state(sd, version)
             if pending:
                 check_tensor_list(sd["pending"]["sum"], self.global_params, "state_dict['pending']['sum']")
 
@@ -338,6 +373,7 @@ class AsyncAggregator:
                 else:
                     torch._foreach_zero_(self._sum)
             self._book.restore(version, records, pending)
+            self.policies.restore(policies)
 
     # ------------------------------------------------------------------ internals
 
@@ -345,10 +381,11 @@ class AsyncAggregator:
         """Turn ``incoming`` into the completing round's p.grad (in place); return the ``step``
         keywords. Quorum 1: a staleness-aware optimizer gets the weight itself (when some weighting
         is configured; otherwise w ≡ 1 and nothing is passed), any other gets Δ pre-scaled.
-        Quorum > 1: the weighted mean of the round's Δ."""
+        Quorum > 1: the weighted mean of the round's Δ. With ``memory`` Δ is always pre-scaled."""
         if self.quorum == 1:
-            if self.staleness_aware:
-                if self.staleness_weighting is not None or self.arrival_weight is not None:
+            if self.staleness_aware and self.policies.memory is None:
+                weighted = (self.staleness_weighting, self.arrival_weight, self.policies.worker_weighting)
+                if any(x is not None for x in weighted):
                     return {"weight": weight}
             elif weight != 1.0:
                 torch._foreach_mul_(incoming, weight)
@@ -386,12 +423,17 @@ class AsyncAggregator:
         return released
 
     def _params_for(self, worker_id: int, dest: list[Tensor] | None = None) -> list[Tensor]:
-        """What ``worker_id`` starts from (θ or its look-ahead point), copied or written into ``dest``."""
+        """What ``worker_id`` starts from (θ or its look-ahead point), copied or written into ``dest``
+        (and kept as the worker's base with drift compensation)."""
         coef_of = lookahead_coefs(
             self.dispatch_mode,
             self.outer_optimizer.param_groups,
             self._book.workers[worker_id].staleness_mean,
         )
-        return dispatched_params(
-            self.global_params, self.outer_optimizer.state, self._group_of, coef_of, dest
+        state = self.outer_optimizer.state
+        return self.policies.dispatched(
+            worker_id,
+            self._book.version,
+            lambda into: dispatched_params(self.global_params, state, self._group_of, coef_of, into),
+            dest,
         )

@@ -27,6 +27,7 @@ from heloco.checkpoint import (
 )
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream, to_tensor
+from recipes.inner_optimizer import MuonAdamW, muon_split
 from recipes.model import build_model
 
 
@@ -51,8 +52,8 @@ def set_inner_lr(
 
 
 def begin_round(config: RecipeConfig, optimizer: torch.optim.Optimizer) -> None:
-    """With ``reset_inner_optimizer`` the round starts from a fresh AdamW (no moments, step 0), as if
-    re-created: its state is rebuilt lazily at the first step."""
+    """With ``reset_inner_optimizer`` the round starts from a fresh inner optimizer (no moments, step
+    0), as if re-created: its state is rebuilt lazily at the first step."""
     if config.train.reset_inner_optimizer:
         optimizer.state.clear()
 
@@ -60,16 +61,22 @@ def begin_round(config: RecipeConfig, optimizer: torch.optim.Optimizer) -> None:
 def make_inner_optimizer(
     config: RecipeConfig, model: torch.nn.Module, warm_state: dict[str, Any] | None = None
 ) -> torch.optim.Optimizer:
-    """The worker's inner AdamW, seeded with a copy of the warm start's state if given (a copy for
+    """The worker's inner optimizer (``inner_optimizer``: AdamW, or ``MuonAdamW`` of
+    recipes/inner_optimizer.py), seeded with a copy of the warm start's state if given (a copy for
     each: ``load_state_dict`` keeps same-device tensors shared)."""
     t = config.train
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=t.inner_lr,
-        betas=(0.9, t.inner_beta2),
-        weight_decay=t.inner_weight_decay,
-        fused=True if t.fused_adamw else None,
-    )
+    adamw = {
+        "lr": t.inner_lr,
+        "betas": (0.9, t.inner_beta2),
+        "weight_decay": t.inner_weight_decay,
+        "fused": True if t.fused_adamw else None,
+    }
+    optimizer: torch.optim.Optimizer
+    if t.inner_optimizer == "muon":
+        matrices, others = muon_split(model)
+        optimizer = MuonAdamW(matrices, others, muon_momentum=t.muon_momentum, **adamw)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), **adamw)
     if warm_state is not None:
         optimizer.load_state_dict(copy.deepcopy(warm_state))
     return optimizer
@@ -152,9 +159,9 @@ def warm_start(
     metadata: dict[str, Any],
     accelerator: Accelerator,
 ) -> dict[str, Any] | None:
-    """Train ``pretrain_steps`` ordinary steps on all shards together; returns the AdamW state to seed
-    every worker with. The result depends only on data, model and inner hyperparameters, so it is
-    cached and reused by every method of a comparison."""
+    """Train ``pretrain_steps`` ordinary steps on all shards together; returns the inner optimizer's
+    state to seed every worker with. The result depends only on data, model and inner hyperparameters,
+    so it is cached and reused by every method of a comparison."""
     t = config.train
     if t.pretrain_steps == 0:
         return None
@@ -172,6 +179,8 @@ def warm_start(
             config.data.batch_size,
         ],
     }
+    if t.inner_optimizer != "adamw":  # AdamW's key unchanged, so existing caches stay valid
+        key_fields["inner_optimizer"] = [t.inner_optimizer, t.muon_momentum]
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
     cache = Path(t.pretrain_cache_dir) / key if t.pretrain_cache_dir else None
     optimizer = make_inner_optimizer(config, model)

@@ -18,6 +18,8 @@ from transformers import HfArgumentParser
 
 from heloco.aggregator import DISPATCHES
 from heloco.correction import REORIENT_SCHEDULES
+from heloco.server_policies import DRIFT_NORMALIZATIONS
+from recipes.inner_optimizer import INNER_OPTIMIZERS
 from recipes.method_specs import METHOD_SPECS, METHODS
 from recipes.model import PRESETS
 
@@ -30,6 +32,9 @@ PRECISIONS = ("no", "bf16")
 # constant; cosine over the run's progress (the same for every worker); worker_cosine: cosine over
 # each worker's own inner steps with period cosine_steps, no warm-up (the HeLoCo authors' schedule).
 SCHEDULES = ("constant", "cosine", "worker_cosine")
+# p_k, a worker's share of the arrivals: observed (rate) or from worker_speeds / inner steps (declared)
+WORKER_WEIGHTINGS = ("none", "rate", "declared_rate")
+SERVER_MEMORIES = ("none", "latest")
 
 
 @dataclass
@@ -109,6 +114,18 @@ class DiLoCoArguments:
     max_staleness: int | None = field(
         default=None, metadata={"help": "Drop pseudo-gradients staler than this"}
     )
+    # Ours, after published ideas; formulas and sources in heloco.server_policies. Over any method.
+    worker_weighting: str = field(
+        default="none", metadata={"help": f"{', '.join(WORKER_WEIGHTINGS)}: Δ_k × p_k^-α / Σ_j p_j^(1-α)"}
+    )
+    worker_weighting_power: float = field(default=1.0, metadata={"help": "α of worker_weighting"})
+    server_memory: str = field(
+        default="none", metadata={"help": f"{', '.join(SERVER_MEMORIES)}: step on every worker's latest Δ"}
+    )
+    drift_compensation: float = field(default=0.0, metadata={"help": "λ: Δ + λ·Δ⊙Δ⊙(θ_now − θ_base)"})
+    drift_normalization: str = field(
+        default="none", metadata={"help": f"{', '.join(DRIFT_NORMALIZATIONS)}: Δ⊙Δ / its per-tensor max"}
+    )
     offload_idle_workers: bool = field(
         default=False, metadata={"help": "Keep idle simulated workers on CPU so many large ones fit one GPU"}
     )
@@ -143,11 +160,16 @@ class TrainArguments:
     inner_weight_decay: float = field(default=0.1)
     inner_beta2: float = field(default=0.95)
     grad_clip: float = field(default=1.0)
+    inner_optimizer: str = field(
+        default="adamw", metadata={"help": f"{', '.join(INNER_OPTIMIZERS)}: muon = Muon for hidden matrices"}
+    )
+    muon_momentum: float = field(default=0.95, metadata={"help": "inner_optimizer muon: Muon's momentum"})
     fused_adamw: bool = field(
         default=False, metadata={"help": "torch's fused AdamW kernel (faster at small batch; not bit-equal)"}
     )
     reset_inner_optimizer: bool = field(
-        default=False, metadata={"help": "Re-create each worker's AdamW every round (state not kept)"}
+        default=False,
+        metadata={"help": "Re-create each worker's inner optimizer every round (state not kept)"},
     )
     lr_schedule: str = field(default="constant", metadata={"help": f"inner lr: {', '.join(SCHEDULES)}"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, as a fraction of inner_lr"})
@@ -296,6 +318,10 @@ def _validate_choices(config: RecipeConfig) -> None:
     _one_of("lr_schedule", t.lr_schedule, SCHEDULES)
     _one_of("wire_dtype", o.wire_dtype, ("float32", "bfloat16"))
     _one_of("group_parallelism", o.group_parallelism, GROUP_PARALLELISMS)
+    _one_of("worker_weighting", o.worker_weighting, WORKER_WEIGHTINGS)
+    _one_of("server_memory", o.server_memory, SERVER_MEMORIES)
+    _one_of("drift_normalization", o.drift_normalization, DRIFT_NORMALIZATIONS)
+    _one_of("inner_optimizer", t.inner_optimizer, INNER_OPTIMIZERS)
     if o.dispatch is not None:
         _one_of("dispatch", o.dispatch, DISPATCHES)
     if o.reorient_schedule is not None:
@@ -313,6 +339,23 @@ def _validate_outer_knobs(config: RecipeConfig) -> None:
         raise ValueError(
             f"cosine_steps must be >= 1 and min_lr_ratio in [0, 1], got {t.cosine_steps} and {t.min_lr_ratio}"
         )
+
+
+def _validate_server_policies(config: RecipeConfig) -> None:
+    """worker_weighting_power, server_memory (asynchronous methods only), drift_compensation, and
+    muon_momentum."""
+    o, t = config.diloco, config.train
+    for name in ("worker_weighting_power", "drift_compensation"):
+        value = getattr(o, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if o.server_memory != "none" and METHOD_SPECS[o.method].synchronous:
+        raise ValueError(
+            f"server_memory {o.server_memory!r} needs an asynchronous method (one arrival per outer step); "
+            f"method {o.method!r} waits for all K workers"
+        )
+    if not 0.0 <= t.muon_momentum < 1.0:
+        raise ValueError(f"muon_momentum must be in [0, 1), got {t.muon_momentum}")
 
 
 def _validate_workers(config: RecipeConfig) -> None:
@@ -388,6 +431,7 @@ def validate(config: RecipeConfig) -> None:
     """Check every value that a run would otherwise trip over later, naming the field."""
     _validate_choices(config)
     _validate_outer_knobs(config)
+    _validate_server_policies(config)
     _validate_workers(config)
     _validate_sizes_and_budget(config)
     _validate_the_rest(config)

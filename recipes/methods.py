@@ -17,7 +17,10 @@ heloco_tiny     HeLoCo with the values our sweeps chose on the tiny model (prese
 heloco_project  heloco_tiny with conflicting blocks projected off the momentum (PCGrad), no reorientation
 
 Any method's dispatch, arrival weight and correction knobs can be overridden from the config
-(`dispatch`, `arrival_weight`, `keep_threshold`, ...), which is how the ablations are written.
+(`dispatch`, `arrival_weight`, `keep_threshold`, ...), which is how the ablations are written. The
+server policies of heloco.server_policies (ours) switch on the same way over any method:
+`worker_weighting: rate|declared_rate` (+ `worker_weighting_power`), `server_memory: latest`,
+`drift_compensation: λ` (+ `drift_normalization: tensor`), e.g. `method: mla` + `server_memory: latest`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from heloco import AsyncAggregator, DelayedNesterov, HeLoCo
 from heloco.optim import HELOCO_PRESETS
+from heloco.simulation import dylu_steps
 from recipes.method_specs import METHOD_SPECS
 
 if TYPE_CHECKING:
@@ -88,6 +92,26 @@ def dispatch_mode(config: RecipeConfig) -> str:
     return o.dispatch if o.dispatch is not None else METHOD_SPECS[o.method].dispatch
 
 
+def declared_rates(config: RecipeConfig) -> list[float]:
+    """Each worker's arrivals per virtual second: its speed over its inner steps per round."""
+    o = config.diloco
+    steps = dylu_steps(o.worker_speeds, o.inner_steps) if o.dylu else [o.inner_steps] * o.num_workers
+    return [speed / h for speed, h in zip(o.worker_speeds, steps, strict=True)]
+
+
+def server_policies(config: RecipeConfig) -> dict[str, object]:
+    """The AsyncAggregator keywords of the server policies the config switches on."""
+    o = config.diloco
+    return {
+        "worker_weighting": None if o.worker_weighting == "none" else "rate",
+        "worker_rates": declared_rates(config) if o.worker_weighting == "declared_rate" else None,
+        "worker_weighting_power": o.worker_weighting_power,
+        "memory": None if o.server_memory == "none" else o.server_memory,
+        "drift_compensation": o.drift_compensation,
+        "drift_normalization": o.drift_normalization,
+    }
+
+
 def build_outer_optimizer(config: RecipeConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     o, lr = config.diloco, config.outer_lr
     spec = METHOD_SPECS[o.method]
@@ -117,4 +141,5 @@ def build_aggregator(config: RecipeConfig, params: list[torch.Tensor]) -> AsyncA
         max_staleness=o.max_staleness,
         arrival_weight=arrival_weight(config),
         dispatch=dispatch_mode(config),
+        **server_policies(config),
     )

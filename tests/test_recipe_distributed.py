@@ -22,8 +22,8 @@ import torch
 
 from heloco.aggregator import AsyncAggregator
 from heloco.transport import ServerStopped
-from recipes.distributed import pacing
 from recipes.config import config_from_dict
+from recipes.distributed import pacing
 from recipes.distributed.checks import check_distributed_options, check_world_size, parameter_checksum
 from recipes.distributed.gate import Gate
 from recipes.distributed.pacing import emulate_slowdown, slowdown_factors

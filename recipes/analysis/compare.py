@@ -12,6 +12,7 @@ restarted. Runs go to subprocesses, ``jobs`` at a time, each with its share of t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import yaml
 
 from heloco.checkpoint import latest_checkpoint
 from recipes.analysis.plots import final_eval, read_evals, summarize
-from recipes.config import config_from_dict
+from recipes.config import CONFIG_CLASSES, config_from_dict
 from recipes.methods import fields_not_read
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,6 +97,15 @@ _BOOKKEEPING = {
 }
 
 
+def field_defaults() -> dict[str, Any]:
+    """Every config field's default value, flat (the YAML's shape)."""
+    out: dict[str, Any] = {}
+    for cls in CONFIG_CLASSES:
+        for f in dataclasses.fields(cls):
+            out[f.name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return out
+
+
 def finished_matches(out: Path, values: dict[str, Any]) -> bool:
     """A finished run is reused only if it computed exactly what ``values`` asks for (including the
     code's default outer lr at the time); otherwise the user must move it away."""
@@ -106,7 +116,8 @@ def finished_matches(out: Path, values: dict[str, Any]) -> bool:
     config = config_from_dict(values)
     ignored = _BOOKKEEPING | fields_not_read(config.diloco.method)
     wanted = {k: v for k, v in config.to_dict().items() if k not in ignored}
-    done = {k: v for k, v in summary["config"].items() if k not in ignored}
+    # a field added since the run finished: it ran with that field's default
+    done = {**field_defaults(), **summary["config"]}
     differs = sorted(k for k in wanted if wanted[k] != done.get(k))
     done_lr = summary.get("outer_lr", summary["config"].get("outer_lr"))
     if done_lr != config.outer_lr:
