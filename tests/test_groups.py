@@ -213,3 +213,36 @@ def test_an_async_run_with_groups_2_1_completes_its_budget(parallelism, tmp_path
     assert len(rounds[2]) == sum(r["worker"] == 1 for r in arrivals)
     evals = [r for r in records if r["event"] == "eval"]
     assert evals[-1]["val_loss/mean"] < evals[0]["val_loss/mean"] - 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_machines_on_this_host_run_groups_2_1_1(tmp_path):
+    """Two `accelerate launch` invocations as two machines (--num_machines 2, --machine_rank 0/1,
+    --main_process_ip 127.0.0.1), two processes each: machine 0 holds the group of 2 (worker 0),
+    machine 1 the workers 1 and 2. The run completes its budget with every arrival counted once."""
+    from recipes.common import prepare
+    from tests.conftest import build_tiny_shards
+    from tests.test_recipe_distributed import ACCELERATE, child_env, cli, read_jsonl, values
+
+    shards = build_tiny_shards(tmp_path / "data", num_workers=3)
+    out = tmp_path / "run"
+    v = values(shards, out, worker_speeds=[1.0, 1.0, 1.0], group_sizes=[2, 1, 1], budget_tokens=6000)
+    prepare(config_from_dict({**v, "mode": "simulate", "group_sizes": None}))
+    port = str(free_port())
+    procs = []
+    for machine in (0, 1):
+        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml")]
+        cmd += ["--num_machines", "2", "--machine_rank", str(machine), "--num_processes", "4"]
+        cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", port]
+        cmd += ["recipes/train.py", *cli(v)]
+        log = open(tmp_path / f"machine{machine}.log", "w")  # noqa: SIM115 - closed with the process
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT))
+    codes = [p.wait(800) for p in procs]
+    logs = "\n".join((tmp_path / f"machine{m}.log").read_text()[-2000:] for m in (0, 1))
+    assert codes == [0, 0], logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "budget_tokens" and summary["distributed"]["world_size"] == 4
+    arrivals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "arrival"]
+    assert [r["arrival"] for r in arrivals] == list(range(1, summary["arrivals"] + 1))
+    assert {r["worker"] for r in arrivals} == {0, 1, 2}
