@@ -246,3 +246,60 @@ def test_two_machines_on_this_host_run_groups_2_1_1(tmp_path):
     arrivals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "arrival"]
     assert [r["arrival"] for r in arrivals] == list(range(1, summary["arrivals"] + 1))
     assert {r["worker"] for r in arrivals} == {0, 1, 2}
+
+
+def start_ranks(v: dict, world: int, log_prefix: Path) -> list[subprocess.Popen]:
+    from tests.test_recipe_distributed import free_port as port_for
+    from tests.test_recipe_distributed import start_rank
+
+    port = port_for()
+    return [start_rank(v, r, world, port, Path(f"{log_prefix}-{r}.log")) for r in range(world)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_rank_killed_inside_a_group_takes_the_group_out_and_a_resume_restores_every_group(tmp_path):
+    """Ranks as separate processes (as srun starts them), groups [1, 2]. (1) Killing rank 2 (SIGKILL)
+    breaks worker 1's group: its first rank fails on the group's collective and leaves, worker 0
+    finishes the budget and rank 0 writes the summary. (2) Rank 0 crashes after 9 arrivals (the
+    whole job is down), every rank restarts with resume_from=latest, both groups continue from the
+    checkpoint and the run ends at the first arrival that reaches the budget, none counted twice."""
+    from recipes.common import prepare
+    from tests.conftest import build_tiny_shards
+    from tests.test_recipe_distributed import read_jsonl, values, wait_for_rounds
+
+    shards = build_tiny_shards(tmp_path / "data", num_workers=2)
+    common = dict(worker_speeds=[1.0, 1.0], group_sizes=[1, 2], num_workers=2, comm_timeout_s=30.0)
+    prepare(
+        config_from_dict(
+            {**values(shards, tmp_path / "x", **common), "mode": "simulate", "group_sizes": None}
+        )
+    )
+
+    out = tmp_path / "killed"
+    procs = start_ranks(values(shards, out, **common), 3, tmp_path / "killed")
+    wait_for_rounds(out / "metrics-rank1.jsonl", 2, procs)
+    procs[2].kill()
+    codes = [p.wait(400) for p in procs]
+    assert codes[0] == 0 and codes[1] != 0 and codes[2] == -9, codes
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "budget_tokens" and summary["tokens"] >= 12000
+    assert summary["distributed"]["server"][1]["state"] == "dead"
+    assert summary["distributed"]["ranks"][1] is None and summary["distributed"]["ranks"][2] is None
+
+    out = tmp_path / "resumed"
+    common["save_every"] = 4
+    procs = start_ranks(values(shards, out, stop_after_arrivals=9, **common), 3, tmp_path / "crash")
+    codes = [p.wait(400) for p in procs]
+    assert codes[0] == -9 and not (out / "summary.json").exists(), codes
+    procs = start_ranks(values(shards, out, resume_from="latest", **common), 3, tmp_path / "resume")
+    codes = [p.wait(400) for p in procs]
+    logs = "\n".join((tmp_path / f"resume-{r}.log").read_text()[-1500:] for r in range(3))
+    assert codes == [0, 0, 0], logs
+    summary = json.loads((out / "summary.json").read_text())
+    arrivals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "arrival"]
+    assert [r["arrival"] for r in arrivals] == list(range(1, summary["arrivals"] + 1))  # none twice
+    assert summary["tokens"] >= 12000 > arrivals[-2]["tokens"]  # stopped at the first one past it
+    for rank in (1, 2):  # both ranks of the group resumed their own state
+        resumed = [r for r in read_jsonl(out / f"metrics-rank{rank}.jsonl") if r["event"] == "resume"]
+        assert len(resumed) == 1 and resumed[0]["submissions"] >= 1
