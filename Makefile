@@ -38,3 +38,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/transport.py
 	$(PY) benchmarks/simulator.py
 	$(PY) benchmarks/checkpoint.py
+	$(PY) benchmarks/groups.py

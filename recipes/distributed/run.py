@@ -6,8 +6,9 @@
         recipes/train.py --config cfg.yaml --mode distributed --num_workers 3 --worker_speeds 1 1 1  # gloo
     python recipes/train.py --mode distributed --num_workers 1 --worker_speeds 1 ...  # no launcher
 
-Each process is one worker with its own full replica (never wrapped in DDP): worker id = rank, data =
-shard ``worker_{rank}``, inner AdamW state of its own. Setup is the only collective phase: the warm
+Each process is one worker with its own full replica: worker id = rank, data = shard
+``worker_{rank}``, inner AdamW state of its own; or, with ``group_sizes``, worker k is a group of
+consecutive ranks training one replica with DDP or FSDP2 inside (``recipes.distributed.groups``). Setup is the only collective phase: the warm
 start is computed once (rank 0 fills the cache, the others load it), all ranks check they hold
 identical parameters, exchange measured speeds (DyLU) and wait at one barrier. From then on nothing
 uses the job's process group: rank 0 serves the aggregator over one gloo pair group per worker
