@@ -118,3 +118,33 @@ def test_fields_not_read_match_what_each_method_builds():
     )
     assert not {"keep_threshold", "correct_fresh"} & fields_not_read("heloco")
     assert "dn_buffer_size" not in fields_not_read("async_dn") and "dn_buffer_size" in fields_not_read("sync")
+
+
+def test_an_interrupted_comparison_continues_from_the_newest_checkpoint(tiny_shards, tmp_path):
+    """A run cut short (as if killed after 5 arrivals, checkpoints every 2) is continued by the next
+    invocation from checkpoint-4 and ends with the metrics of an uninterrupted run, byte for byte."""
+    config = write_matrix(tmp_path, tiny_shards)
+    spec = yaml.safe_load(config.read_text())
+    spec["methods"] = {"heloco": {"method": "heloco"}}
+    spec["base"].update(save_every=2, budget_tokens=3000)  # 8 arrivals of 384 tokens
+    for name, extra in (("whole", {}), ("cut", {"stop_after_arrivals": 5})):
+        spec["output_dir"] = str(tmp_path / name)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**spec, "base": {**spec["base"], **extra}}))
+        main(["--config", str(tmp_path / f"{name}.yaml"), "--seeds", "0", "--only", "heloco"])
+    cut = tmp_path / "cut" / "runs" / "heloco-seed0"
+    assert not (cut / "summary.json").exists() and (cut / "checkpoint-4").is_dir()
+    main(
+        [
+            "--config",
+            str(tmp_path / "whole.yaml"),
+            "--seeds",
+            "0",
+            "--only",
+            "heloco",
+            "--output_dir",
+            str(tmp_path / "cut"),
+        ]
+    )
+    assert "resumed from" in (cut / "train.log").read_text()
+    whole = tmp_path / "whole" / "runs" / "heloco-seed0"
+    assert (cut / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()

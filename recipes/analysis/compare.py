@@ -161,7 +161,10 @@ def launch(values: dict[str, Any], threads: int) -> tuple[str, float]:
     if proc.returncode != 0:
         tail = (out / "train.log").read_text().splitlines()[-15:]
         raise RuntimeError(f"run {out} failed (exit {proc.returncode}):\n" + "\n".join(tail))
-    return f"{out.name}: {time.perf_counter() - started:.0f} s", time.perf_counter() - started
+    took = time.perf_counter() - started
+    if not (out / "summary.json").exists():  # stopped early (stop_after_arrivals, a signal)
+        return f"{out.name}: stopped after {took:.0f} s without finishing; run again to continue", took
+    return f"{out.name}: {took:.0f} s", took
 
 
 def prepare_shared(spec: dict[str, Any]) -> int:
@@ -218,14 +221,24 @@ def main(argv: list[str] | None = None) -> str:
     paths: dict[str, dict[int, Path]] = {}
     for label, seed, values in runs:
         paths.setdefault(label, {})[seed] = Path(values["output_dir"])
+    unfinished = sorted(
+        str(p) for seeds in paths.values() for p in seeds.values() if not (p / "summary.json").exists()
+    )
     if args.only:
         text = "\n".join(
-            f"{label} seed {seed}: final val_loss/mean {final_eval(read_evals(path))['val_loss/mean']:.4f}"
+            f"{label} seed {seed}: "
+            + (
+                f"final val_loss/mean {final_eval(read_evals(path))['val_loss/mean']:.4f}"
+                if (path / "summary.json").exists()
+                else "unfinished (run again to continue from its latest checkpoint)"
+            )
             for label, seeds in paths.items()
             for seed, path in seeds.items()
         )
         print(text)
         return text
+    if unfinished:
+        raise SystemExit(f"unfinished runs (run the same command again to continue them): {unfinished}")
     out_dir = Path(spec["output_dir"])
     text = summarize(paths, out_dir, wallclock, spec["reference"], spec.get("title", spec["name"]))
     docs_dir = args.docs_dir or spec.get("docs_dir")
