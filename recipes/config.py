@@ -146,6 +146,12 @@ class DiLoCoArguments:
             "size x batch_size; in distributed mode its processes train one replica with data parallelism"
         },
     )
+    server_process: bool = field(
+        default=False,
+        metadata={
+            "help": "distributed: rank 0 only serves (aggregator, evaluation, checkpoints); workers from rank 1"
+        },
+    )
     group_parallelism: str = field(
         default="ddp",
         metadata={"help": f"distributed: inside a group, one of {', '.join(GROUP_PARALLELISMS)}"},

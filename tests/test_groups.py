@@ -32,6 +32,9 @@ def test_layout_maps_consecutive_ranks_to_workers():
     assert [layout.is_leader(r) for r in range(6)] == [True, False, True, True, False, False]
     with pytest.raises(ValueError, match="rank 6 is outside the 6 ranks"):
         layout.worker_of(6)
+    served = GroupLayout((2, 1), first_rank=1)  # rank 0: a server process of its own
+    assert served.world == 4 and [served.worker_of(r) for r in range(4)] == [None, 0, 0, 1]
+    assert [served.is_leader(r) for r in range(4)] == [False, True, False, True]
 
 
 def test_group_slices_partition_the_group_batch():
@@ -56,7 +59,10 @@ def test_group_sizes_are_validated_and_set_the_world_size():
     with pytest.raises(ValueError, match="group_parallelism must be one of ddp, fsdp"):
         config_from_dict({**base, "group_parallelism": "tp"})
     check_world_size(3, 2, group_sizes=[2, 1])
-    with pytest.raises(ValueError, match=r"group_sizes=\[2, 1\] needs 3 processes, 2 were launched"):
+    check_world_size(4, 2, group_sizes=[2, 1], server_process=True)
+    with pytest.raises(ValueError, match="num_workers=3 and a server process need 4 processes, 3 were"):
+        check_world_size(3, 3, server_process=True)
+    with pytest.raises(ValueError, match=r"group_sizes=\[2, 1\] need 3 processes, 2 were launched"):
         check_world_size(2, 2, group_sizes=[2, 1])
 
 
@@ -303,3 +309,31 @@ def test_a_rank_killed_inside_a_group_takes_the_group_out_and_a_resume_restores_
     for rank in (1, 2):  # both ranks of the group resumed their own state
         resumed = [r for r in read_jsonl(out / f"metrics-rank{rank}.jsonl") if r["event"] == "resume"]
         assert len(resumed) == 1 and resumed[0]["submissions"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_server_can_run_in_a_process_of_its_own(tmp_path):
+    """server_process: rank 0 only serves, workers [2, 1] are ranks 1-2 and 3 (4 processes); the run
+    completes its budget, every arrival counted once, and rank 0 trained nothing."""
+    from recipes.common import prepare
+    from tests.conftest import build_tiny_shards
+    from tests.test_recipe_distributed import ACCELERATE, child_env, cli, read_jsonl, values
+
+    shards = build_tiny_shards(tmp_path / "data", num_workers=2)
+    out = tmp_path / "run"
+    v = values(shards, out, num_workers=2, worker_speeds=[1.0, 1.0], group_sizes=[2, 1], budget_tokens=6000)
+    v["server_process"] = True
+    prepare(config_from_dict({**v, "mode": "simulate", "group_sizes": None, "server_process": False}))
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml")]
+    cmd += ["--num_processes", "4", "recipes/train.py", *cli(v)]
+    with open(tmp_path / "launch.log", "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=800)
+    assert proc.returncode == 0, (tmp_path / "launch.log").read_text()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "budget_tokens" and summary["distributed"]["world_size"] == 4
+    arrivals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "arrival"]
+    assert [r["arrival"] for r in arrivals] == list(range(1, summary["arrivals"] + 1))
+    assert {r["worker"] for r in arrivals} == {0, 1}
+    assert summary["distributed"]["ranks"][0]["reason"] == "budget_tokens"
+    assert not any(r["event"] == "arrival" for r in read_jsonl(out / "metrics-rank0.jsonl"))

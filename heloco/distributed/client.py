@@ -77,7 +77,7 @@ class DistributedTransport:
         params_like: Sequence[Tensor],
         store: Store,
         *,
-        server_rank: int = 0,
+        server_rank: int | None = 0,
         wire_dtype: torch.dtype | None = None,
         timeout: float | datetime.timedelta = 1800.0,
         connect_timeout: float | datetime.timedelta = 300.0,
@@ -86,7 +86,7 @@ class DistributedTransport:
     ) -> None:
         if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
             raise ValueError(f"worker_id must be an int >= 0, got {worker_id!r}")
-        if worker_id == server_rank:
+        if server_rank is not None and worker_id == server_rank:
             raise ValueError(
                 f"worker {worker_id} is on the server rank; use InProcessTransport(server) there"
             )
@@ -240,7 +240,8 @@ def setup_transport(
     worker_id: int | None = None,
     num_workers: int | None = None,
     server_worker: int | None = None,
-) -> tuple[InProcessTransport | DistributedTransport, DistributedServer | None]:
+    serve_only: bool = False,
+) -> tuple[InProcessTransport | DistributedTransport | None, DistributedServer | None]:
     """Build this rank's transport once ``torch.distributed`` is initialised (any backend).
 
     On ``server_rank`` the aggregator (or a zero-argument callable building it, so other ranks never
@@ -252,7 +253,9 @@ def setup_transport(
 
     By default worker id = rank and there are ``world_size`` workers. When a worker is a group of
     processes, only each group's first rank calls this, with its ``worker_id`` and the
-    ``num_workers``, and everyone names the server rank's own worker (``server_worker``).
+    ``num_workers``, and everyone names the server rank's own worker (``server_worker``). With
+    ``serve_only`` (on every rank) the server rank runs no worker: it gets ``(None, server)`` and
+    all ``num_workers`` workers connect to it.
 
     The store is the TCPStore underneath the default group's store, so a restarted worker can reach
     the same keys with a plain ``TCPStore(MASTER_ADDR, MASTER_PORT, is_master=False)``.
@@ -271,6 +274,8 @@ def setup_transport(
         while isinstance(store, PrefixStore):
             store = store.underlying_store
     server_worker = server_rank if server_worker is None else server_worker  # the server rank's worker
+    if serve_only:
+        server_worker = None
     if rank == server_rank:
         from heloco.distributed.server import DistributedServer  # only the server rank needs it
 
@@ -293,12 +298,12 @@ def setup_transport(
             prefix=prefix,
             shrink_quorum=shrink_quorum,
         ).start()
-        return InProcessTransport(server), server
+        return (None if serve_only else InProcessTransport(server)), server
     transport = DistributedTransport(
         worker_id,
         params_like,
         store,
-        server_rank=server_worker,
+        server_rank=server_worker,  # None: no worker runs beside the server
         wire_dtype=wire_dtype,
         timeout=timeout,
         connect_timeout=connect_timeout,

@@ -67,7 +67,8 @@ class DistributedServer:
             ``AggregatorLike``; required otherwise).
         params_like: tensors shaped like the global parameters. Default: ``aggregator.global_params``
             (an ``AsyncAggregator``; required otherwise).
-        server_rank: the rank (= worker id) running this server; it gets no thread.
+        server_rank: the rank (= worker id) running this server; it gets no thread. None: no worker
+            runs in the server's process (a server process of its own), every worker is remote.
         wire_dtype: dtype of the tensors on the wire; ``None``: the parameters' dtype.
         timeout: seconds (or timedelta) any single receive, send or quorum wait may take. A worker
             silent for longer (one round plus its wait) is treated as dead: in gloo a timeout closes
@@ -101,7 +102,7 @@ class DistributedServer:
         num_workers: int | None = None,
         params_like: Sequence[Tensor] | None = None,
         *,
-        server_rank: int = 0,
+        server_rank: int | None = 0,
         wire_dtype: torch.dtype | None = None,
         timeout: float | datetime.timedelta = 1800.0,
         connect_timeout: float | datetime.timedelta = 300.0,
@@ -132,13 +133,14 @@ class DistributedServer:
             raise ValueError(
                 f"num_workers={num_workers} but the aggregator was built for {aggregator.num_workers} workers"
             )
-        if (
+        if server_rank is not None and (
             isinstance(server_rank, bool)
             or not isinstance(server_rank, int)
             or not 0 <= server_rank < num_workers
         ):
             raise ValueError(
-                f"server_rank must be an int in [0, num_workers={num_workers}), got {server_rank!r}"
+                f"server_rank must be an int in [0, num_workers={num_workers}) or None (no worker in "
+                f"the server's process), got {server_rank!r}"
             )
         if params_like is None:
             if not isinstance(aggregator, AsyncAggregator):
@@ -177,7 +179,8 @@ class DistributedServer:
         self._active_calls = 0  # threads inside the aggregator right now
         self._releases = [0] * num_workers  # completed quorum rounds a pending worker has not collected
         self._slots = [WorkerSlot(i) for i in range(num_workers)]
-        self._slots[server_rank].state = "local"
+        if server_rank is not None:
+            self._slots[server_rank].state = "local"
         self._stats_dropped = threading.Event()  # set once a reply went out without its stats
         self.shrink_quorum = shrink_quorum
         self._removed: set[int] = set()  # workers the aggregator took out of the quorum
@@ -198,9 +201,9 @@ class DistributedServer:
             )
             slot.thread.start()
         logger.info(
-            "heloco server on rank %d serving %d remote workers (wire %s)",
+            "heloco server (beside worker %s) serving %d remote workers (wire %s)",
             self.server_rank,
-            self.num_workers - 1,
+            self.num_workers - (self.server_rank is not None),
             self.wire_dtype,
         )
         return self

@@ -15,14 +15,22 @@ if TYPE_CHECKING:
 
 
 def check_world_size(
-    world_size: int, num_workers: int, launched: int | None = None, group_sizes: list[int] | None = None
+    world_size: int,
+    num_workers: int,
+    launched: int | None = None,
+    group_sizes: list[int] | None = None,
+    server_process: bool = False,
 ) -> None:
-    """One process per worker, or ``sum(group_sizes)`` when workers are groups of processes."""
-    if group_sizes is not None and any(p != 1 for p in group_sizes):
-        if world_size != sum(group_sizes):
+    """One process per worker, or ``sum(group_sizes)`` when workers are groups of processes; one more
+    with a server process of its own."""
+    if server_process or (group_sizes is not None and any(p != 1 for p in group_sizes)):
+        needed = sum(group_sizes or [1] * num_workers) + int(server_process)
+        if world_size != needed:
+            what = f"group_sizes={group_sizes}" if group_sizes else f"num_workers={num_workers}"
+            what += " and a server process" if server_process else ""
             raise ValueError(
-                f"group_sizes={group_sizes} needs {sum(group_sizes)} processes, {world_size} were "
-                f"launched; launch with `accelerate launch --num_processes {sum(group_sizes)} ...`"
+                f"{what} need {needed} processes, {world_size} were launched; launch with "
+                f"`accelerate launch --num_processes {needed} ...`"
             )
         return
     if world_size == num_workers:

@@ -32,23 +32,28 @@ __all__ = ["GroupLayout", "GroupSlice", "GroupTransport", "new_worker_groups", "
 
 @dataclass(frozen=True)
 class GroupLayout:
-    """Which ranks make up which worker: consecutive blocks of ``sizes``."""
+    """Which ranks make up which worker: consecutive blocks of ``sizes``, from ``first_rank`` (1 when
+    rank 0 is a server process of its own, which belongs to no worker)."""
 
     sizes: tuple[int, ...]
+    first_rank: int = 0
 
     @property
     def world(self) -> int:
-        return sum(self.sizes)
+        return self.first_rank + sum(self.sizes)
 
     @property
     def num_workers(self) -> int:
         return len(self.sizes)
 
     def ranks_of(self, worker: int) -> list[int]:
-        first = sum(self.sizes[:worker])
+        first = self.first_rank + sum(self.sizes[:worker])
         return list(range(first, first + self.sizes[worker]))
 
-    def worker_of(self, rank: int) -> int:
+    def worker_of(self, rank: int) -> int | None:
+        """The worker ``rank`` belongs to (None: the server process)."""
+        if 0 <= rank < self.first_rank:
+            return None
         for worker in range(self.num_workers):
             if rank in self.ranks_of(worker):
                 return worker
@@ -59,7 +64,8 @@ class GroupLayout:
         return self.ranks_of(worker)[0]
 
     def is_leader(self, rank: int) -> bool:
-        return rank == self.leader_of(self.worker_of(rank))
+        worker = self.worker_of(rank)
+        return worker is not None and rank == self.leader_of(worker)
 
 
 def new_worker_groups(layout: GroupLayout, timeout: datetime.timedelta) -> dict[int, Any]:

@@ -174,7 +174,8 @@ class RankZero:
         gate, background = self.gate, self.background
         gate.close(outcome.stop_reason)
         rejoining = {w["worker"] for w in server.worker_stats() if w["state"] == "rejoining"}
-        transport.leave(0)
+        if transport is not None:  # (none when rank 0 only serves)
+            transport.leave(0)
         server.stop()
         background.finish(cancel=outcome.interrupted)
         final = self.evaluate_end() if outcome.finished else None

@@ -54,7 +54,7 @@ def resume_request(config: RecipeConfig) -> str | None:
 
 
 def choose_resume_point(
-    config: RecipeConfig, accelerator: Accelerator, worker_of: list[int] | None = None
+    config: RecipeConfig, accelerator: Accelerator, worker_of: list[int | None] | None = None
 ) -> ResumePoint | None:
     """Collective (every rank calls it): the checkpoint to resume from, or None to start afresh.
     ``worker_of[r]``: rank r's worker (default: worker = rank); every rank of a group resumes its own
@@ -76,6 +76,8 @@ def choose_resume_point(
     path, submissions, gone = choice[0]  # type: ignore[misc]
     rank = accelerator.process_index
     worker = rank if worker_of is None else worker_of[rank]
+    if worker is None:  # a server process of its own keeps no worker state
+        return ResumePoint(Path(path), list(submissions), None)
     mine = own_state_for(submissions[worker], held[rank], worker in gone)
     state = WorkerState.read(output_dir, rank, mine) if mine is not None else None
     return ResumePoint(Path(path), list(submissions), state)
@@ -92,14 +94,14 @@ def own_state_for(submission: int, held: list[int], gone: bool) -> int | None:
 
 
 def pick_checkpoint(
-    output_dir: Path, wanted: str, held: list[list[int]], worker_of: list[int] | None = None
+    output_dir: Path, wanted: str, held: list[list[int]], worker_of: list[int | None] | None = None
 ) -> tuple[str, list[int], list[int]]:
     """The newest complete checkpoint (``wanted="latest"``) or the named one if complete, with the
     submissions it recorded and the workers the server had lost; raises naming what is missing
     otherwise. ``held[r]``: the worker states rank r holds; ``worker_of[r]``: its worker (default:
     worker = rank). A lost worker's states are not required."""
     worker_of = list(range(len(held))) if worker_of is None else worker_of
-    num_workers = max(worker_of) + 1
+    num_workers = max(w for w in worker_of if w is not None) + 1
     if wanted == "latest":
         candidates = list(reversed(list_checkpoints(output_dir)))
     elif Path(wanted).is_dir():
@@ -126,7 +128,7 @@ def pick_checkpoint(
             missing = [
                 r
                 for r, w in enumerate(worker_of)
-                if submissions[w] > 0 and submissions[w] not in held[r] and w not in gone
+                if w is not None and submissions[w] > 0 and submissions[w] not in held[r] and w not in gone
             ]
             if not missing:
                 return str(path), submissions, gone

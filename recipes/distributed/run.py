@@ -131,8 +131,11 @@ def run_distributed(config: RecipeConfig, command: str | None = None) -> dict[st
     if rank0 is not None:
         rank0.start(start, signals)
 
-    # -- the worker (every rank, rank 0 included) -----------------------------------------------------
-    outcome = run_worker(config, job, transport, rank_log, start, rank0)
+    # -- the worker (every rank, rank 0 included unless it only serves) --------------------------------
+    if job.worker is None:
+        outcome = serve_until_done(rank0, server)
+    else:
+        outcome = run_worker(config, job, transport, rank_log, start, rank0)
     if rank0 is None:
         return leave(job, transport, outcome.report, rank_log)
 
@@ -153,7 +156,7 @@ def set_up(config: RecipeConfig) -> Job:
         raise FileExistsError(f"{output_dir} already holds a finished run; pick another output_dir")
     accelerator = make_accelerator(config, output_dir)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    check_world_size(accelerator.num_processes, o.num_workers, launched, o.group_sizes)
+    check_world_size(accelerator.num_processes, o.num_workers, launched, o.group_sizes, o.server_process)
     if not dist.is_initialized():  # one process, no launcher: the transport still needs a group and a store
         timeout = datetime.timedelta(seconds=o.comm_timeout_s)
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -170,7 +173,9 @@ def set_up(config: RecipeConfig) -> Job:
     with accelerator.main_process_first(), accelerator.local_main_process_first():
         warm_state = warm_start(config, model, shards, metadata, accelerator)
 
-    layout = GroupLayout(tuple(config.group_sizes)) if o.group_sizes is not None else None
+    layout = None
+    if o.group_sizes is not None or o.server_process:  # rank 0 alone when it only serves
+        layout = GroupLayout(tuple(config.group_sizes), first_rank=int(o.server_process))
     rank, world = accelerator.process_index, accelerator.num_processes
     worker = rank if layout is None else layout.worker_of(rank)
     slowdowns = slowdown_factors(o.worker_speeds)  # per worker: every rank of a group sleeps alike
@@ -218,15 +223,15 @@ def probe_speed(
     model: torch.nn.Module,
     shards: list[torch.Tensor],
     slowdowns: list[float],
-    worker: int,
+    worker: int | None,
 ) -> float:
     """This rank's inner steps per second (DyLU), measured one rank at a time so that ranks sharing a
     machine do not slow each other's probe."""
     rank = accelerator.process_index
-    probe = shards[worker][: config.data.batch_size].to(accelerator.device)
     speed = 0.0
     for r in range(accelerator.num_processes):
-        if r == rank:
+        if r == rank and worker is not None:  # (a server process of its own has no worker)
+            probe = shards[worker][: config.data.batch_size].to(accelerator.device)
             speed = measure_speed(model, probe, accelerator, slowdowns[worker])
         accelerator.wait_for_everyone()
     return speed
@@ -258,7 +263,7 @@ def connect(config: RecipeConfig, job: Job, rank0: RankZero | None) -> tuple[Any
     params = list(job.trained.parameters())  # FSDP: DTensors (full shapes, local shards)
     transport, server = None, None
     leader = job.layout is None or job.layout.is_leader(job.rank)
-    if leader:
+    if leader or job.worker is None:
         transport, server = setup_transport(
             params,
             rank0.gate if rank0 is not None else None,
@@ -271,6 +276,7 @@ def connect(config: RecipeConfig, job: Job, rank0: RankZero | None) -> tuple[Any
             worker_id=job.worker,
             num_workers=job.num_workers,
             server_worker=0,
+            serve_only=o.server_process,
         )
     if job.group is not None:
         transport = GroupTransport(transport, job.group, job.layout.leader_of(job.worker), leader, params)
@@ -332,6 +338,18 @@ def run_worker(
         logger.exception("rank 0's worker failed; stopping the run and saving the global model")
         return WorkerOutcome({"rank": 0, "reason": f"error: {e!r}"}, error=e)
     return WorkerOutcome(report)
+
+
+def serve_until_done(rank0: RankZero, server: ServerHandle) -> WorkerOutcome:
+    """Rank 0 as a server process of its own (``server_process``): wait until the run is over, or
+    every worker is gone (then the run stops there, saving the global model)."""
+    try:
+        while not rank0.gate.closed.wait(0.5):
+            if not any(w["alive"] for w in server.worker_stats()):
+                return WorkerOutcome({"rank": 0, "reason": "workers_gone"}, interrupted=True)
+    except KeyboardInterrupt:
+        return WorkerOutcome({"rank": 0, "reason": "interrupted"}, interrupted=True)
+    return WorkerOutcome({"rank": 0, "reason": rank0.gate.stop_reason or "stopped"})
 
 
 def leave(job: Job, transport: Any, report: dict[str, Any], rank_log: JsonLines) -> dict[str, Any]:

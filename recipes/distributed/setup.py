@@ -106,8 +106,9 @@ class Job:
         return self.model if self.replica is None else self.replica
 
     @property
-    def worker(self) -> int:
-        """This rank's worker (its group's index; the rank itself without groups)."""
+    def worker(self) -> int | None:
+        """This rank's worker (its group's index; the rank itself without groups; None: rank 0 as a
+        server process of its own)."""
         return self.rank if self.layout is None else self.layout.worker_of(self.rank)
 
     @property
@@ -148,7 +149,7 @@ def collect_reports(
     exclude: set[int],
     timeout: float,
     signals: Signals,
-    worker_of: list[int] | None = None,
+    worker_of: list[int | None] | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Remote ranks' end-of-run reports from the store; gives up on ranks whose worker died (or after
     ``timeout`` seconds, e.g. a worker still finishing a long round). ``worker_of[r]``: rank r's worker
