@@ -35,6 +35,7 @@ from transformers import AutoTokenizer
 
 from heloco.aggregator import AsyncAggregator
 from heloco.simulation import VirtualClock, dylu_steps
+from recipes.cli import removed_if_failed_early, run_cli
 from recipes.common import (
     load_data,
     make_inner_optimizer,
@@ -60,7 +61,7 @@ from recipes.run_state import (
 )
 from recipes.schedule import RunSchedule
 from recipes.simulator import Arrival, SimulatedWorker, Simulator
-from recipes.tracking import MetricsLog
+from recipes.tracking import MetricsLog, rounds_recorded
 
 logger = logging.getLogger(__name__)
 
@@ -297,9 +298,10 @@ def run_rounds(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = parse_config(argv)
     command = " ".join(["recipes/train.py", *(sys.argv[1:] if argv is None else argv)])
-    return run(config, command)
+    with removed_if_failed_early(config.train.output_dir, started_when=rounds_recorded):
+        return run(config, command)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run_cli(main)

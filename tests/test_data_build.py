@@ -328,9 +328,15 @@ def test_push_to_hub_uses_the_standard_api_and_never_prints_the_token(built, mon
     assert "hf_secret_token" not in out.out + out.err
 
 
-def test_cli_prints_one_line_errors(capsys):
-    assert build_module.main(["--config", "data_prep/configs/sample.yaml", "--p", "2"]) == 2
-    err = capsys.readouterr().err
-    assert (
-        err.strip() == "python -m data_prep.build: error: p must be in [0, 1] for partition 'dominant', got 2"
-    )
+def test_cli_prints_one_line_errors(capsys, tmp_path):
+    from recipes.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(build_module.main, ["--config", "data_prep/configs/sample.yaml", "--p", "2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: p must be in [0, 1] for partition 'dominant', got 2\n"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(SystemExit):
+        run_cli(build_module.main, ["--config", str(empty)])
+    assert capsys.readouterr().err.startswith(f"error: config file '{empty}' is empty")

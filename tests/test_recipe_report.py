@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from recipes.cli import UserError
 from recipes.plots import plot_curves
 from recipes.report import (
     along_table,
@@ -78,7 +79,7 @@ def test_grid_cells_are_ordered_from_homogeneous_to_severe(tmp_path):
 
 def test_grid_table_without_a_baseline_says_what_is_missing(tmp_path):
     fake_run(tmp_path / "severe_iid", "heloco", 0, final=5.0, at_time=5.0)
-    with pytest.raises(ValueError, match="needs finished runs"):
+    with pytest.raises(UserError, match="needs finished runs"):
         grid_table(tmp_path, tmp_path / "out")
 
 
@@ -93,7 +94,7 @@ def test_slow_worker_cells_not_run_show_a_dash(tmp_path):
 
 def test_slow_worker_table_on_a_directory_without_cells_says_what_it_expects(tmp_path):
     (tmp_path / "unrelated").mkdir()
-    with pytest.raises(ValueError, match="n<slow workers>_s<slowdown>"):
+    with pytest.raises(UserError, match="n<slow workers>_s<slowdown>"):
         slow_worker_table(tmp_path, tmp_path / "out")
 
 
@@ -168,5 +169,5 @@ def test_along_table_compares_the_two_methods_at_every_shared_evaluation(tmp_pat
 
 def test_along_table_names_a_missing_method(tmp_path):
     fake_run(tmp_path, "heloco", 0, final=5.0, at_time=5.0)
-    with pytest.raises(ValueError, match=r"no finished runs labelled \['mla'\]; found \['heloco'\]"):
+    with pytest.raises(UserError, match=r"no finished runs labelled \['mla'\]; found \['heloco'\]"):
         along_table(tmp_path, tmp_path / "out")
