@@ -30,7 +30,7 @@ from data_prep.shards import (
 )
 from data_prep.sources import C4Source, LocalSource, iter_texts
 from data_prep.tokenizer import TokenizedDocuments, load_tokenizer, train_tokenizer
-from recipes.cli import run_cli
+from recipes.cli import ConfigError, run_cli
 
 SAMPLE_CONFIG = CONFIG_DIR / "sample.yaml"
 
@@ -216,7 +216,7 @@ def ensure_sample_shards(out_dir: str | Path, **overrides: Any) -> Path:
         diff = {k: (built.get(k), v) for k, v in wanted.items() if built.get(k) != v}
         if diff:
             details = ", ".join(f"{k}: built {a!r}, requested {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(
+            raise ConfigError(
                 f"shards at {str(out)!r} were built with other parameters ({details}); pass overwrite=True"
             )
         return out

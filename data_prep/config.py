@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from data_prep.partition import validate_partition_args
-from data_prep.sample_corpus import DEFAULT_CACHE_DIR, SAMPLE_LANGUAGES
+from data_prep.sample_corpus import SAMPLE_LANGUAGES, default_cache_dir
 from data_prep.sources import C4_ENGLISH_VARIANTS, C4_LANGUAGES, LOCAL_FORMATS, TEXT_SAMPLE_BY
 from recipes.cli import ConfigError, MissingFileError
 
@@ -57,7 +57,7 @@ class BuildConfig:
     local_language_column: str | None = None
     local_sample_by: str = "paragraph"
     # source: sample
-    sample_cache_dir: str = DEFAULT_CACHE_DIR
+    sample_cache_dir: str = field(default_factory=default_cache_dir)  # $HELOCO_CACHE_DIR/debian
     sample_corpus_dir: str | None = None
     sample_packages: dict[str, list[str]] | None = None
     apt_update: bool = True
