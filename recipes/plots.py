@@ -58,6 +58,7 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 LINESTYLES = ("-", "--", "-.", ":")
 HATCHES = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
 CLOSE = 0.001  # two methods whose final losses differ by less than this (relative) are called out
+NEAR = 0.01  # the difference panel shows the methods that stay this close (relative) to the reference
 AXIS_LABEL = {"tokens": "tokens (DiLoCo phase, all workers)", "time": "virtual wall-clock (s)"}
 LOSS_LABEL = "validation loss (mean over languages)"
 
@@ -112,16 +113,33 @@ def _draw_curves(ax, curves: Curves, x_max: float) -> None:
     ax.grid(alpha=0.3)
 
 
+def near_reference(
+    curves: Curves, reference: str, within: float = NEAR
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The methods whose curve stays within ``within`` (relative) of the reference's all along: the
+    ones the loss panel cannot tell apart, with their relative difference in percent."""
+    return {
+        m: (grid, rel)
+        for m, (grid, rel) in relative_difference(curves, reference).items()
+        if len(rel) and np.max(np.abs(rel)) <= within * 100
+    }
+
+
 def _draw_differences(ax, curves: Curves, reference: str, x_max: float, x: str) -> None:
-    """The difference panel under a loss panel: how far each method is from the reference."""
+    """The difference panel under a loss panel: the methods near the reference, magnified."""
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for method, (grid, rel) in relative_difference(curves, reference).items():
+    near = near_reference(curves, reference)
+    for method, (grid, rel) in near.items():
         j = list(curves).index(method)  # the same colour, marker and line style as in the loss panel
         keep = grid <= x_max * (1 + 1e-9)
         ax.plot(grid[keep], rel[keep], label=method, color=colours[j % len(colours)], **method_style(j))
     ax.axhline(0.0, color="grey", lw=1)
-    ax.set_ylabel(f"vs {reference} (%)\n(L − L_{reference}) / L_{reference}", fontsize=8)
+    ax.set_ylabel(f"(L − L_{reference}) / L_{reference} (%)", fontsize=8)
     ax.set_xlabel(AXIS_LABEL[x])
+    ax.set_title(
+        f"{', '.join(near)} vs {reference}, magnified (within {NEAR:.0%} all along; above 0: {reference} better)",
+        fontsize=8,
+    )
     ax.grid(alpha=0.3)
 
 
@@ -156,14 +174,15 @@ def curves_figure(
     Mean ± std over seeds of the validation loss along ``x``. On the wall-clock axis, when some method
     (sync, typically) runs more than 1.5x past ``horizon`` (the time the async runs need for the
     budget), a second column zooms on [0, horizon] so the async curves are not squeezed into a
-    corner. With a ``reference`` among the methods a row below shows every other method's relative
-    difference to it, which separates curves that overlap in the loss panel.
+    corner. With a ``reference`` among the methods, a row below magnifies the relative difference to
+    it of the methods that stay within 1% of it (``near_reference``): the curves that overlap in the
+    loss panel.
     """
     curves = {method: _mean_curve(runs, x) for method, runs in results.items()}
     x_end = max(float(c[0][-1]) for c in curves.values())
     zoom = x == "time" and horizon is not None and x_end > 1.5 * horizon
     ends = [x_end, horizon] if zoom else [x_end]
-    diff = reference is not None and reference in curves and len(curves) > 1
+    diff = reference is not None and reference in curves and bool(near_reference(curves, reference))
     rows = 2 if diff else 1
     fig, axes = plt.subplots(
         rows,
@@ -248,7 +267,7 @@ def languages_figure(
             if m == reference:
                 continue
             rel = (means[m].mean(0) - ref) / ref * 100
-            ax.bar(
+            bars = ax.bar(
                 offsets[m],
                 rel,
                 width,
@@ -257,7 +276,9 @@ def languages_figure(
                 edgecolor="white",
                 lw=0,
             )
+            ax.bar_label(bars, fmt="%+.2f", fontsize=6, padding=1)  # a bar too small to see still reads
         ax.axhline(0.0, color="grey", lw=1)
+        ax.margins(y=0.08)
         ax.set_xticks(x, languages)
         ax.set_xlabel("validation language")
         ax.set_ylabel(f"(L − L_{reference}) / L_{reference} (%)")
