@@ -30,6 +30,7 @@ from data_prep.shards import (
 )
 from data_prep.sources import C4Source, LocalSource, iter_texts
 from data_prep.tokenizer import TokenizedDocuments, load_tokenizer, train_tokenizer
+from recipes.cli import ConfigError, run_cli
 
 SAMPLE_CONFIG = CONFIG_DIR / "sample.yaml"
 
@@ -215,7 +216,7 @@ def ensure_sample_shards(out_dir: str | Path, **overrides: Any) -> Path:
         diff = {k: (built.get(k), v) for k, v in wanted.items() if built.get(k) != v}
         if diff:
             details = ", ".join(f"{k}: built {a!r}, requested {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(
+            raise ConfigError(
                 f"shards at {str(out)!r} were built with other parameters ({details}); pass overwrite=True"
             )
         return out
@@ -223,14 +224,11 @@ def ensure_sample_shards(out_dir: str | Path, **overrides: Any) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; a user mistake prints one line naming the field instead of a traceback."""
-    try:
-        build_shards(parse_args(argv))
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"python -m data_prep.build: error: {error}", file=sys.stderr)
-        return 2
+    """CLI entry point: build the shards ``argv`` describes. Run as a script through
+    ``recipes.cli.run_cli``, a user mistake prints one line naming the field, not a traceback."""
+    build_shards(parse_args(argv))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

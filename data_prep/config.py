@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from data_prep.partition import validate_partition_args
-from data_prep.sample_corpus import DEFAULT_CACHE_DIR, SAMPLE_LANGUAGES
+from data_prep.sample_corpus import SAMPLE_LANGUAGES, default_cache_dir
 from data_prep.sources import C4_ENGLISH_VARIANTS, C4_LANGUAGES, LOCAL_FORMATS, TEXT_SAMPLE_BY
+from recipes.cli import ConfigError, MissingFileError
 
 SOURCES = ("sample", "c4", "local")
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -56,7 +57,7 @@ class BuildConfig:
     local_language_column: str | None = None
     local_sample_by: str = "paragraph"
     # source: sample
-    sample_cache_dir: str = DEFAULT_CACHE_DIR
+    sample_cache_dir: str = field(default_factory=default_cache_dir)  # $HELOCO_CACHE_DIR/debian
     sample_corpus_dir: str | None = None
     sample_packages: dict[str, list[str]] | None = None
     apt_update: bool = True
@@ -85,7 +86,7 @@ class BuildConfig:
         a fixed order (source, languages, source options, budgets, tokenizer, partition and packing,
         sample packages), so a config with several faults always reports the same one first."""
         if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+            raise ConfigError(f"source must be one of {SOURCES}, got {self.source!r}")
         self._check_languages()
         self._check_source_options()
         self._check_budgets()
@@ -97,33 +98,37 @@ class BuildConfig:
     def _check_languages(self) -> None:
         """A non-empty list of distinct codes, each one the source knows (sample and c4 have fixed sets)."""
         if isinstance(self.languages, str) or not self.languages:
-            raise ValueError(f"languages must be a non-empty list of language codes, got {self.languages!r}")
+            raise ConfigError(f"languages must be a non-empty list of language codes, got {self.languages!r}")
         if len(set(self.languages)) != len(self.languages):
-            raise ValueError(f"languages contains duplicates: {self.languages}")
+            raise ConfigError(f"languages contains duplicates: {self.languages}")
         accepted = {"sample": SAMPLE_LANGUAGES, "c4": C4_LANGUAGES}.get(self.source)
         for lang in self.languages:
             if accepted is not None and lang not in accepted:
-                raise ValueError(
+                raise ConfigError(
                     f"languages: unknown language {lang!r} for source {self.source!r}; accepted: {list(accepted)}"
                 )
             if not isinstance(lang, str) or not _LANGUAGE_CODE.match(lang):
-                raise ValueError(f"languages: {lang!r} is not a language code like 'de' or 'pt-BR'")
+                raise ConfigError(f"languages: {lang!r} is not a language code like 'de' or 'pt-BR'")
 
     def _check_source_options(self) -> None:
         """The c4 and local fields, checked whatever the source (a bad value is a typo either way)."""
         if self.source == "local" and not self.local_path:
-            raise ValueError("local_path must be set for source 'local' (a directory per language, or files)")
+            raise ConfigError(
+                "local_path must be set for source 'local' (a directory per language, or files)"
+            )
         if self.c4_english not in C4_ENGLISH_VARIANTS:
-            raise ValueError(f"c4_english must be one of {C4_ENGLISH_VARIANTS}, got {self.c4_english!r}")
+            raise ConfigError(f"c4_english must be one of {C4_ENGLISH_VARIANTS}, got {self.c4_english!r}")
         if self.c4_num_files is not None and (not _is_int(self.c4_num_files) or self.c4_num_files < 1):
-            raise ValueError(
+            raise ConfigError(
                 f"c4_num_files must be an integer >= 1 or null (all files), got {self.c4_num_files!r}"
             )
         formats = sorted(set(LOCAL_FORMATS.values()))
         if self.local_format is not None and self.local_format not in formats:
-            raise ValueError(f"local_format must be one of {formats} or null, got {self.local_format!r}")
+            raise ConfigError(f"local_format must be one of {formats} or null, got {self.local_format!r}")
         if self.local_sample_by not in TEXT_SAMPLE_BY:
-            raise ValueError(f"local_sample_by must be one of {TEXT_SAMPLE_BY}, got {self.local_sample_by!r}")
+            raise ConfigError(
+                f"local_sample_by must be one of {TEXT_SAMPLE_BY}, got {self.local_sample_by!r}"
+            )
 
     def _check_budgets(self) -> None:
         """max_documents / max_tokens: a valid shape, and per-language budgets only for known languages."""
@@ -133,20 +138,20 @@ class BuildConfig:
             if isinstance(value, dict):
                 extra = sorted(set(value) - set(self.languages))
                 if extra:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{name} names languages {extra} that are not in languages {self.languages}"
                     )
 
     def _check_tokenizer_options(self) -> None:
         """The validation split and the tokenizer's training sizes."""
         if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+            raise ConfigError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if not _is_int(self.vocab_size) or self.vocab_size < 257:
-            raise ValueError(
+            raise ConfigError(
                 f"vocab_size must be an integer >= 257 (256 bytes + EOS), got {self.vocab_size!r}"
             )
         if not _is_int(self.tokenizer_train_bytes) or self.tokenizer_train_bytes < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer_train_bytes must be an integer >= 1, got {self.tokenizer_train_bytes!r}"
             )
 
@@ -154,18 +159,18 @@ class BuildConfig:
         """The partition's own checks, then sequence length, seed and packing batch size."""
         validate_partition_args(self.partition, self.num_workers, self.p, self.alpha)
         if not _is_int(self.seq_len) or self.seq_len < 2:
-            raise ValueError(f"seq_len must be an integer >= 2, got {self.seq_len!r}")
+            raise ConfigError(f"seq_len must be an integer >= 2, got {self.seq_len!r}")
         if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+            raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
     def _check_sample_packages(self) -> None:
         """Custom sample packages must cover every language: one without packages would get no text."""
         if self.sample_packages is not None:
             missing = sorted(set(self.languages) - set(self.sample_packages))
             if missing:
-                raise ValueError(f"sample_packages gives no packages for languages {missing}")
+                raise ConfigError(f"sample_packages gives no packages for languages {missing}")
 
     def budget(self, name: str, lang: str) -> int | None:
         """max_documents / max_tokens for one language (None = no limit)."""
@@ -173,7 +178,7 @@ class BuildConfig:
         if isinstance(value, dict):
             value = value.get(lang)
         if value is not None and (not _is_int(value) or value < 1):
-            raise ValueError(
+            raise ConfigError(
                 f"{name} must be null, an integer >= 1, or {{language: integer >= 1}}; got {value!r}"
             )
         return value
@@ -196,15 +201,17 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> BuildConfig
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} not found; examples are in {CONFIG_DIR}")
-        values = yaml.safe_load(path.read_text()) or {}
+            raise MissingFileError(f"config file {str(path)!r} not found; examples are in {CONFIG_DIR}")
+        values = yaml.safe_load(path.read_text())
+        if values is None:
+            raise ConfigError(f"config file {str(path)!r} is empty; examples are in {CONFIG_DIR}")
         if not isinstance(values, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
     values.update(overrides)
     known = {f.name for f in dataclasses.fields(BuildConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown config fields {unknown}; accepted fields: {sorted(known)}")
+        raise ConfigError(f"unknown config fields {unknown}; accepted fields: {sorted(known)}")
     return BuildConfig(**values).validate()
 
 

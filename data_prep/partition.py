@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recipes.cli import ConfigError
+
 SCHEMES = ("iid", "dominant", "dirichlet")
 
 
@@ -39,13 +41,13 @@ class Partition:
 def validate_partition_args(scheme: str, num_workers: int, p: float, alpha: float) -> None:
     """Raise ValueError naming the field and accepted values, before any work is done."""
     if scheme not in SCHEMES:
-        raise ValueError(f"partition must be one of {SCHEMES}, got {scheme!r}")
+        raise ConfigError(f"partition must be one of {SCHEMES}, got {scheme!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
-        raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+        raise ConfigError(f"num_workers must be an integer >= 1, got {num_workers!r}")
     if scheme == "dominant" and not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be in [0, 1] for partition 'dominant', got {p}")
+        raise ConfigError(f"p must be in [0, 1] for partition 'dominant', got {p}")
     if scheme == "dirichlet" and not alpha > 0:
-        raise ValueError(f"alpha must be > 0 for partition 'dirichlet', got {alpha}")
+        raise ConfigError(f"alpha must be > 0 for partition 'dirichlet', got {alpha}")
 
 
 def target_mixtures(

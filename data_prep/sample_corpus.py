@@ -28,7 +28,16 @@ from data_prep.clean import ParagraphFilter, dedup_key, normalize_paragraph
 from data_prep.langcheck import LANGUAGES, detect_language
 from data_prep.textextract import fortune_entries, html_sections
 
-DEFAULT_CACHE_DIR = "~/.cache/heloco/debian"
+CACHE_ENV = "HELOCO_CACHE_DIR"  # where the sample's downloads and corpus go; default ~/.cache/heloco
+
+
+def default_cache_dir() -> str:
+    """``$HELOCO_CACHE_DIR/debian`` (default ``~/.cache/heloco/debian``): the downloaded .deb packages
+    and their extracted files (~180 MB); the cleaned corpus goes next to it, in ``sample_c4``.
+    Read when a build starts, so setting the variable moves both."""
+    return str(Path(os.environ.get(CACHE_ENV) or "~/.cache/heloco") / "debian")
+
+
 SAMPLE_LANGUAGES = LANGUAGES
 # Which packages feed which language. French is the thinnest translation, hence the extra manuals.
 DEFAULT_PACKAGES: dict[str, tuple[str, ...]] = {
@@ -94,7 +103,7 @@ def build_sample_corpus(
     corpus_dir: str | Path,
     languages: Sequence[str] = SAMPLE_LANGUAGES,
     *,
-    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    cache_dir: str | Path | None = None,
     packages: Mapping[str, Sequence[str]] | None = None,
     paragraph_filter: ParagraphFilter | None = None,
     max_document_chars: int = 4000,
@@ -103,7 +112,8 @@ def build_sample_corpus(
 ) -> dict[str, LanguageStats]:
     """Download, extract, clean and write the sample corpus; reuse it when already built alike.
 
-    Returns per-language statistics (also kept in `<corpus_dir>/manifest.json`).
+    Returns per-language statistics (also kept in `<corpus_dir>/manifest.json`). ``cache_dir``:
+    where the packages are downloaded and extracted (default: ``default_cache_dir()``).
     """
     unknown = [lang for lang in languages if lang not in SAMPLE_LANGUAGES]
     if unknown:
@@ -131,7 +141,7 @@ def build_sample_corpus(
         if manifest.get("params") == params:
             return {lang: LanguageStats(**manifest["stats"][lang]) for lang in languages}
 
-    cache_dir = Path(cache_dir).expanduser()
+    cache_dir = Path(cache_dir or default_cache_dir()).expanduser()
     needed = sorted({name for names in packages.values() for name in names})
     debs = download_packages(needed, cache_dir, apt_update=apt_update)
     roots = {name: extract_package(debs[name], cache_dir / "extracted") for name in needed}
@@ -316,9 +326,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m data_prep.sample_corpus", description=main.__doc__)
     parser.add_argument(
-        "--corpus_dir", default=str(Path(DEFAULT_CACHE_DIR).expanduser().parent / "sample_c4")
+        "--corpus_dir", default=str(Path(default_cache_dir()).expanduser().parent / "sample_c4")
     )
-    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--cache_dir", default=default_cache_dir())
     parser.add_argument("--languages", default=",".join(SAMPLE_LANGUAGES))
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching corpus exists")
     args = parser.parse_args(argv)

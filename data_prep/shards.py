@@ -22,6 +22,7 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from heloco import checkpoint
+from recipes.cli import ConfigError
 
 DATA_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -118,7 +119,7 @@ def load_shards(path: str | Path, num_workers: int | None = None) -> tuple[Datas
     metadata = read_metadata(root)
     built_for = metadata["num_workers"]
     if num_workers is not None and num_workers != built_for:
-        raise ValueError(
+        raise ConfigError(
             f"num_workers={num_workers} was requested but the shards at {str(root)!r} were built for "
             f"K={built_for} workers; rebuild them with `{BUILD_HINT.format(path=root)} --num_workers "
             f"{num_workers} --overwrite` or set num_workers to {built_for}"

@@ -4,7 +4,8 @@ Optimizer and aggregator states are nested dicts/lists of tensors and Python sca
 splits them into one ``.safetensors`` file (the tensors, under path-like keys) and one ``.json`` file
 (the skeleton, with tensors replaced by references), so nothing is pickled. ``atomic_directory``
 writes a whole checkpoint next to its destination and renames it into place only when complete: an
-interrupted save never leaves a directory that looks finished.
+interrupted save never leaves a directory that looks finished, and the temporaries of a writer that
+was killed are removed by the next writer in that directory (``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
@@ -86,14 +87,55 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+# What atomic_directory and atomic_write_text leave behind when their process is killed mid-write.
+_TEMPORARY_RE = re.compile(r"^\..+\.(?:tmp|old)-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` entries of ``directory`` whose process
+    is gone; returns what was removed.
+
+    Why: a writer killed mid-save leaves its temporary (a whole checkpoint's size) behind, and
+    only the same pid would ever reuse the name. Liveness is judged by pid on this host, which is
+    right because one host writes each directory (rank 0 the run's checkpoints, every rank its own
+    worker-state directory).
+    """
+    directory = Path(directory)
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for path in directory.iterdir():
+            match = _TEMPORARY_RE.match(path.name)
+            if match is None or _pid_alive(int(match.group(1))):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``final`` in one rename.
 
-    On an exception the temporary directory is removed and ``final`` is untouched.
+    On an exception the temporary directory is removed and ``final`` is untouched. Temporaries that
+    killed writers left in the same directory are removed first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final.parent)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -8,10 +8,13 @@ with a message naming the field and the accepted values.
 from __future__ import annotations
 
 import math
+import os
 import sys
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from transformers import HfArgumentParser
@@ -19,6 +22,7 @@ from transformers import HfArgumentParser
 from heloco.aggregator import DISPATCHES
 from heloco.correction import REORIENT_SCHEDULES
 from heloco.server_policies import DRIFT_NORMALIZATIONS
+from recipes.cli import ConfigError, MissingFileError
 from recipes.inner_optimizer import INNER_OPTIMIZERS
 from recipes.method_specs import METHOD_SPECS, METHODS
 from recipes.model import PRESETS
@@ -259,15 +263,28 @@ def _all_field_names() -> set[str]:
     return {f for cls in CONFIG_CLASSES for f in cls.__dataclass_fields__}
 
 
+def _field_types() -> dict[str, Any]:
+    """Field name → its annotation, resolved (``int | None``, ``list[float]``, ...)."""
+    return {name: hint for cls in CONFIG_CLASSES for name, hint in typing.get_type_hints(cls).items()}
+
+
+class _ErrorRaisingParser(HfArgumentParser):
+    """HfArgumentParser whose usage errors raise ``ConfigError`` (one line) instead of printing the
+    whole usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see --help for every option)")
+
+
 def parse_config(argv: list[str] | None = None) -> RecipeConfig:
     """``--config file.yaml`` sets defaults; every other ``--key value`` overrides them."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(CONFIG_CLASSES)
+    parser = _ErrorRaisingParser(CONFIG_CLASSES)
     config_path = None
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file path")
+            raise ConfigError("--config needs a YAML file path")
         config_path = argv[i + 1]
         del argv[i : i + 2]
     if config_path is not None:
@@ -277,17 +294,16 @@ def parse_config(argv: list[str] | None = None) -> RecipeConfig:
         argv, return_remaining_strings=True
     )
     if extra:
-        raise ValueError(f"unknown command-line arguments: {extra}")
+        raise ConfigError(f"unknown command-line arguments {extra} (see --help for every option)")
     config = RecipeConfig(model, data, diloco, train)
     validate(config)
     return config
 
 
-def config_from_dict(values: dict[str, Any]) -> RecipeConfig:
-    """Build and validate a config from a flat dict (what compare.py and tests use)."""
-    unknown = set(values) - _all_field_names()
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+def config_from_dict(values: dict[str, Any], source: str = "config") -> RecipeConfig:
+    """Build and validate a config from a flat dict (what compare.py and tests use); ``source``
+    names where the values came from in error messages."""
+    values = check_values(values, source)
     parts = HfArgumentParser(CONFIG_CLASSES).parse_dict(values)
     config = RecipeConfig(*parts)
     validate(config)
@@ -295,21 +311,88 @@ def config_from_dict(values: dict[str, Any]) -> RecipeConfig:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe config file's values, each checked against its field's type (see ``check_values``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise MissingFileError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if values is None:
+        raise ConfigError(f"{path} is empty; a recipe config is a mapping of key: value")
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: a recipe config must be a mapping of key: value")
-    unknown = set(values) - _all_field_names()
+        raise ConfigError(f"{path}: a recipe config must be a mapping of key: value")
+    return check_values(values, str(path))
+
+
+def check_values(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Unknown keys refused and every value checked against its field's type, naming ``source``
+    and the key. Numbers may be written in exponent form (``1e5``, ``2e-3``: YAML reads those as
+    strings); an integer field takes ``1e5`` but not ``1.5``. Returns the converted values."""
+    unknown = sorted(set(values) - _all_field_names())
     if unknown:
-        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-    return values
+        raise ConfigError(f"{source}: unknown config keys {unknown}")
+    types_ = _field_types()
+    return {key: _convert(value, types_[key], f"{source}: {key}") for key, value in values.items()}
+
+
+def _type_error(where: str, expected: str, value: Any) -> NoReturn:
+    raise ConfigError(f"{where} must be {expected}, got {value!r}")
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the field type ``hint`` wants it, or ConfigError naming ``where``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list | tuple):
+            _type_error(where, f"a list of {args[0].__name__} (e.g. [1.0, 0.5])", value)
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            _type_error(where, "true or false", value)
+        return value
+    if hint is str:
+        if isinstance(value, os.PathLike):  # a Path from code calling config_from_dict
+            return os.fspath(value)
+        if not isinstance(value, str):
+            _type_error(where, "a string (quote it in YAML)", value)
+        return value
+    number = _as_number(value)
+    if hint is float:
+        if number is None:
+            _type_error(where, "a number (e.g. 0.7 or 2e-3)", value)
+        return float(number)
+    if hint is int:
+        if number is None or not float(number).is_integer():
+            _type_error(where, "an integer (e.g. 400000 or 4e5)", value)
+        return int(number)
+    raise TypeError(f"{where}: no conversion for the field type {hint!r}")  # a new field type: extend this
+
+
+def _as_number(value: Any) -> int | float | None:
+    """An int or float as given, a string in exponent or decimal form converted; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
 
 
 def _one_of(name: str, value: Any, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(accepted)}; got {value!r}")
 
 
 def _validate_choices(config: RecipeConfig) -> None:
@@ -338,11 +421,11 @@ def _validate_outer_knobs(config: RecipeConfig) -> None:
     """The arrival weight, the reorientation schedule's cos_bad and the worker cosine."""
     o, t = config.diloco, config.train
     if o.arrival_weight is not None and not (math.isfinite(o.arrival_weight) and o.arrival_weight > 0):
-        raise ValueError(f"arrival_weight must be a finite number > 0 or unset, got {o.arrival_weight}")
+        raise ConfigError(f"arrival_weight must be a finite number > 0 or unset, got {o.arrival_weight}")
     if o.cos_bad is not None and not -1.0 <= o.cos_bad <= 0.0:
-        raise ValueError(f"cos_bad must be in [-1, 0] or unset, got {o.cos_bad}")
+        raise ConfigError(f"cos_bad must be in [-1, 0] or unset, got {o.cos_bad}")
     if t.cosine_steps < 1 or not 0.0 <= t.min_lr_ratio <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"cosine_steps must be >= 1 and min_lr_ratio in [0, 1], got {t.cosine_steps} and {t.min_lr_ratio}"
         )
 
@@ -368,19 +451,19 @@ def _validate_workers(config: RecipeConfig) -> None:
     """One positive speed per worker."""
     o = config.diloco
     if o.num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {o.num_workers}")
+        raise ConfigError(f"num_workers must be >= 1, got {o.num_workers}")
     if len(o.worker_speeds) != o.num_workers:
-        raise ValueError(
+        raise ConfigError(
             f"worker_speeds has {len(o.worker_speeds)} entries but num_workers is {o.num_workers}; "
             "give one speed (inner steps per second) per worker"
         )
     for i, v in enumerate(o.worker_speeds):
         if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"worker_speeds[{i}] must be a positive number, got {v}")
+            raise ConfigError(f"worker_speeds[{i}] must be a positive number, got {v}")
     if o.group_sizes is not None and (
         len(o.group_sizes) != o.num_workers or any(int(p) != p or p < 1 for p in o.group_sizes)
     ):
-        raise ValueError(
+        raise ConfigError(
             f"group_sizes must give one integer >= 1 (processes) per worker, {o.num_workers} in all; "
             f"got {o.group_sizes}"
         )
@@ -398,39 +481,39 @@ def _validate_sizes_and_budget(config: RecipeConfig) -> None:
     }
     for name, value in positive_ints.items():
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     if t.budget_tokens is None and t.budget_time is None:
-        raise ValueError("set budget_tokens or budget_time (or both: the run stops at the first reached)")
+        raise ConfigError("set budget_tokens or budget_time (or both: the run stops at the first reached)")
     if t.budget_tokens is not None and t.budget_tokens <= 0:
-        raise ValueError(f"budget_tokens must be > 0, got {t.budget_tokens}")
+        raise ConfigError(f"budget_tokens must be > 0, got {t.budget_tokens}")
     if t.budget_time is not None and t.budget_time <= 0:
-        raise ValueError(f"budget_time must be > 0 virtual seconds, got {t.budget_time}")
+        raise ConfigError(f"budget_time must be > 0 virtual seconds, got {t.budget_time}")
 
 
 def _validate_the_rest(config: RecipeConfig) -> None:
     """Learning rates, momentum, timeouts, staleness cap and the Hub."""
     o, t = config.diloco, config.train
     if not (0.0 <= o.speed_jitter < 1.0):
-        raise ValueError(f"speed_jitter must be in [0, 1), got {o.speed_jitter}")
+        raise ConfigError(f"speed_jitter must be in [0, 1), got {o.speed_jitter}")
     if config.outer_lr <= 0:
-        raise ValueError(f"outer_lr must be > 0, got {config.outer_lr}")
+        raise ConfigError(f"outer_lr must be > 0, got {config.outer_lr}")
     if not (0.0 <= o.outer_momentum < 1.0):
-        raise ValueError(f"outer_momentum must be in [0, 1), got {o.outer_momentum}")
+        raise ConfigError(f"outer_momentum must be in [0, 1), got {o.outer_momentum}")
     if o.comm_timeout_s <= 0 or o.rejoin_timeout_s < 0:
-        raise ValueError(
+        raise ConfigError(
             f"comm_timeout_s must be > 0 and rejoin_timeout_s >= 0 seconds, "
             f"got {o.comm_timeout_s} and {o.rejoin_timeout_s}"
         )
     if o.max_staleness is not None and o.max_staleness < 0:
-        raise ValueError(f"max_staleness must be >= 0 or unset, got {o.max_staleness}")
+        raise ConfigError(f"max_staleness must be >= 0 or unset, got {o.max_staleness}")
     if t.pretrain_steps < 0 or t.save_every < 0:
-        raise ValueError("pretrain_steps and save_every must be >= 0")
+        raise ConfigError("pretrain_steps and save_every must be >= 0")
     if t.keep_checkpoints < 0:
-        raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {t.keep_checkpoints}")
+        raise ConfigError(f"keep_checkpoints must be >= 0 (0 keeps all), got {t.keep_checkpoints}")
     if t.inner_lr <= 0:
-        raise ValueError(f"inner_lr must be > 0, got {t.inner_lr}")
+        raise ConfigError(f"inner_lr must be > 0, got {t.inner_lr}")
     if t.push_to_hub and not t.hub_model_id:
-        raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/heloco-tiny')")
+        raise ConfigError("push_to_hub needs hub_model_id (e.g. 'your-name/heloco-tiny')")
 
 
 def validate(config: RecipeConfig) -> None:

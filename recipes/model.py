@@ -38,7 +38,9 @@ def build_model(
 ) -> PreTrainedModel:
     """A freshly initialised Llama preset (seeded), or a pretrained causal LM."""
     if model_name_or_path is not None:
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32)
+        return with_causal_lm_loss(
+            AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32)
+        )
     if size not in PRESETS:
         raise ValueError(f"model_size must be one of {', '.join(PRESETS)}; got {size!r}")
     if size == "paper":
@@ -54,7 +56,7 @@ def build_model(
             **PRESETS[size],
         )
         torch.manual_seed(seed)
-        return GPT2LMHeadModel(gpt2)
+        return with_causal_lm_loss(GPT2LMHeadModel(gpt2))
     config = LlamaConfig(
         vocab_size=vocab_size,
         max_position_embeddings=max_positions,
@@ -66,6 +68,17 @@ def build_model(
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def with_causal_lm_loss(model: PreTrainedModel) -> PreTrainedModel:
+    """Name the loss of a causal LM whose class name transformers cannot map to one.
+
+    Why: transformers picks the loss from the class name; ``GPT2LMHeadModel`` has no "ForCausalLM"
+    in it, so every run warned "`loss_type=None` ... unrecognized" and fell back to that same loss.
+    """
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

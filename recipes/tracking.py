@@ -23,6 +23,23 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
 
+def rounds_recorded(output_dir: Path) -> bool:
+    """Whether a run in ``output_dir`` got past its first round: a checkpoint, or an arrival in one
+    of its metrics logs (``metrics.jsonl``, distributed ranks' ``metrics-rank<k>.jsonl``)."""
+    output_dir = Path(output_dir)
+    if any(output_dir.glob("checkpoint-*")):
+        return True
+    for path in output_dir.glob("metrics*.jsonl"):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("event") == "arrival":
+                        return True
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a line cut short by the failure
+    return False
+
+
 class JsonlTracker(GeneralTracker):
     """Append-only JSONL file as an Accelerate tracker. On resume (``keep_lines`` given) the file is
     cut back to that many lines, the count stored in the checkpoint, so a resumed run's log equals

@@ -34,6 +34,7 @@ from transformers import AutoTokenizer
 from heloco.aggregator import AsyncAggregator
 from heloco.simulation import VirtualClock, dylu_steps
 from heloco.transport import InProcessTransport
+from recipes.cli import removed_if_failed_early, run_cli
 from recipes.common import (
     load_data,
     make_inner_optimizer,
@@ -59,7 +60,7 @@ from recipes.run_state import (
 )
 from recipes.schedule import RunSchedule
 from recipes.simulator import SimulatedWorker, Simulator
-from recipes.tracking import MetricsLog
+from recipes.tracking import MetricsLog, rounds_recorded
 from recipes.worker_round import InnerLoop
 
 logger = logging.getLogger(__name__)
@@ -267,9 +268,10 @@ def run_rounds(simulator: Simulator, driver: RunDriver, progress_bar: bool) -> s
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = parse_config(argv)
     command = " ".join(["recipes/train.py", *(sys.argv[1:] if argv is None else argv)])
-    return run(config, command)
+    with removed_if_failed_early(config.train.output_dir, started_when=rounds_recorded):
+        return run(config, command)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run_cli(main)

@@ -67,3 +67,28 @@ def test_listing_ignores_temporaries_and_prunes(tmp_path):
     prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
     assert latest_checkpoint(tmp_path / "nope") is None
+
+
+def test_a_killed_writers_temporaries_are_removed_by_the_next_writer(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from heloco.checkpoint import atomic_directory
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    dead = [
+        tmp_path / f".checkpoint-3.tmp-{gone.pid}",
+        tmp_path / f".checkpoint-2.old-{gone.pid}",
+    ]
+    for d in dead:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / f".metrics.json.tmp-{gone.pid}").write_text("{}")
+    alive = [tmp_path / f".checkpoint-4.tmp-{os.getppid()}", tmp_path / ".hidden", tmp_path / "checkpoint-2"]
+    for d in alive:
+        d.mkdir()
+    with atomic_directory(tmp_path / "checkpoint-5") as tmp:
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in alive), "checkpoint-5"])

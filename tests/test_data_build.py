@@ -328,9 +328,29 @@ def test_push_to_hub_uses_the_standard_api_and_never_prints_the_token(built, mon
     assert "hf_secret_token" not in out.out + out.err
 
 
-def test_cli_prints_one_line_errors(capsys):
-    assert build_module.main(["--config", "data_prep/configs/sample.yaml", "--p", "2"]) == 2
-    err = capsys.readouterr().err
-    assert (
-        err.strip() == "python -m data_prep.build: error: p must be in [0, 1] for partition 'dominant', got 2"
-    )
+def test_cli_prints_one_line_errors(capsys, tmp_path):
+    from recipes.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(build_module.main, ["--config", "data_prep/configs/sample.yaml", "--p", "2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: p must be in [0, 1] for partition 'dominant', got 2\n"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(SystemExit):
+        run_cli(build_module.main, ["--config", str(empty)])
+    assert capsys.readouterr().err.startswith(f"error: config file '{empty}' is empty")
+
+
+def test_the_sample_caches_follow_heloco_cache_dir(monkeypatch, tmp_path):
+    from data_prep.config import CONFIG_DIR, load_config
+
+    monkeypatch.delenv("HELOCO_CACHE_DIR", raising=False)
+    home = load_config(CONFIG_DIR / "sample.yaml")
+    assert home.sample_cache_dir == "~/.cache/heloco/debian"
+    assert home.corpus_dir == Path("~/.cache/heloco/sample_c4").expanduser()
+    monkeypatch.setenv("HELOCO_CACHE_DIR", str(tmp_path / "cache"))
+    moved = load_config(CONFIG_DIR / "sample.yaml")  # the demo's config follows the variable
+    assert moved.sample_cache_dir == str(tmp_path / "cache" / "debian")
+    assert moved.corpus_dir == tmp_path / "cache" / "sample_c4"
+    assert moved.data_fields() == home.data_fields()  # where the cache is never changes the shards

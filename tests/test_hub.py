@@ -423,3 +423,47 @@ def test_datasets_push_to_hub_and_dataset_card_arrive(fake_hub, monkeypatch):  #
     assert {r.authorization for r in writes} == {f"Bearer {FAKE_TOKEN}"}
     # Shard bytes go to the storage URL the LFS batch answer gave, without the Hub token.
     assert [r.authorization for r in fake_hub.requests_of("lfs_upload")] == [None, None]
+
+
+def test_a_hung_hub_fails_the_push_after_the_http_timeout_and_never_holds_the_process(
+    fake_hub,  # noqa: F811
+    checkpoint,
+    temp_root,
+    request,
+):
+    import threading
+
+    from huggingface_hub import close_session
+
+    request.addfinalizer(
+        close_session
+    )  # the timeout is set on the shared client: the next test gets a new one
+    fake_hub.pause()  # accepts connections, never answers
+    uploader = HubUploader(REPO, http_timeout=0.5)
+    uploader.push(checkpoint, "step 1")
+    assert fake_hub.wait_until_blocked()
+    worker = [t for t in threading.enumerate() if t.name == f"heloco-hub-{REPO}"]
+    assert worker and all(t.daemon for t in worker)  # the interpreter does not wait for them at exit
+    started = time.monotonic()
+    assert uploader.close(timeout=120)  # without the HTTP timeout this waits for ever
+    took = time.monotonic() - started
+    record = uploader.history[0]
+    assert record["state"] == "failed" and "timeout" in record["error"].lower(), record
+    assert took < 60, took
+    assert list(temp_root.iterdir()) == []
+    fake_hub.resume()
+    with pytest.raises(ValueError, match="http_timeout"):
+        HubUploader(REPO, http_timeout=0)
+
+
+def test_the_upload_worker_ends_when_idle_and_starts_again():
+    from recipes.hub.upload import DaemonWorker
+
+    worker = DaemonWorker("heloco-hub-test")
+    worker.IDLE_S = 0.05
+    assert worker.submit(lambda x: x + 1, 1).result(timeout=5) == 2
+    first = worker.thread
+    assert first is not None and first.daemon
+    first.join(timeout=5)
+    assert not first.is_alive() and worker.thread is None
+    assert worker.submit(lambda: 3).result(timeout=5) == 3

@@ -9,6 +9,7 @@ import yaml
 
 from recipes.analysis.compare import equal_wallclock, main
 from recipes.analysis.plots import final_eval, read_evals
+from recipes.cli import ConfigError
 from tests.test_recipe_train import base_values
 
 
@@ -58,7 +59,7 @@ def test_compare_runs_plots_and_tables(tiny_shards, tmp_path):
     assert [line.split(": ")[0] for line in only] == ["sync seed 0", "sync seed 1"]
     final = final_eval(read_evals(out / "runs" / "sync-seed0"))["val_loss/mean"]
     assert only[0] == f"sync seed 0: final val_loss/mean {final:.4f}"
-    with pytest.raises(SystemExit, match="unknown labels \\['nope'\\]"):
+    with pytest.raises(ConfigError, match="unknown labels \\['nope'\\]"):
         main(["--config", str(config), "--only", "nope"])
 
 
@@ -81,7 +82,7 @@ def test_a_finished_run_with_other_settings_is_not_reused(tiny_shards, tmp_path)
     main(["--config", str(config)])
     spec["methods"]["heloco"]["outer_lr"] = 0.3
     config.write_text(yaml.safe_dump(spec))
-    with pytest.raises(RuntimeError, match="other settings"):
+    with pytest.raises(FileExistsError, match="other settings"):
         main(["--config", str(config)])
 
 
@@ -102,11 +103,11 @@ def test_a_default_a_method_never_reads_does_not_invalidate_its_finished_run(tmp
         summary = {"config": done.to_dict(), "outer_lr": done.outer_lr}
         (out / "summary.json").write_text(json.dumps(summary))
         if method == "heloco":
-            with pytest.raises(RuntimeError, match="keep_threshold"):
+            with pytest.raises(FileExistsError, match="keep_threshold"):
                 finished_matches(out, values)
         else:
             assert finished_matches(out, values)
-            with pytest.raises(RuntimeError, match="outer_momentum"):
+            with pytest.raises(FileExistsError, match="outer_momentum"):
                 finished_matches(out, {**values, "outer_momentum": 0.5})
 
 

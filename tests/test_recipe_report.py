@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from recipes.analysis.plots import plot_curves
@@ -15,6 +16,7 @@ from recipes.analysis.report import (
     paired_improvement,
     slow_worker_table,
 )
+from recipes.cli import UserError
 
 
 def fake_run(compare_dir: Path, label: str, seed: int, final: float, at_time: float, wallclock: float = 50.0):
@@ -78,7 +80,7 @@ def test_grid_cells_are_ordered_from_homogeneous_to_severe(tmp_path):
 
 def test_grid_table_without_a_baseline_says_what_is_missing(tmp_path):
     fake_run(tmp_path / "severe_iid", "heloco", 0, final=5.0, at_time=5.0)
-    with pytest.raises(ValueError, match="needs finished runs"):
+    with pytest.raises(UserError, match="needs finished runs"):
         grid_table(tmp_path, tmp_path / "out")
 
 
@@ -93,7 +95,7 @@ def test_slow_worker_cells_not_run_show_a_dash(tmp_path):
 
 def test_slow_worker_table_on_a_directory_without_cells_says_what_it_expects(tmp_path):
     (tmp_path / "unrelated").mkdir()
-    with pytest.raises(ValueError, match="n<slow workers>_s<slowdown>"):
+    with pytest.raises(UserError, match="n<slow workers>_s<slowdown>"):
         slow_worker_table(tmp_path, tmp_path / "out")
 
 
@@ -168,5 +170,65 @@ def test_along_table_compares_the_two_methods_at_every_shared_evaluation(tmp_pat
 
 def test_along_table_names_a_missing_method(tmp_path):
     fake_run(tmp_path, "heloco", 0, final=5.0, at_time=5.0)
-    with pytest.raises(ValueError, match=r"no finished runs labelled \['mla'\]; found \['heloco'\]"):
+    with pytest.raises(UserError, match=r"no finished runs labelled \['mla'\]; found \['heloco'\]"):
         along_table(tmp_path, tmp_path / "out")
+
+
+def test_overlapping_curves_get_their_own_marks_a_difference_panel_and_a_note():
+    from recipes.plots import close_pairs, curves_figure
+
+    def run(losses):
+        return [
+            {"event": "eval", "reason": r, "time": 100.0 * i, "tokens": 100 * i, "val_loss/mean": v}
+            for i, (r, v) in enumerate(zip(("start", "updates", "final"), losses, strict=True))
+        ]
+
+    results = {
+        "sync": [run([9.0, 8.0, 7.0])],
+        "mla": [run([9.0, 8.5, 8.0004])],  # 0.005% from heloco at the end: the curves overlap
+        "heloco": [run([9.0, 8.5, 8.0])],
+    }
+    fig, ends = curves_figure(results, "tokens", "t", reference="heloco")
+    loss_ax, diff_ax = fig.axes
+    assert ends == [200.0]
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
+    looks = {(line.get_marker(), line.get_linestyle()) for line in loss_ax.get_lines()}
+    assert len(looks) == 3  # no two methods drawn alike
+    notes = [t.get_text() for t in loss_ax.texts]
+    assert notes == ["mla and heloco: final losses 0.005% apart (curves overlap)"]
+    diffs = {
+        line.get_label(): line.get_ydata()
+        for line in diff_ax.get_lines()
+        if not line.get_label().startswith("_")
+    }
+    assert list(diffs) == ["mla"]  # magnified: the method within 1% of heloco all along, not sync
+    np.testing.assert_allclose(diffs["mla"], [0.0, 0.0, 0.005], atol=1e-9)
+    fig, _ = curves_figure({m: results[m] for m in ("sync", "heloco")}, "tokens", "t", reference="heloco")
+    assert len(fig.axes) == 1 and not fig.axes[0].texts  # nothing overlaps: no panel, no note
+    assert close_pairs({"a": 8.0, "b": 8.009, "c": 7.995}) == [("a", "c", pytest.approx(0.005 / 7.995 * 100))]
+
+
+def test_the_zoom_panel_is_labelled_like_the_whole_run():
+    from recipes.plots import curves_figure
+
+    async_runs = [evals_until(600.0, 5.0)]
+    fig, ends = curves_figure({"sync": [evals_until(1200.0, 4.0)], "heloco": async_runs}, "time", "x", 600.0)
+    assert ends == [1200.0, 600.0] and len(fig.axes) == 2
+    assert all(ax.get_xlabel() and ax.get_ylabel() and ax.get_title() for ax in fig.axes)
+
+
+def test_language_bars_start_at_zero_with_the_legend_outside_and_a_difference_panel():
+    from recipes.plots import languages_figure
+
+    finals = {
+        "sync": [{"val_loss/de": 7.8, "val_loss/en": 7.9}],
+        "heloco": [{"val_loss/de": 8.0, "val_loss/en": 8.0}],
+    }
+    fig = languages_figure(finals, ["de", "en"], "t", reference="heloco")
+    bars_ax, diff_ax = fig.axes
+    assert bars_ax.get_ylim()[0] == 0.0
+    assert bars_ax.get_legend() is None and diff_ax.get_legend() is None and len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["sync", "heloco"]
+    heights = [p.get_height() for p in diff_ax.patches]
+    np.testing.assert_allclose(heights, [-2.5, -1.25])  # (7.8 − 8) / 8, (7.9 − 8) / 8 in %
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)

@@ -235,3 +235,33 @@ def test_killed_worker_rejoins_and_resumes_from_the_global_parameters():
     s = server["stats"][2]
     assert s["state"] == "left" and s["incarnation"] == 2 and s["departures"] == 1
     assert any("worker 2 connected (incarnation 2)" in line for line in server["log"])
+
+
+def test_a_worker_silent_past_the_timeout_is_refused_at_once_not_blocked():
+    """The server declares a worker gone when its receive times out; the worker, back after a longer
+    silence (stopped, swapped out), refuses to send on that connection at once, with the reason,
+    instead of blocking on a connection gloo keeps open without reading. One process, two threads."""
+    from heloco.distributed.protocol import TransportError
+
+    from heloco.distributed.server import DistributedServer
+
+    store = dist.TCPStore("127.0.0.1", _free_port(), None, True, timeout=datetime.timedelta(seconds=30))
+    params = masters()
+    aggregator = AsyncAggregator(params, torch.optim.SGD(params, lr=1.0), 2)
+    server = DistributedServer(aggregator, store, 2, timeout=2.0, connect_timeout=TIMEOUT).start()
+    worker = DistributedTransport(1, masters(), store, timeout=2.0, connect_timeout=TIMEOUT)
+    update = worker.dispatch(1)
+    assert worker.silent_for() < 2.0 and not worker.given_up()
+    time.sleep(2.5)  # the server's receive times out meanwhile
+    assert worker.given_up()
+    started = time.monotonic()
+    with pytest.raises(
+        TransportError, match=r"submit failed, not sent: silent for \d+\.\d s, longer than timeout=2\.0"
+    ):
+        worker.submit(1, delta(1, 1), update.version)
+    assert time.monotonic() - started < 0.5
+    assert not worker.connected
+    worker.leave()  # closed already: nothing to send
+    server.leave(0)
+    server.join(timeout=30)
+    assert server.worker_stats()[1]["state"] == "dead" and aggregator.version == 0  # nothing applied

@@ -7,11 +7,18 @@ on the server rank only).
 Each gloo operation has a timeout; in gloo a timeout closes the connection, so the operation timeout
 is the longest a worker may stay silent (one round) and the longest a worker may wait for its reply
 (a synchronous round), not a polling interval.
+
+A worker that was silent for longer than that (stopped, swapped out) has been declared gone by the
+server, whose receive timed out. It must not send on that connection: gloo keeps the server's end of
+a connection with a timed-out operation open without reading it (torch offers no way to close it),
+so a send there blocked for a whole timeout and the reply's wait for another. The transport counts
+the silence itself and refuses at once with ``TransportError`` (``leave`` just closes).
 """
 
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +129,7 @@ class DistributedTransport:
         self.messages = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._last_heard = time.monotonic()  # the server's latest answer (its timeout runs from there)
         hello = MessageHeader(MessageKind.HELLO, worker_id, info=self.send_message.layout())
         try:
             self._exchange(self.send_message.pack(hello), "hello")
@@ -135,9 +143,24 @@ class DistributedTransport:
                 f"this transport belongs to worker {self.worker_id}, got worker_id={worker_id!r}"
             )
 
+    def silent_for(self) -> float:
+        """Seconds since the server's latest answer: what the server's receive timeout counts."""
+        return time.monotonic() - self._last_heard
+
+    def given_up(self) -> bool:
+        """Whether the server has given this connection up: silent for longer than ``timeout``."""
+        return self.silent_for() > self.timeout.total_seconds()
+
     def _exchange(self, data: Tensor, what: str) -> MessageHeader:
         if self._pg is None:
             raise TransportError(f"worker {self.worker_id}'s transport is closed")
+        if what != "hello" and self.given_up():
+            self._pg = None
+            raise TransportError(
+                f"worker {self.worker_id}: {what} failed, not sent: silent for {self.silent_for():.1f} s, "
+                f"longer than timeout={self.timeout.total_seconds()} s, so the heloco server "
+                f"(rank {self.server_rank}) has declared this worker gone; start it again to rejoin"
+            )
         try:
             self._pg.send([data], SERVER_PAIR_RANK, MESSAGE_TAG).wait(self.timeout)
             self._pg.recv([self.recv_message.buffer], SERVER_PAIR_RANK, MESSAGE_TAG).wait(self.timeout)
@@ -147,6 +170,7 @@ class DistributedTransport:
                 f"worker {self.worker_id}: {what} failed, lost the connection to the heloco server "
                 f"(rank {self.server_rank}): {str(e).splitlines()[0]}"
             ) from e
+        self._last_heard = time.monotonic()
         header = self.recv_message.read_header()
         self.messages += 1
         self.bytes_sent += data.numel()
@@ -204,6 +228,9 @@ class DistributedTransport:
         if worker_id is not None:
             self._check_id(worker_id)
         if self._pg is None:
+            return
+        if self.given_up():  # the server already counts this worker as gone: nothing to tell it
+            self._pg = None
             return
         data = self.send_message.pack(MessageHeader(MessageKind.LEAVE, self.worker_id))
         header = self._exchange(data, "leave")

@@ -27,10 +27,23 @@ import yaml
 
 from heloco.checkpoint import latest_checkpoint
 from recipes.analysis.plots import final_eval, read_evals, summarize
-from recipes.config import CONFIG_CLASSES, config_from_dict
+from recipes.cli import ConfigError, MissingFileError, UserError, run_cli
+from recipes.config import CONFIG_CLASSES, check_values, config_from_dict
 from recipes.methods import fields_not_read
 
 REPO = Path(__file__).resolve().parents[2]
+MATRIX_KEYS = (
+    "extends",
+    "name",
+    "title",
+    "base",
+    "methods",
+    "seeds",
+    "jobs",
+    "reference",
+    "output_dir",
+    "docs_dir",
+)
 
 
 def read_matrix_yaml(path: str | Path) -> dict[str, Any]:
@@ -39,8 +52,21 @@ def read_matrix_yaml(path: str | Path) -> dict[str, Any]:
     other keys replaced."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"comparison config {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+        raise MissingFileError(f"comparison config {path} does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if spec is None:
+        raise ConfigError(f"{path} is empty; a comparison config needs 'base' and 'methods' mappings")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a comparison config must be a mapping of key: value")
+    unknown = sorted(set(spec) - set(MATRIX_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; accepted: {', '.join(MATRIX_KEYS)}")
+    for key in ("base", "methods"):
+        if spec.get(key) is not None and not isinstance(spec[key], dict):
+            raise ConfigError(f"{path}: '{key}' must be a mapping, got {spec[key]!r}")
     if "extends" in spec:
         parent = read_matrix_yaml(path.parent / spec.pop("extends"))
         for key in ("base", "methods"):
@@ -51,16 +77,36 @@ def read_matrix_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_matrix(path: str | Path) -> dict[str, Any]:
+    """The comparison ``path`` describes, every value checked against the recipe config's types (the
+    file and the key named) before anything runs."""
     spec = read_matrix_yaml(path)
-    for key in ("base", "methods"):
-        if key not in spec:
-            raise ValueError(f"{path}: a comparison config needs a '{key}' mapping")
-    spec.setdefault("seeds", [0])
-    spec.setdefault("jobs", 1)
+    if spec.get("base") is None:
+        raise ConfigError(
+            f"{path}: a comparison config needs a 'base' mapping (the settings every run shares)"
+        )
+    if not spec.get("methods"):
+        raise ConfigError(
+            f"{path}: a comparison config needs a non-empty 'methods' mapping (label: overrides)"
+        )
+    spec["base"] = check_values(spec["base"], f"{path}: base")
+    for label, overrides in spec["methods"].items():
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"{path}: methods.{label} must be a mapping of overrides, got {overrides!r}")
+        spec["methods"][label] = check_values(overrides or {}, f"{path}: methods.{label}")
+    seeds = spec.setdefault("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    jobs = spec.setdefault("jobs", 1)
+    if not _is_int(jobs) or jobs < 1:
+        raise ConfigError(f"{path}: jobs must be an integer >= 1, got {jobs!r}")
     spec.setdefault("reference", "heloco")
     spec.setdefault("name", Path(path).stem)
     spec.setdefault("output_dir", f"outputs/{spec['name']}")
     return spec
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def run_configs(spec: dict[str, Any]) -> list[tuple[str, int, dict[str, Any]]]:
@@ -70,7 +116,7 @@ def run_configs(spec: dict[str, Any]) -> list[tuple[str, int, dict[str, Any]]]:
         for seed in spec["seeds"]:
             values = {**spec["base"], **(overrides or {}), "seed": seed}
             values["output_dir"] = str(Path(spec["output_dir"]) / "runs" / f"{label}-seed{seed}")
-            config_from_dict(values)  # raises with the field name on a bad value
+            config_from_dict(values, f"methods.{label}")  # raises with the field name on a bad value
             runs.append((label, seed, values))
     return runs
 
@@ -123,7 +169,7 @@ def finished_matches(out: Path, values: dict[str, Any]) -> bool:
     if done_lr != config.outer_lr:
         differs.append(f"outer_lr (effective: {done_lr} vs {config.outer_lr})")
     if differs:
-        raise RuntimeError(
+        raise FileExistsError(
             f"{out} holds a finished run with other settings ({', '.join(differs)}); "
             "delete it or choose another output_dir"
         )
@@ -160,6 +206,8 @@ def launch(values: dict[str, Any], threads: int) -> tuple[str, float]:
         )
     if proc.returncode != 0:
         tail = (out / "train.log").read_text().splitlines()[-15:]
+        if proc.returncode == 2 and tail and tail[-1].startswith("error: "):  # the run refused a value
+            raise UserError(f"run {out}: {tail[-1].removeprefix('error: ')}")
         raise RuntimeError(f"run {out} failed (exit {proc.returncode}):\n" + "\n".join(tail))
     took = time.perf_counter() - started
     if not (out / "summary.json").exists():  # stopped early (stop_after_arrivals, a signal)
@@ -206,7 +254,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.only:
         unknown = sorted(set(args.only) - {label for label, _, _ in runs})
         if unknown:
-            raise SystemExit(f"--only: unknown labels {unknown}; the config has {sorted(spec['methods'])}")
+            raise ConfigError(f"--only: unknown labels {unknown}; the config has {sorted(spec['methods'])}")
         runs = [r for r in runs if r[0] in args.only]
     seq_len = prepare_shared(spec)
     wallclock = equal_wallclock(spec["base"], seq_len)
@@ -251,4 +299,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -30,6 +30,7 @@ from recipes.analysis.plots import (
     read_arrivals,
     read_evals,
 )
+from recipes.cli import UserError, run_cli
 
 
 def finished_runs(compare_dir: Path) -> dict[str, dict[int, Path]]:
@@ -215,7 +216,7 @@ def grid_table(grid_dir: Path, out_dir: Path, reference: str = "heloco") -> str:
     methods = list(dict.fromkeys(m for c in cells for m in losses[c]["tokens"]))
     baselines = [m for m in methods if m != reference]
     if not baselines or not any(reference in losses[c]["tokens"] for c in cells):
-        raise ValueError(f"{grid_dir}: the matrix needs finished runs of {reference!r} and of a baseline")
+        raise UserError(f"{grid_dir}: the matrix needs finished runs of {reference!r} and of a baseline")
     lines = []
     for budget, name in (("tokens", "equal tokens"), ("time", "equal wall-clock")):
         lines += [f"Final validation loss at {name} (mean ± std over seeds):", ""]
@@ -283,7 +284,7 @@ def slow_worker_table(slow_dir: Path, out_dir: Path, reference: str = "heloco") 
             n, s = d.name[1:].split("_s")
             cells[(int(n), int(s))] = cell_losses(d)
     if not cells:
-        raise ValueError(f"{slow_dir}: no finished cells named n<slow workers>_s<slowdown> (e.g. n2_s4)")
+        raise UserError(f"{slow_dir}: no finished cells named n<slow workers>_s<slowdown> (e.g. n2_s4)")
     counts = sorted({n for n, _ in cells})
     slowdowns = sorted({s for _, s in cells})
     methods = list(dict.fromkeys(m for c in cells.values() for m in c["tokens"]))
@@ -360,7 +361,7 @@ def along_table(compare_dir: Path, out_dir: Path, reference: str = "heloco", bas
     runs = finished_runs(compare_dir)
     missing = [label for label in (reference, baseline) if label not in runs]
     if missing:
-        raise ValueError(f"{compare_dir}: no finished runs labelled {missing}; found {sorted(runs)}")
+        raise UserError(f"{compare_dir}: no finished runs labelled {missing}; found {sorted(runs)}")
     lines = []
     for seed in sorted(set(runs[reference]) & set(runs[baseline])):
         losses = [
@@ -403,4 +404,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

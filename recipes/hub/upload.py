@@ -1,9 +1,8 @@
 """Upload checkpoint folders to one Hub model repo in the background, without ever stalling or failing
 training and without touching the local checkpoint.
 
-Built on ``HfApi.run_as_future``, the single-worker executor behind ``upload_folder(run_as_future=True)``.
-Each push submits one job to it that makes sure the repo (and branch) exist, then calls ``upload_folder``
-on that worker. One job rather than ``create_repo`` and ``upload_folder`` futures side by side, so that a
+Each push submits one job to a single background worker (a daemon thread: see below) that makes sure the
+repo (and branch) exist, then calls ``HfApi.upload_folder``. One job rather than ``create_repo`` and ``upload_folder`` futures side by side, so that a
 failed ``create_repo`` (a Hub that is down) skips the upload instead of sending it into
 ``huggingface_hub``'s HTTP retries; the next push tries to create the repo again.
 
@@ -20,28 +19,34 @@ What the recipes rely on:
   arrives is dropped (state ``"superseded"``): the newer one overwrites the same files on the same branch.
 * No token in logs, errors or uploaded cards: all pass through :func:`redact_secrets`.
 * ``close(timeout)`` waits for the last upload up to ``timeout`` seconds, then reports what is unfinished.
-  An upload still in flight keeps going; Python waits for it when the process exits, since the
-  executor's thread is not a daemon (``huggingface_hub`` sets no HTTP timeout by default: set one with
-  ``huggingface_hub.set_client_factory`` if your Hub may hang).
+  An upload still in flight keeps going while the process lives, and never holds it open: the worker
+  is a daemon thread (``HfApi.run_as_future``'s executor is not: Python joins its thread at exit, so a
+  hung Hub kept a finished run from exiting), and its staging copy is removed at exit.
+* Every Hub request has an HTTP timeout (``http_timeout``, 60 s without a byte by default;
+  ``huggingface_hub``'s client has none): a Hub that stops answering fails the push instead of
+  blocking the worker forever. It is set on ``huggingface_hub``'s shared client, process-wide, before
+  each upload; ``http_timeout=None`` leaves the client as it is.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import functools
 import logging
 import os
+import queue
 import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal
 
-from huggingface_hub import CommitInfo, HfApi, ModelCard
+from huggingface_hub import CommitInfo, HfApi, ModelCard, get_session
 from huggingface_hub.utils import disable_progress_bars, get_token, validate_repo_id
 
 logger = logging.getLogger(__name__)
@@ -61,6 +66,64 @@ def redact_secrets(text: str, extra: Sequence[str | None] = ()) -> str:
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     return HF_TOKEN_PATTERN.sub("hf_***", text)
+
+
+DEFAULT_HTTP_TIMEOUT = 60.0
+_STAGING_IN_FLIGHT: set[Path] = set()  # staging copies of unfinished pushes, removed at exit
+
+
+@atexit.register
+def _remove_abandoned_staging() -> None:
+    for path in list(_STAGING_IN_FLIGHT):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class DaemonWorker:
+    """Runs submitted calls one at a time, in order, on one daemon thread; a future can be cancelled
+    until its call starts. Why not a ``ThreadPoolExecutor`` (what ``HfApi.run_as_future`` uses): the
+    interpreter joins its threads at exit, so an upload to a hung Hub kept the process alive. The
+    thread ends after ``IDLE_S`` seconds without work and is started again by the next ``submit``."""
+
+    IDLE_S = 5.0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Queue ``fn(*args)``; RuntimeError if no thread can be started (interpreter shutdown)."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._calls.put((future, fn, args))
+        return future
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def _run(self) -> None:
+        while True:
+            try:
+                future, fn, args = self._calls.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:  # submit() starts a new thread if this one has gone
+                    if self._calls.empty():
+                        self._thread = None
+                        return
+                continue
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # the future carries it to whoever looks
+                future.set_exception(err)
 
 
 @dataclasses.dataclass
@@ -93,7 +156,8 @@ class HubUploader:
     """Push snapshots of checkpoint folders to ``repo_id`` (created on first use, ``exist_ok``), one
     commit per push on ``revision`` (a branch, created too) or ``main``. See the module docstring for
     the guarantees. ``progress_bars=False`` turns ``huggingface_hub``'s bars off process-wide so the
-    background upload does not draw over the training loop's output."""
+    background upload does not draw over the training loop's output. ``http_timeout``: seconds any
+    Hub request may wait for the next byte (None: ``huggingface_hub``'s client as it is)."""
 
     def __init__(
         self,
@@ -104,10 +168,15 @@ class HubUploader:
         token: str | None = None,
         endpoint: str | None = None,
         progress_bars: bool = False,
+        http_timeout: float | None = DEFAULT_HTTP_TIMEOUT,
     ) -> None:
         validate_repo_id(repo_id)  # raises HFValidationError, a ValueError, naming the rule broken
         if revision is not None and (not isinstance(revision, str) or not revision.strip()):
             raise ValueError(f"revision must be None or a non-empty branch name, got {revision!r}")
+        if http_timeout is not None and not (isinstance(http_timeout, int | float) and http_timeout > 0):
+            raise ValueError(f"http_timeout must be a number of seconds > 0 or None, got {http_timeout!r}")
+        self.http_timeout = http_timeout
+        self._worker = DaemonWorker(f"heloco-hub-{repo_id}")
         self.repo_id = repo_id
         self.private = bool(private)
         self.revision = revision
@@ -185,13 +254,14 @@ class HubUploader:
                     commit_message,
                 )
             try:
-                job.future = self._api.run_as_future(self._upload, job)
-            except RuntimeError as err:  # the executor refuses work once the interpreter shuts down
+                job.future = self._worker.submit(self._upload, job)
+            except RuntimeError as err:  # no new thread once the interpreter shuts down
                 shutil.rmtree(staging, ignore_errors=True)
                 record.state, record.error = "failed", self._scrub(f"not queued: {err}")
                 logger.error("Hub push %r not queued: %s", commit_message, record.error)
                 return record.index
             self._unfinished.append(job)
+            _STAGING_IN_FLIGHT.add(staging)
             self._queued = job
             job.future.add_done_callback(functools.partial(self._finished, job))
         logger.info("Hub push %r of %s queued for %s", commit_message, folder, self.repo_id)
@@ -251,6 +321,10 @@ class HubUploader:
             job.record.state = "running"
             if self._queued is job:
                 self._queued = None
+        if self.http_timeout is not None:
+            session = get_session()  # huggingface_hub's shared client, re-created after a fork
+            if session.timeout.read != self.http_timeout:
+                session.timeout = self.http_timeout
         if not self._repo_ready:
             url = self._api.create_repo(self.repo_id, exist_ok=True, private=self.private, repo_type="model")
             self._remote_repo_id = url.repo_id or self.repo_id  # a bare name gets the user's namespace
@@ -269,6 +343,7 @@ class HubUploader:
         """Done callback (on the executor's thread, or the canceller's): record, log, clean up. The log
         line is written before waiters are woken, so whoever returns from ``wait`` can already read it."""
         shutil.rmtree(job.staging, ignore_errors=True)
+        _STAGING_IN_FLIGHT.discard(job.staging)
         record = job.record
         error = None if future.cancelled() else future.exception()
         with self._cond:
