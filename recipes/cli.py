@@ -4,7 +4,7 @@ directory that a run failing before its first round does not leave behind.
 Which errors are the user's (printed as ``error: <message>`` on stderr, exit code 2, no traceback):
 
 - ``UserError`` and its subclasses: ``ConfigError`` (a config key, value, type or file content that
-  is not accepted; raised by every validation of ``recipes.config``, ``recipes.compare`` and
+  is not accepted; raised by every validation of ``recipes.config``, ``recipes.analysis.compare`` and
   ``data_prep.config``) and ``MissingFileError`` (a file or directory the user named does not exist);
 - ``FileNotFoundError`` and ``FileExistsError``: every one the code raises names the path the user
   chose (no shards at ``data_dir``, no checkpoint to resume, an ``output_dir`` holding a finished run).

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes import compare, train
+from recipes import train
+from recipes.analysis import compare
 from recipes.cli import DEBUG_ENV, ConfigError, removed_if_failed_early, run_cli
 from recipes.config import parse_config
 from recipes.tracking import rounds_recorded

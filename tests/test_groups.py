@@ -53,9 +53,11 @@ def test_group_sizes_are_validated_and_set_the_world_size():
     base = dict(num_workers=2, worker_speeds=[1.0, 1.0])
     assert config_from_dict({**base, "group_sizes": [2, 1]}).group_sizes == [2, 1]
     assert config_from_dict(base).group_sizes == [1, 1]
-    for bad in ([2], [2, 0], [1.5, 1]):
+    for bad in ([2], [2, 0]):
         with pytest.raises(ValueError, match="group_sizes must give one integer >= 1"):
             config_from_dict({**base, "group_sizes": bad})
+    with pytest.raises(ValueError, match=r"group_sizes\[0\] must be an integer"):
+        config_from_dict({**base, "group_sizes": [1.5, 1]})
     with pytest.raises(ValueError, match="group_parallelism must be one of ddp, fsdp"):
         config_from_dict({**base, "group_parallelism": "tp"})
     check_world_size(3, 2, group_sizes=[2, 1])

@@ -95,7 +95,7 @@ def test_a_finished_run_from_before_the_new_fields_is_still_reused(tmp_path):
     summary = {"outer_lr": 0.7, "config": config}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     assert finished_matches(tmp_path, run_values)
-    with pytest.raises(RuntimeError, match="server_memory"):
+    with pytest.raises(FileExistsError, match="server_memory"):
         finished_matches(tmp_path, {**run_values, "server_memory": "latest"})
 
 

@@ -175,7 +175,7 @@ def test_along_table_names_a_missing_method(tmp_path):
 
 
 def test_overlapping_curves_get_their_own_marks_a_difference_panel_and_a_note():
-    from recipes.plots import close_pairs, curves_figure
+    from recipes.analysis.plots import close_pairs, curves_figure
 
     def run(losses):
         return [
@@ -209,7 +209,7 @@ def test_overlapping_curves_get_their_own_marks_a_difference_panel_and_a_note():
 
 
 def test_the_zoom_panel_is_labelled_like_the_whole_run():
-    from recipes.plots import curves_figure
+    from recipes.analysis.plots import curves_figure
 
     async_runs = [evals_until(600.0, 5.0)]
     fig, ends = curves_figure({"sync": [evals_until(1200.0, 4.0)], "heloco": async_runs}, "time", "x", 600.0)
@@ -218,7 +218,7 @@ def test_the_zoom_panel_is_labelled_like_the_whole_run():
 
 
 def test_language_bars_start_at_zero_with_the_legend_outside_and_a_difference_panel():
-    from recipes.plots import languages_figure
+    from recipes.analysis.plots import languages_figure
 
     finals = {
         "sync": [{"val_loss/de": 7.8, "val_loss/en": 7.9}],
