@@ -241,9 +241,8 @@ def test_a_worker_silent_past_the_timeout_is_refused_at_once_not_blocked():
     """The server declares a worker gone when its receive times out; the worker, back after a longer
     silence (stopped, swapped out), refuses to send on that connection at once, with the reason,
     instead of blocking on a connection gloo keeps open without reading. One process, two threads."""
-    from heloco.transport import TransportError
-
     from heloco.distributed.server import DistributedServer
+    from heloco.transport import TransportError
 
     store = dist.TCPStore("127.0.0.1", _free_port(), None, True, timeout=datetime.timedelta(seconds=30))
     params = masters()
