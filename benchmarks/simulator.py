@@ -35,7 +35,9 @@ from recipes.config import RecipeConfig, config_from_dict
 from recipes.data import TokenStream
 from recipes.methods import build_aggregator
 from recipes.simulator import SimulatedWorker, Simulator
-from recipes.worker_round import InnerLoop
+from recipes.worker_round import InnerLoop, RoundResult
+
+NO_RESULT = RoundResult(steps=0, train_loss=0.0, data_checksum=0)  # the round's end alone is counted
 
 PACES = [1.0, 6.0, 6.0, 6.0, 6.0]  # the paper's moderate cell, seconds per inner step
 
@@ -219,7 +221,11 @@ def main() -> None:
     counts = {}
     for name, aggregator, end_round in (
         ("hooks", hooks_agg, lambda: hook_workers[hook_clock.pop()[1]][0].sync()),
-        ("explicit", explicit_agg, lambda: simulator.sync(workers[simulator.clock.pop()[1]])),
+        (
+            "explicit",
+            explicit_agg,
+            lambda: simulator.round_boundary(workers[simulator.clock.pop()[1]], NO_RESULT, chain=True),
+        ),
     ):
         counter = WriteCounter()
         counting_outer_step(aggregator.outer_optimizer, counter)

@@ -14,12 +14,32 @@ the replica.
 A transport that sends from its own buffers (``DistributedTransport``) may offer them with an
 optional ``pseudo_grad_buffers()`` method (``heloco.transport.BufferedTransport``): Δ is then computed straight into them (one pass, which
 also converts to the wire dtype) instead of into the worker's buffers and copied again when sent.
+
+A round's end is three steps, which ``sync()`` runs back to back and a simulated network runs at
+their own times (``recipes.simulator``): ``outgoing()`` (Δ, encoded if a codec is given),
+``send()`` (the transport's submit) and ``receive()`` (what the reply does to the worker).
+
+Two options, both off by default (then ``sync()`` is exactly the path above, with no copy added):
+
+* ``codec``: Δ is encoded before it is sent (``heloco.codecs``: a ``Codec``, or an ``ErrorFeedback``
+  around one, which keeps the residual Δ + e − decode(encode(Δ + e)) and adds it to the next Δ); the
+  transport's ``submit_encoded`` carries the message and the server steps on its decoded fp32 values.
+* ``overlap``: the worker does not wait for the reply. It starts its next round from where it
+  sent, and merges the reply at the end of that round (the next round boundary)::
+
+      θ ← θ_reply + (θ_now − θ_sent),   θ_start ← θ_reply
+
+  so the next Δ = θ_reply − θ_merged = θ_sent − θ_now is exactly that round's progress, sent with
+  the reply's version as its base. If the reply has not arrived when the round ends, the worker
+  waits for it (``outgoing()`` refuses until ``receive()`` got it). Δ is computed as θ_sent − θ_now
+  and θ ← θ_reply − Δ, which equals θ_reply + (θ_now − θ_sent) bit for bit (fl(c − b) = −fl(b − c)).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -29,6 +49,30 @@ from heloco.transport import Transport
 
 if TYPE_CHECKING:
     from heloco.aggregator import Update
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Turns Δ into a message: a ``heloco.codecs`` codec, or its ``ErrorFeedback`` (which also has
+    ``state_dict``/``load_state_dict``, checkpointed with the worker)."""
+
+    def encode(self, tensors: Sequence[torch.Tensor]) -> Any: ...
+
+
+@dataclass
+class Outgoing:
+    """One round's message, between ``outgoing()`` and ``send()``: Δ as tensors, or encoded
+    (``message``), computed from parameters of ``base_version``; ``nbytes``: its size on the wire."""
+
+    base_version: int
+    nbytes: int
+    pseudo_grads: list[torch.Tensor] | None = None
+    message: Any = None
+
+
+def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the tensors' elements (a message of them, uncompressed)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _usable_buffers(
@@ -86,6 +130,10 @@ class DiLoCoWorker:
         sync_every: inner steps per round (H); may be changed between rounds (DyLU).
         on_sync: optional callback receiving each ``Update`` (for logging).
         start_device: where to keep θ_start (``"cpu"`` saves accelerator memory for large models).
+        codec: encode Δ before sending (an ``Encoder``: a ``heloco.codecs`` codec or ``ErrorFeedback``);
+            the transport must have ``submit_encoded``. None: Δ is sent as tensors (today's path).
+        overlap: start the next round at once and merge the reply at the round after (module
+            docstring); keeps one more model-sized buffer (θ_sent).
     """
 
     def __init__(
@@ -98,9 +146,18 @@ class DiLoCoWorker:
         *,
         on_sync: Callable[[Update], None] | None = None,
         start_device: torch.device | str | None = None,
+        codec: Encoder | None = None,
+        overlap: bool = False,
     ) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every}")
+        if codec is not None:
+            if not isinstance(codec, Encoder):
+                raise TypeError(f"codec must have an encode(tensors) method, got {type(codec).__name__}")
+            if not callable(getattr(transport, "submit_encoded", None)):
+                raise TypeError(
+                    f"a codec needs a transport with submit_encoded(); {type(transport).__name__} has none"
+                )
         self.model = model
         self.optimizer = _unwrap_optimizer(inner_optimizer)
         self.transport = transport
@@ -120,6 +177,12 @@ class DiLoCoWorker:
         self.waiting = False
         self.last_update: Update | None = None
         self._hooks: list[Any] = []
+        self.codec = codec
+        self.overlap = bool(overlap)
+        self._sent: list[torch.Tensor] | None = None  # overlap: θ where the current round started
+        self.awaiting_reply = False  # overlap: a Δ was sent and its reply not yet received
+        self.reply_held = False  # overlap: a reply sits in θ_start, merged at the next round's end
+        self._held_version: int | None = None
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> DiLoCoWorker:
@@ -138,7 +201,7 @@ class DiLoCoWorker:
 
     # -- hooks -----------------------------------------------------------------------------------
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.waiting:
+        if self.waiting and not self.overlap:  # overlapping, the next round goes on meanwhile
             raise RuntimeError(
                 f"worker {self.worker_id} stepped while its synchronous round is pending; "
                 "call worker.pull() once the round completes"
@@ -182,36 +245,114 @@ class DiLoCoWorker:
         return self._delta
 
     def sync(self) -> Update:
-        """End the round: submit Δ, load the answer (or wait for a pending quorum)."""
-        if self.base_version is None:
-            raise RuntimeError(
-                "worker has no base parameters yet; use it as a context manager or call pull()"
-            )
-        delta = self.pseudo_gradient()
-        if self._answer_into_start:
-            update = self.transport.submit(self.worker_id, delta, self.base_version, out=self._start)
-        else:
-            update = self.transport.submit(self.worker_id, delta, self.base_version)
-        self.steps_since_sync = 0
-        self.last_update = update
-        if update.params is None:
-            self.waiting = True
-        else:
-            self.load(update.params, update.version)
+        """End the round: submit Δ, load the answer (or wait for a pending quorum; overlapping: keep
+        the answer for the next round's end). ``outgoing()``, ``send()`` and ``receive()`` in one."""
+        update = self.send(self.outgoing())
+        self.receive(update)
         if self.on_sync is not None:
             self.on_sync(update)
         return update
 
+    def outgoing(self) -> Outgoing:
+        """The round's message: Δ (overlapping: after merging the held reply), encoded if a codec is
+        given. Δ stays in its buffers (or the message) until ``send``; call it once per round."""
+        if self.base_version is None:
+            raise RuntimeError(
+                "worker has no base parameters yet; use it as a context manager or call pull()"
+            )
+        delta = self._merge_and_delta() if self.overlap else self.pseudo_gradient()
+        self.steps_since_sync = 0
+        if self.codec is None:
+            return Outgoing(self.base_version, tensor_bytes(delta), pseudo_grads=delta)
+        message = self.codec.encode(delta)
+        return Outgoing(self.base_version, int(message.nbytes), message=message)
+
+    def send(self, outgoing: Outgoing) -> Update:
+        """Submit the message (``transport.submit``, or ``submit_encoded`` for an encoded one); the
+        answer is written into θ_start when the transport can."""
+        out = {"out": self._start} if self._answer_into_start else {}
+        if outgoing.message is not None:
+            submit_encoded = self.transport.submit_encoded  # type: ignore[attr-defined]
+            update = submit_encoded(self.worker_id, outgoing.message, outgoing.base_version, **out)
+        else:
+            update = self.transport.submit(
+                self.worker_id, outgoing.pseudo_grads, outgoing.base_version, **out
+            )
+        if self.overlap:
+            self.awaiting_reply = True
+        return update
+
+    def receive(self, update: Update) -> None:
+        """What an answer does: no parameters (a synchronous round still open): wait for them
+        (``pull()`` later); overlapping with a Δ in flight: keep them for the next round's end;
+        otherwise load them (continue from them)."""
+        self.last_update = update
+        if update.params is None:
+            self.waiting = True
+        elif self.overlap and self.awaiting_reply:
+            self._hold(update.params, update.version)
+        else:
+            self.load(update.params, update.version)
+
     def pull(self) -> Update:
-        """Fetch the current global parameters (start, rejoin, or after a pending quorum completes)."""
+        """Fetch the current global parameters (start, rejoin, or after a pending quorum completes;
+        overlapping, they are the reply to the Δ in flight and are held until the round ends)."""
         if self._answer_into_start:
             update = self.transport.dispatch(self.worker_id, out=self._start)
         else:
             update = self.transport.dispatch(self.worker_id)
         if update.params is None:
             raise RuntimeError(f"server sent no parameters to worker {self.worker_id} on dispatch")
-        self.load(update.params, update.version)
+        if self.overlap and self.awaiting_reply:
+            self._hold(update.params, update.version)
+        else:
+            self.load(update.params, update.version)
         return update
+
+    # -- overlapped rounds -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _hold(self, params: Sequence[torch.Tensor], version: int) -> None:
+        """Keep the reply in θ_start (free while overlapping: Δ is taken from θ_sent) until the
+        round ends."""
+        if len(params) != len(self.params):
+            raise ValueError(f"server sent {len(params)} tensors, the model has {len(self.params)}")
+        if any(a is not b for a, b in zip(params, self._start, strict=True)):
+            copy_all(self._start, list(params))
+        self._held_version = int(version)
+        self.reply_held = True
+        self.awaiting_reply = False
+        self.waiting = False
+
+    @torch.no_grad()
+    def _merge_and_delta(self) -> list[torch.Tensor]:
+        """Overlapping: Δ = θ_sent − θ_now (this round's progress); with a held reply, θ ← θ_reply − Δ
+        and the reply's version becomes the base; then θ_sent ← θ (where the next round starts)."""
+        if self.awaiting_reply:
+            raise RuntimeError(
+                f"worker {self.worker_id}: the reply to its previous round has not arrived; "
+                "receive() it before the next round's end"
+            )
+        now = [p.detach() for p in self.params]
+        if self._sent is None:  # the first round started from θ_start
+            self._sent = [torch.empty_like(s) for s in self._start]
+            copy_all(self._sent, self._start)
+        if self._delta is None:
+            self._delta = [torch.empty_like(s) for s in self._start]
+        with record_function("heloco.pseudo_gradient"):
+            for delta, sent, cur in zip(self._delta, self._sent, now, strict=True):
+                torch.sub(sent, cur.to(sent.device), out=delta)
+        if self.reply_held:
+            with record_function("heloco.merge"):
+                for cur, reply, delta in zip(now, self._start, self._delta, strict=True):
+                    if cur.device == reply.device and cur.dtype == reply.dtype:
+                        torch.sub(reply, delta, out=cur)
+                    else:
+                        cur.copy_(torch.sub(reply, delta))
+            self.base_version = self._held_version
+            self.reply_held = False
+            self._held_version = None
+        copy_all(self._sent, [t.to(self._sent[0].device) for t in now])
+        return self._delta
 
     @torch.no_grad()
     def load(self, params: list[torch.Tensor], version: int) -> None:
@@ -223,8 +364,13 @@ class DiLoCoWorker:
             copy_all([p.data for p in self.params], list(params))
             if any(a is not b for a, b in zip(params, self._start, strict=True)):  # else: answered there
                 copy_all(self._start, list(params))
+            if self._sent is not None:  # overlapping: the next round starts here
+                copy_all(self._sent, self._start)
         self.base_version = int(version)
         self.waiting = False
+        self.awaiting_reply = False
+        self.reply_held = False
+        self._held_version = None
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -238,7 +384,24 @@ class DiLoCoWorker:
             "steps_since_sync": self.steps_since_sync,
             "waiting": self.waiting,
             "start": [s.detach().clone() for s in self._start],
+            **self._options_state(),
         }
+
+    def _options_state(self) -> dict[str, Any]:
+        """The overlap and codec state, only when those options are on (so a default worker's state
+        is what it always was)."""
+        state: dict[str, Any] = {}
+        if self.overlap:
+            state["overlap"] = {
+                "awaiting_reply": self.awaiting_reply,
+                "reply_held": self.reply_held,
+                "held_version": self._held_version,
+                "sent": None if self._sent is None else [s.detach().clone() for s in self._sent],
+            }
+        codec_state = getattr(self.codec, "state_dict", None)
+        if callable(codec_state):
+            state["codec"] = codec_state()
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -250,3 +413,23 @@ class DiLoCoWorker:
         self.steps_since_sync = int(state["steps_since_sync"])
         self.waiting = bool(state["waiting"])
         copy_all(self._start, list(state["start"]))
+        if self.overlap != ("overlap" in state):
+            raise ValueError(
+                f"state was saved with overlap={'overlap' in state}, this worker has overlap={self.overlap}"
+            )
+        if self.overlap:
+            saved = state["overlap"]
+            self.awaiting_reply = bool(saved["awaiting_reply"])
+            self.reply_held = bool(saved["reply_held"])
+            self._held_version = None if saved["held_version"] is None else int(saved["held_version"])
+            if saved["sent"] is None:
+                self._sent = None
+            else:
+                if self._sent is None:
+                    self._sent = [torch.empty_like(s) for s in self._start]
+                copy_all(self._sent, list(saved["sent"]))
+        codec_load = getattr(self.codec, "load_state_dict", None)
+        if callable(codec_load) != ("codec" in state):
+            raise ValueError("the worker's codec state does not match its codec (saved with another codec?)")
+        if callable(codec_load):
+            codec_load(state["codec"])

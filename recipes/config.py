@@ -39,6 +39,9 @@ SCHEDULES = ("constant", "cosine", "worker_cosine")
 # p_k, a worker's share of the arrivals: observed (rate) or from worker_speeds / inner steps (declared)
 WORKER_WEIGHTINGS = ("none", "rate", "declared_rate")
 SERVER_MEMORIES = ("none", "latest")
+# How Δ goes to the server (heloco.codecs); fp32 sends Δ's tensors as they are (no codec in the loop).
+UPLINK_CODECS = ("fp32", "bf16", "int8", "topk")
+NETWORK_FIELDS = ("uplink_bandwidth", "uplink_latency", "downlink_bandwidth", "downlink_latency")
 
 
 @dataclass
@@ -159,6 +162,45 @@ class DiLoCoArguments:
     group_parallelism: str = field(
         default="ddp",
         metadata={"help": f"distributed: inside a group, one of {', '.join(GROUP_PARALLELISMS)}"},
+    )
+    # The simulated network (docs/communication.md): one value per worker, or one for all; unset: an
+    # instantaneous link (bit-identical to a run without these fields).
+    uplink_bandwidth: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "simulate: bytes per virtual second from each worker to the server (unset: unlimited)"
+        },
+    )
+    uplink_latency: list[float] | None = field(
+        default=None, metadata={"help": "simulate: virtual seconds added to every message to the server"}
+    )
+    downlink_bandwidth: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "simulate: bytes per virtual second from the server to each worker (unset: unlimited)"
+        },
+    )
+    downlink_latency: list[float] | None = field(
+        default=None, metadata={"help": "simulate: virtual seconds added to every reply"}
+    )
+    server_step_time: float = field(
+        default=0.0, metadata={"help": "simulate: virtual seconds between a message's receipt and its reply"}
+    )
+    overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "simulate: a worker starts its next round as soon as it has sent and merges the reply "
+            "at that round's end (θ ← θ_reply + θ_now − θ_sent)"
+        },
+    )
+    uplink_codec: str = field(
+        default="fp32", metadata={"help": f"simulate: how Δ is encoded, one of {', '.join(UPLINK_CODECS)}"}
+    )
+    error_feedback: bool = field(
+        default=False,
+        metadata={
+            "help": "simulate: keep each worker's residual Δ + e − decode(encode(Δ + e)) for its next Δ"
+        },
     )
 
 
@@ -410,6 +452,7 @@ def _validate_choices(config: RecipeConfig) -> None:
     _one_of("worker_weighting", o.worker_weighting, WORKER_WEIGHTINGS)
     _one_of("server_memory", o.server_memory, SERVER_MEMORIES)
     _one_of("drift_normalization", o.drift_normalization, DRIFT_NORMALIZATIONS)
+    _one_of("uplink_codec", o.uplink_codec, UPLINK_CODECS)
     _one_of("inner_optimizer", t.inner_optimizer, INNER_OPTIMIZERS)
     if o.dispatch is not None:
         _one_of("dispatch", o.dispatch, DISPATCHES)
@@ -469,6 +512,44 @@ def _validate_workers(config: RecipeConfig) -> None:
         )
 
 
+def network_options_set(config: RecipeConfig) -> list[str]:
+    """The simulated-network and codec fields set away from their defaults."""
+    o = config.diloco
+    named = [name for name in NETWORK_FIELDS if getattr(o, name) is not None]
+    changed = {
+        "server_step_time": o.server_step_time != 0.0,
+        "overlap": o.overlap,
+        "uplink_codec": o.uplink_codec != "fp32",
+        "error_feedback": o.error_feedback,
+    }
+    return named + [name for name, is_set in changed.items() if is_set]
+
+
+def _validate_network(config: RecipeConfig) -> None:
+    """Link bandwidths > 0, latencies >= 0, one per worker or one for all; simulate mode only."""
+    o = config.diloco
+    for name in NETWORK_FIELDS:
+        values = getattr(o, name)
+        if values is None:
+            continue
+        if len(values) not in (1, o.num_workers):
+            raise ConfigError(
+                f"{name} has {len(values)} entries; give one per worker ({o.num_workers}) or one for all"
+            )
+        for i, v in enumerate(values):
+            if name.endswith("bandwidth") and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}[{i}] must be a positive number of bytes per second, got {v}")
+            if name.endswith("latency") and not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name}[{i}] must be a number of seconds >= 0, got {v}")
+    if not (math.isfinite(o.server_step_time) and o.server_step_time >= 0):
+        raise ConfigError(f"server_step_time must be a number of seconds >= 0, got {o.server_step_time}")
+    if o.mode == "distributed" and network_options_set(config):
+        raise ConfigError(
+            f"{', '.join(network_options_set(config))}: simulate-mode options (mode=distributed uses its "
+            "real network and sends Δ in wire_dtype)"
+        )
+
+
 def _validate_sizes_and_budget(config: RecipeConfig) -> None:
     """Batch sizes, evaluation cadence and the stopping budget."""
     d, o, t = config.data, config.diloco, config.train
@@ -522,5 +603,6 @@ def validate(config: RecipeConfig) -> None:
     _validate_outer_knobs(config)
     _validate_server_policies(config)
     _validate_workers(config)
+    _validate_network(config)
     _validate_sizes_and_budget(config)
     _validate_the_rest(config)

@@ -12,6 +12,24 @@ the replica) besides the outer optimizer's step.
 
 A worker's round is computed when it arrives, from the parameters it was dispatched: the result is
 the same as if it had run concurrently, and runs are deterministic.
+
+With a network (``heloco.simulation.NetworkModel``, from the config's link fields) a round's end is
+three events of the virtual clock, and ``sync()`` is cut into its three steps:
+
+    COMPUTED   its inner steps are done: ``outgoing()`` (Δ, encoded with the codec if any), sent now
+    RECEIVED   the server has it (after the uplink's time for ``message.nbytes``): ``send()`` steps the
+               aggregator (an arrival of the metrics log), ``receive()`` keeps the reply's values
+    DELIVERED  the reply reaches the worker (after the server's step and the downlink's time): the
+               worker's next round starts (without overlap: it was idle meanwhile)
+
+A step handles one event and what follows from it at the same instant (on an instantaneous link the
+message is received, and the reply delivered, in the same step, so without a network a step is one
+whole round, as before), with at most one arrival per step.
+
+With ``overlap``, a worker starts its next round when it sends, and merges the reply at that round's
+end (``heloco.worker``: θ ← θ_reply + (θ_now − θ_sent)); if the reply has not been delivered by then
+it waits for it, idle. A reply's values are fixed when the server answers (the aggregator writes them
+into θ_start at once); the network only decides when the worker may use them.
 """
 
 from __future__ import annotations
@@ -24,11 +42,44 @@ import torch
 from accelerate import Accelerator
 
 from heloco.aggregator import AsyncAggregator, Update
-from heloco.simulation import VirtualClock
+from heloco.simulation import COMPUTED, DELIVERED, RECEIVED, Event, NetworkModel, VirtualClock
 from heloco.transport import InProcessTransport
-from heloco.worker import DiLoCoWorker
-from recipes.config import RecipeConfig
-from recipes.worker_round import InnerLoop
+from heloco.worker import DiLoCoWorker, Encoder, Outgoing, tensor_bytes
+from recipes.config import NETWORK_FIELDS, RecipeConfig
+from recipes.worker_round import InnerLoop, RoundResult
+
+
+def network_model(config: RecipeConfig) -> NetworkModel | None:
+    """The configured links, or None when none is set (an instantaneous network: the clock as before)."""
+    o = config.diloco
+    if all(getattr(o, name) is None for name in NETWORK_FIELDS) and o.server_step_time == 0.0:
+        return None
+    return NetworkModel.per_worker(
+        o.num_workers,
+        uplink_bandwidth=o.uplink_bandwidth,
+        uplink_latency=o.uplink_latency,
+        downlink_bandwidth=o.downlink_bandwidth,
+        downlink_latency=o.downlink_latency,
+        server_step_time=o.server_step_time,
+    )
+
+
+def uplink_encoder(config: RecipeConfig) -> Encoder | None:
+    """One worker's encoder of Δ: None for fp32 (Δ's tensors are the message, exactly as without a
+    codec; error feedback would keep a residual of zero), else the codec, in ``ErrorFeedback`` if
+    asked."""
+    o = config.diloco
+    if o.uplink_codec == "fp32":
+        return None
+    raise NotImplementedError("codecs arrive with heloco.codecs")
+
+
+@dataclass
+class InTransit:
+    """A worker's message between its send and the server's receipt, with what its round measured."""
+
+    outgoing: Outgoing
+    result: RoundResult
 
 
 class SimulatedWorker:
@@ -44,13 +95,26 @@ class SimulatedWorker:
         transport: InProcessTransport,
         inner_steps: int,
         buffer_device: torch.device,
+        *,
+        codec: Encoder | None = None,
+        overlap: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self.loop = loop
         self.diloco = DiLoCoWorker(
-            loop.model, loop.optimizer, transport, worker_id, inner_steps, start_device=buffer_device
+            loop.model,
+            loop.optimizer,
+            transport,
+            worker_id,
+            inner_steps,
+            start_device=buffer_device,
+            codec=codec,
+            overlap=overlap,
         )
         self.buffer_device = buffer_device
+        self.in_transit: InTransit | None = None  # its Δ on the uplink
+        self.reply_on_the_way = False  # a reply is on the downlink
+        self.at_boundary: RoundResult | None = None  # overlap: its round ended, the reply not yet here
 
     @property
     def inner_steps(self) -> int:
@@ -59,6 +123,16 @@ class SimulatedWorker:
     @property
     def waiting(self) -> bool:
         return self.diloco.waiting
+
+    @property
+    def overlap(self) -> bool:
+        return self.diloco.overlap
+
+    @property
+    def reply_missing(self) -> bool:
+        """The reply to its last message has not reached it (still on the uplink, at the server in an
+        open synchronous round, or on the downlink)."""
+        return self.in_transit is not None or self.diloco.awaiting_reply or self.reply_on_the_way
 
     def move_to(self, device: torch.device) -> None:
         """Move the replica and its inner-optimizer state (offloading idle workers)."""
@@ -80,6 +154,12 @@ class SimulatedWorker:
             "model": self.loop.model.state_dict(),
             "optimizer": self.loop.optimizer.state_dict(),
             "stream": self.loop.stream.state_dict(),
+            **{key: diloco[key] for key in ("overlap", "codec") if key in diloco},
+            "network": {
+                "in_transit": None if self.in_transit is None else _transit_state(self.in_transit),
+                "reply_on_the_way": self.reply_on_the_way,
+                "at_boundary": None if self.at_boundary is None else _result_state(self.at_boundary),
+            },
         }
 
     @torch.no_grad()
@@ -95,12 +175,52 @@ class SimulatedWorker:
                 "steps_since_sync": 0,
                 "waiting": state["waiting"],
                 "start": state["start"],
+                **{key: state[key] for key in ("overlap", "codec") if key in state},
             }
         )
         self.loop.local_step = int(state["local_step"])
         self.loop.model.load_state_dict(state["model"])
         self.loop.optimizer.load_state_dict(state["optimizer"])
         self.loop.stream.load_state_dict(state["stream"])
+        network = state.get("network", {})
+        transit = network.get("in_transit")
+        self.in_transit = None if transit is None else _transit_from_state(transit, self.buffer_device)
+        self.reply_on_the_way = bool(network.get("reply_on_the_way", False))
+        boundary = network.get("at_boundary")
+        self.at_boundary = None if boundary is None else RoundResult(**boundary)
+
+
+def _result_state(result: RoundResult) -> dict[str, Any]:
+    return {"steps": result.steps, "train_loss": result.train_loss, "data_checksum": result.data_checksum}
+
+
+def _transit_state(transit: InTransit) -> dict[str, Any]:
+    """A message on the uplink, for a checkpoint: Δ's tensors, or the encoded message's state."""
+    out = transit.outgoing
+    message = None
+    if out.message is not None:
+        message = out.message.state_dict()
+    return {
+        "base_version": out.base_version,
+        "nbytes": out.nbytes,
+        "pseudo_grads": None if out.pseudo_grads is None else [t.detach().clone() for t in out.pseudo_grads],
+        "message": message,
+        "result": _result_state(transit.result),
+    }
+
+
+def _transit_from_state(state: dict[str, Any], device: torch.device) -> InTransit:
+    grads = state["pseudo_grads"]
+    message = None
+    if state["message"] is not None:
+        raise NotImplementedError("codecs arrive with heloco.codecs")
+    outgoing = Outgoing(
+        int(state["base_version"]),
+        int(state["nbytes"]),
+        pseudo_grads=None if grads is None else [t.to(device) for t in grads],
+        message=message,
+    )
+    return InTransit(outgoing, RoundResult(**state["result"]))
 
 
 @dataclass
@@ -116,7 +236,8 @@ class Arrival:
 
 
 class Simulator:
-    """Runs the virtual workers' rounds against the aggregator, one arrival at a time."""
+    """Runs the virtual workers' rounds against the aggregator, one event of the clock at a time
+    (without a network: one arrival at a time)."""
 
     def __init__(
         self,
@@ -133,6 +254,7 @@ class Simulator:
         self.accelerator = accelerator
         self.device = accelerator.device
         self.offload = config.diloco.offload_idle_workers
+        self.reply_nbytes = tensor_bytes(aggregator.global_params)  # the fp32 parameters
 
     @property
     def inner_steps_per_worker(self) -> list[int]:
@@ -149,37 +271,98 @@ class Simulator:
             self.dispatch(worker)
 
     def dispatch(self, worker: SimulatedWorker) -> None:
+        """The first parameters, at the start: every worker begins at once."""
         worker.diloco.pull()
         self.clock.start(worker.worker_id, worker.inner_steps)
 
     def next_time(self) -> float:
+        """When the next event happens (without a network: the next arrival)."""
         arrival = self.clock.peek()
         if arrival is None:
             raise RuntimeError("no worker in flight (this is a bug)")
         return arrival
 
-    def step(self, progress: Callable[[], float]) -> Arrival:
-        """The next worker to arrive runs its round, submits Δ and continues from the answer;
-        workers its submission released from a synchronous round start again."""
-        now, k = self.clock.pop()
-        worker = self.workers[k]
+    def step(self, progress: Callable[[], float]) -> Arrival | None:
+        """The clock's next event and what follows from it at the same instant; returns the arrival
+        at the server if there was one. Without a network: the next worker to arrive runs its round,
+        submits Δ and continues from the answer, and the workers its submission released from a
+        synchronous round start again."""
+        event = self.clock.pop_event()
+        worker = self.workers[event.worker]
+        if event.kind == COMPUTED:
+            result = self.run_round(worker, progress)
+            if worker.overlap and worker.reply_missing:
+                worker.at_boundary = result  # it waits for the reply to its previous round
+                return None
+            return self.round_boundary(worker, result, chain=True)
+        if event.kind == RECEIVED:
+            return self.receive(worker, event)
+        assert event.kind == DELIVERED
+        return self.deliver(worker, chain=True)
+
+    def run_round(self, worker: SimulatedWorker, progress: Callable[[], float]) -> RoundResult:
+        """The worker's H inner steps, from its replica as it is (a round is computed whole)."""
         if self.offload:
             worker.move_to(self.device)
         result = worker.loop.run(worker.inner_steps, progress)
         if self.offload:
             worker.move_to(worker.buffer_device)
-        update = self.sync(worker)
-        return Arrival(now, k, result.steps, result.train_loss, result.data_checksum, update)
+        return result
 
-    def sync(self, worker: SimulatedWorker) -> Update:
-        """End the worker's round (``DiLoCoWorker.sync``: Δ, submit, continue from the answer, or
-        wait for an open synchronous round); the workers the submission released start again."""
-        update = worker.diloco.sync()
-        if update.params is not None:
+    def round_boundary(self, worker: SimulatedWorker, result: RoundResult, *, chain: bool) -> Arrival | None:
+        """The round ended and the worker may send: Δ (overlapping: after the merge), then it starts
+        its next round now if overlapping; the message is received at once on an instantaneous
+        uplink when ``chain`` (at most one arrival per step)."""
+        outgoing = worker.diloco.outgoing()
+        worker.at_boundary = None
+        if worker.overlap:
             self.clock.start(worker.worker_id, worker.inner_steps)
+        worker.in_transit = InTransit(outgoing, result)
+        received = self.clock.upload_done(worker.worker_id, outgoing.nbytes)
+        if chain and received == self.clock.now:
+            return self.receive(worker, Event(received, worker.worker_id, RECEIVED))
+        self.clock.schedule(received, worker.worker_id, RECEIVED)
+        return None
+
+    def receive(self, worker: SimulatedWorker, event: Event) -> Arrival:
+        """The server has the worker's message: the aggregator steps (``send``), the reply's values
+        are fixed now (``receive``), and it and the replies to the workers a completed synchronous
+        round released go out on their downlinks."""
+        transit = worker.in_transit
+        assert transit is not None, f"worker {worker.worker_id} has no message in flight"
+        worker.in_transit = None
+        update = worker.diloco.send(transit.outgoing)
+        worker.diloco.receive(update)
+        if update.params is not None:
+            self.reply(worker)
         for r in update.released:
-            self.dispatch(self.workers[r])
-        return update
+            released = self.workers[r]
+            released.diloco.pull()
+            self.reply(released)
+        result = transit.result
+        return Arrival(
+            event.time, worker.worker_id, result.steps, result.train_loss, result.data_checksum, update
+        )
+
+    def reply(self, worker: SimulatedWorker) -> None:
+        """The reply leaves the server now; delivered at once on an instantaneous downlink."""
+        delivered = self.clock.reply_done(worker.worker_id, self.reply_nbytes)
+        worker.reply_on_the_way = True
+        if delivered == self.clock.now:
+            self.deliver(worker, chain=False)
+        else:
+            self.clock.schedule(delivered, worker.worker_id, DELIVERED)
+
+    def deliver(self, worker: SimulatedWorker, *, chain: bool) -> Arrival | None:
+        """The reply is at the worker: it starts its next round (it was idle since its round
+        ended); overlapping, it goes on from the round boundary it was waiting at, if any."""
+        worker.reply_on_the_way = False
+        if not worker.overlap:
+            self.clock.start(worker.worker_id, worker.inner_steps)
+            return None
+        if worker.at_boundary is not None and not worker.reply_missing:
+            return self.round_boundary(worker, worker.at_boundary, chain=chain)
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"clock": self.clock.state_dict(), "workers": [w.state_dict() for w in self.workers]}

@@ -59,7 +59,7 @@ from recipes.run_state import (
     write_checkpoint,
 )
 from recipes.schedule import RunSchedule
-from recipes.simulator import SimulatedWorker, Simulator
+from recipes.simulator import SimulatedWorker, Simulator, network_model, uplink_encoder
 from recipes.tracking import MetricsLog, rounds_recorded
 from recipes.worker_round import InnerLoop
 
@@ -218,7 +218,8 @@ def build_simulator(
     accelerator: Accelerator,
 ) -> Simulator:
     """K replicas of ``model``, each with its own inner AdamW (seeded with the warm start's state),
-    its own shard's data stream and its round length, on a virtual clock of the configured speeds."""
+    its own shard's data stream, its round length and its codec state (error feedback), on a virtual
+    clock of the configured speeds and network."""
     d, o, t = config.data, config.diloco, config.train
     steps = dylu_steps(o.worker_speeds, o.inner_steps) if o.dylu else [o.inner_steps] * o.num_workers
     buffer_device = torch.device("cpu") if o.offload_idle_workers else accelerator.device
@@ -229,14 +230,20 @@ def build_simulator(
         optimizer = make_inner_optimizer(config, replica, warm_optimizer_state)
         stream = TokenStream(shards[k], config.group_sizes[k] * d.batch_size, t.seed, stream_id=k)
         loop = InnerLoop(config, replica, optimizer, stream, accelerator)
-        workers.append(SimulatedWorker(k, loop, transport, steps[k], buffer_device))
-    clock = VirtualClock(o.worker_speeds, o.speed_jitter, t.seed)
+        codec = uplink_encoder(config)
+        workers.append(
+            SimulatedWorker(k, loop, transport, steps[k], buffer_device, codec=codec, overlap=o.overlap)
+        )
+    clock = VirtualClock(o.worker_speeds, o.speed_jitter, t.seed, network=network_model(config))
     return Simulator(config, aggregator, workers, clock, accelerator)
 
 
 def run_rounds(simulator: Simulator, driver: RunDriver, progress_bar: bool) -> str:
     """Arrival after arrival until the budget is spent; returns why it stopped: ``budget_tokens``,
-    ``budget_time``, or ``interrupted`` when ``stop_after_arrivals`` cut it short."""
+    ``budget_time``, or ``interrupted`` when ``stop_after_arrivals`` cut it short. With a simulated
+    network some steps are not arrivals (a round's end whose message is still on its way, a reply
+    delivered): the budget and the time evaluations are checked before each, the rest only after
+    an arrival."""
     clock, schedule = simulator.clock, driver.schedule
     bar = tqdm(
         total=1.0,
@@ -251,6 +258,8 @@ def run_rounds(simulator: Simulator, driver: RunDriver, progress_bar: bool) -> s
             if not driver.admit(simulator.next_time()):
                 return "budget_time"
             arrival = simulator.step(progress=lambda: schedule.progress(clock.now))
+            if arrival is None:
+                continue
             arrived = driver.arrived(
                 arrival.worker,
                 arrival.update,
