@@ -1,0 +1,110 @@
+"""recipes/train.py in simulate mode with a simulated network, overlapped rounds and codecs, on tiny
+shards: the default stays bit-identical, a slow link costs idle time that overlap removes, and a
+run with messages in flight resumes bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from heloco.checkpoint import latest_checkpoint
+from recipes.config import config_from_dict
+from recipes.run_state import read_checkpoint
+from recipes.train import run
+from tests.test_recipe_train import base_values, read_metrics
+
+
+def message_bytes(shards: Path, out: Path) -> int:
+    """Bytes of one fp32 message of the tiny model (4 per parameter)."""
+    from recipes.common import make_model
+
+    config = config_from_dict(base_values(shards, out))
+    metadata = json.loads((shards / "metadata.json").read_text())
+    return 4 * sum(p.numel() for p in make_model(config, metadata).parameters())
+
+
+def test_instantaneous_network_is_bit_identical_to_none(tiny_shards, tmp_path):
+    """A network whose links take no time goes through the clock's message events and gives the
+    metrics of a run without one, byte for byte (and the same busy and idle times)."""
+    common = dict(method="heloco", budget_tokens=2500)
+    plain = tmp_path / "plain"
+    a = run(config_from_dict(base_values(tiny_shards, plain, **common)))
+    networked = tmp_path / "networked"
+    b = run(config_from_dict(base_values(tiny_shards, networked, uplink_latency=[0.0], **common)))
+    assert (plain / "metrics.jsonl").read_bytes() == (networked / "metrics.jsonl").read_bytes()
+    assert (a["busy_time"], a["idle_time"]) == (b["busy_time"], b["idle_time"])
+
+
+def test_slow_link_idles_the_fast_worker_and_overlap_does_not(tiny_shards, tmp_path):
+    """Worker 0 (1 step/s, H = 3: 3 s rounds) on links where one fp32 message takes 1.5 s each way:
+    without overlap it waits 3 s after every 3 s round (idle fraction 1/2 once a reply is in); with
+    overlap the reply comes exactly when the next round ends, so it never waits."""
+    bandwidth = message_bytes(tiny_shards, tmp_path / "m") / 1.5
+    link = dict(
+        method="heloco", budget_tokens=3000, uplink_bandwidth=[bandwidth], downlink_bandwidth=[bandwidth]
+    )
+    waiting = run(config_from_dict(base_values(tiny_shards, tmp_path / "waiting", **link)))
+    arrivals = [r for r in read_metrics(tmp_path / "waiting") if r["event"] == "arrival"]
+    fast = [r["time"] for r in arrivals if r["worker"] == 0]
+    assert fast[:3] == pytest.approx([4.5, 10.5, 16.5])  # compute 3 s, up 1.5 s, down 1.5 s, again
+    busy, idle = waiting["busy_time"][0], waiting["idle_time"][0]
+    assert idle == pytest.approx(busy - 3.0)  # every round but the running one was followed by 3 s idle
+    overlapped = run(config_from_dict(base_values(tiny_shards, tmp_path / "overlap", overlap=True, **link)))
+    arrivals = [r for r in read_metrics(tmp_path / "overlap") if r["event"] == "arrival"]
+    fast = [r["time"] for r in arrivals if r["worker"] == 0]
+    assert fast[:3] == pytest.approx([4.5, 7.5, 10.5])  # one every 3 s
+    assert overlapped["idle_fraction"][0] < 1e-9 < waiting["idle_fraction"][0] - 0.4
+
+
+def test_resume_with_messages_in_flight_is_bit_for_bit(tiny_shards, tmp_path):
+    bandwidth = message_bytes(tiny_shards, tmp_path / "m") / 2.0
+    common = dict(
+        method="heloco",
+        save_every=3,
+        budget_tokens=3500,
+        overlap=True,
+        uplink_bandwidth=[bandwidth],
+        uplink_latency=[0.25, 0.5, 0.0],
+        downlink_bandwidth=[bandwidth * 2],
+        server_step_time=0.1,
+    )
+    full = tmp_path / "full"
+    run(config_from_dict(base_values(tiny_shards, full, **common)))
+    cut = tmp_path / "cut"
+    interrupted = run(config_from_dict(base_values(tiny_shards, cut, stop_after_arrivals=9, **common)))
+    assert interrupted["interrupted"]
+    state = read_checkpoint(latest_checkpoint(cut), "simulate")
+    in_flight = [w["network"] for w in state.workers["workers"]]
+    assert any(n["in_transit"] is not None or n["reply_on_the_way"] for n in in_flight), in_flight
+    run(config_from_dict(base_values(tiny_shards, cut, resume_from="latest", **common)))
+    assert read_metrics(cut) == read_metrics(full)
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((cut / "summary.json").read_text())
+    assert a["final_val_loss"] == b["final_val_loss"]
+    assert (a["busy_time"], a["idle_time"]) == (b["busy_time"], b["idle_time"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"uplink_bandwidth": [0.0]}, r"uplink_bandwidth\[0\] must be a positive number of bytes per second"),
+        ({"downlink_bandwidth": [-5.0]}, r"downlink_bandwidth\[0\] must be a positive"),
+        (
+            {"uplink_latency": [0.1, 0.2]},
+            "uplink_latency has 2 entries; give one per worker \\(3\\) or one for all",
+        ),
+        ({"downlink_latency": [-1.0]}, r"downlink_latency\[0\] must be a number of seconds >= 0"),
+        ({"server_step_time": -0.5}, "server_step_time must be a number of seconds >= 0"),
+        ({"uplink_codec": "gzip"}, "uplink_codec must be one of fp32, bf16, int8, topk; got 'gzip'"),
+        ({"mode": "distributed", "overlap": True}, "overlap: simulate-mode options"),
+        (
+            {"mode": "distributed", "uplink_bandwidth": [1e6], "error_feedback": True},
+            "uplink_bandwidth, error_feedback: simulate-mode options",
+        ),
+    ],
+)
+def test_bad_network_config_is_refused(overrides, match, tiny_shards, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        config_from_dict(base_values(tiny_shards, tmp_path / "x", **overrides))
