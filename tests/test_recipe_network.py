@@ -108,3 +108,20 @@ def test_resume_with_messages_in_flight_is_bit_for_bit(tiny_shards, tmp_path):
 def test_bad_network_config_is_refused(overrides, match, tiny_shards, tmp_path):
     with pytest.raises(ValueError, match=match):
         config_from_dict(base_values(tiny_shards, tmp_path / "x", **overrides))
+
+
+def test_slow_link_yaml_says_its_arithmetic():
+    """recipes/configs/communication/moderate_slow_link.yaml: one fp32 message of the paper model
+    (3,699,968 parameters) takes half of the fast worker's 20 s round, both ways; every run validates."""
+    from recipes.analysis.compare import load_matrix, run_configs
+
+    spec = load_matrix(Path(__file__).parents[1] / "recipes/configs/communication/moderate_slow_link.yaml")
+    base = spec["base"]
+    fast_round = base["inner_steps"] / max(base["worker_speeds"])
+    assert fast_round == 20.0
+    for direction in ("uplink_bandwidth", "downlink_bandwidth"):
+        (bandwidth,) = base[direction]
+        assert 4 * 3_699_968 / bandwidth == pytest.approx(fast_round / 2, rel=1e-12)
+    runs = run_configs(spec)
+    assert {label for label, _, _ in runs} == {"sync", "heloco", "heloco_overlap"}
+    assert [v.get("overlap", False) for label, _, v in runs if label == "heloco_overlap"] == [True] * 3
