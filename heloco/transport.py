@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from heloco.aggregator import Update
@@ -23,6 +24,7 @@ from heloco.aggregator import Update
 __all__ = [
     "AggregatorLike",
     "BufferedTransport",
+    "Decoder",
     "InProcessTransport",
     "QuorumUnreachable",
     "Server",
@@ -123,6 +125,15 @@ class BufferedTransport(Transport, Protocol):
         ...
 
 
+@runtime_checkable
+class Decoder(Protocol):
+    """What the server's end needs of a codec (``heloco.codecs``): an encoded Δ back to fp32."""
+
+    def decode(self, message: Any, out: Sequence[Tensor]) -> Any:
+        """Write the message's values into ``out`` (fp32 tensors shaped like the parameters)."""
+        ...
+
+
 class ServerHandle(Protocol):
     """What the server rank's own code does with a running ``DistributedServer`` besides serving
     its local worker (``setup_transport`` returns one on the server rank)."""
@@ -164,9 +175,19 @@ class InProcessTransport:
     ``DistributedServer``, whose ``submit`` waits for a synchronous round to complete). When the target
     takes ``out=`` (``AsyncAggregator`` and ``DistributedServer`` do; decided once, from its signature),
     ``writes_into_out`` is true and the answer can be written straight into the worker's θ_start.
+
+    With a ``codec`` (a ``Decoder``), ``submit_encoded`` takes a worker's encoded Δ and hands the
+    target its decoded fp32 values, as a server would decode before its outer step; they are decoded
+    into one set of fp32 buffers shaped like ``params_like`` (default: the target's ``global_params``).
     """
 
-    def __init__(self, aggregator: Server) -> None:
+    def __init__(
+        self,
+        aggregator: Server,
+        *,
+        codec: Decoder | None = None,
+        params_like: Sequence[Tensor] | None = None,
+    ) -> None:
         for method in ("dispatch", "submit"):
             if not callable(getattr(aggregator, method, None)):
                 raise ValueError(
@@ -176,6 +197,15 @@ class InProcessTransport:
         self.writes_into_out = all(
             "out" in inspect.signature(getattr(aggregator, m)).parameters for m in ("dispatch", "submit")
         )
+        self.codec = codec
+        self._decoded: list[Tensor] | None = None
+        if codec is not None:
+            if not isinstance(codec, Decoder):
+                raise TypeError(f"codec must have a decode(message, out) method, got {type(codec).__name__}")
+            like = params_like if params_like is not None else getattr(aggregator, "global_params", None)
+            if like is None:
+                raise ValueError("a codec needs params_like (the parameters' shapes) for its fp32 buffers")
+            self._decoded = [torch.empty_like(p, dtype=torch.float32) for p in like]
 
     def dispatch(self, worker_id: int, *, out: Sequence[Tensor] | None = None) -> Update:
         if out is not None and self.writes_into_out:
@@ -193,6 +223,19 @@ class InProcessTransport:
         if out is not None and self.writes_into_out:
             return self.aggregator.submit(worker_id, pseudo_grads, base_version, out=out)
         return self.aggregator.submit(worker_id, pseudo_grads, base_version)
+
+    def decode(self, message: Any) -> list[Tensor]:
+        """An encoded Δ's fp32 values, in this transport's buffers (valid until the next call)."""
+        if self.codec is None or self._decoded is None:
+            raise ValueError("this transport has no codec; build it with InProcessTransport(..., codec=...)")
+        self.codec.decode(message, out=self._decoded)
+        return self._decoded
+
+    def submit_encoded(
+        self, worker_id: int, message: Any, base_version: int, *, out: Sequence[Tensor] | None = None
+    ) -> Update:
+        """``submit`` of an encoded Δ: the target steps on its decoded fp32 values."""
+        return self.submit(worker_id, self.decode(message), base_version, out=out)
 
     def leave(self, worker_id: int) -> None:
         """Tell the target this worker is done, if it keeps track of that (a ``DistributedServer``)."""

@@ -112,6 +112,7 @@ class SimulatedWorker:
             overlap=overlap,
         )
         self.buffer_device = buffer_device
+        self.transport = transport
         self.in_transit: InTransit | None = None  # its Δ on the uplink
         self.reply_on_the_way = False  # a reply is on the downlink
         self.at_boundary: RoundResult | None = None  # overlap: its round ended, the reply not yet here
@@ -156,7 +157,9 @@ class SimulatedWorker:
             "stream": self.loop.stream.state_dict(),
             **{key: diloco[key] for key in ("overlap", "codec") if key in diloco},
             "network": {
-                "in_transit": None if self.in_transit is None else _transit_state(self.in_transit),
+                "in_transit": None
+                if self.in_transit is None
+                else _transit_state(self.in_transit, self.transport),
                 "reply_on_the_way": self.reply_on_the_way,
                 "at_boundary": None if self.at_boundary is None else _result_state(self.at_boundary),
             },
@@ -194,31 +197,25 @@ def _result_state(result: RoundResult) -> dict[str, Any]:
     return {"steps": result.steps, "train_loss": result.train_loss, "data_checksum": result.data_checksum}
 
 
-def _transit_state(transit: InTransit) -> dict[str, Any]:
-    """A message on the uplink, for a checkpoint: Δ's tensors, or the encoded message's state."""
+def _transit_state(transit: InTransit, transport: InProcessTransport) -> dict[str, Any]:
+    """A message on the uplink, for a checkpoint: what the server will read from it (Δ's tensors, or
+    an encoded message's decoded fp32 values: decoding is a pure function, so the server steps on the
+    same values after a resume) and its size on the wire."""
     out = transit.outgoing
-    message = None
-    if out.message is not None:
-        message = out.message.state_dict()
+    grads = out.pseudo_grads if out.message is None else transport.decode(out.message)
     return {
         "base_version": out.base_version,
         "nbytes": out.nbytes,
-        "pseudo_grads": None if out.pseudo_grads is None else [t.detach().clone() for t in out.pseudo_grads],
-        "message": message,
+        "pseudo_grads": [t.detach().clone() for t in grads],
         "result": _result_state(transit.result),
     }
 
 
 def _transit_from_state(state: dict[str, Any], device: torch.device) -> InTransit:
-    grads = state["pseudo_grads"]
-    message = None
-    if state["message"] is not None:
-        raise NotImplementedError("codecs arrive with heloco.codecs")
     outgoing = Outgoing(
         int(state["base_version"]),
         int(state["nbytes"]),
-        pseudo_grads=None if grads is None else [t.to(device) for t in grads],
-        message=message,
+        pseudo_grads=[t.to(device) for t in state["pseudo_grads"]],
     )
     return InTransit(outgoing, RoundResult(**state["result"]))
 
