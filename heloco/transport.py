@@ -178,7 +178,8 @@ class InProcessTransport:
 
     With a ``codec`` (a ``Decoder``), ``submit_encoded`` takes a worker's encoded Δ and hands the
     target its decoded fp32 values, as a server would decode before its outer step; they are decoded
-    into one set of fp32 buffers shaped like ``params_like`` (default: the target's ``global_params``).
+    into one set of fp32 CPU buffers shaped like ``params_like`` (default: the target's
+    ``global_params``).
     """
 
     def __init__(
@@ -205,7 +206,8 @@ class InProcessTransport:
             like = params_like if params_like is not None else getattr(aggregator, "global_params", None)
             if like is None:
                 raise ValueError("a codec needs params_like (the parameters' shapes) for its fp32 buffers")
-            self._decoded = [torch.empty_like(p, dtype=torch.float32) for p in like]
+            # on the CPU, where codecs work (the wire is CPU); the aggregator moves Δ to its device
+            self._decoded = [torch.empty(p.shape, dtype=torch.float32) for p in like]
 
     def dispatch(self, worker_id: int, *, out: Sequence[Tensor] | None = None) -> Update:
         if out is not None and self.writes_into_out:

@@ -264,6 +264,8 @@ class DiLoCoWorker:
         self.steps_since_sync = 0
         if self.codec is None:
             return Outgoing(self.base_version, tensor_bytes(delta), pseudo_grads=delta)
+        if any(d.device.type != "cpu" for d in delta):  # codecs work where the wire is: the CPU
+            delta = [d.to("cpu") for d in delta]
         message = self.codec.encode(delta)
         return Outgoing(self.base_version, int(message.nbytes), message=message)
 

@@ -20,6 +20,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from heloco.aggregator import DISPATCHES
+from heloco.codecs import CODEC_NAMES
 from heloco.correction import REORIENT_SCHEDULES
 from heloco.server_policies import DRIFT_NORMALIZATIONS
 from recipes.cli import ConfigError, MissingFileError
@@ -40,8 +41,16 @@ SCHEDULES = ("constant", "cosine", "worker_cosine")
 WORKER_WEIGHTINGS = ("none", "rate", "declared_rate")
 SERVER_MEMORIES = ("none", "latest")
 # How Δ goes to the server (heloco.codecs); fp32 sends Δ's tensors as they are (no codec in the loop).
-UPLINK_CODECS = ("fp32", "bf16", "int8", "topk")
+UPLINK_CODECS = CODEC_NAMES
 NETWORK_FIELDS = ("uplink_bandwidth", "uplink_latency", "downlink_bandwidth", "downlink_latency")
+# the codecs' options as config fields (recipes.simulator.uplink_encoder passes them on)
+CODEC_OPTION_DEFAULTS = {
+    "error_feedback_decay": 1.0,
+    "int8_block": 256,
+    "topk_fraction": 0.01,
+    "topk_bits": 2,
+    "topk_chunk": 4096,
+}
 
 
 @dataclass
@@ -202,6 +211,15 @@ class DiLoCoArguments:
             "help": "simulate: keep each worker's residual Δ + e − decode(encode(Δ + e)) for its next Δ"
         },
     )
+    error_feedback_decay: float = field(
+        default=1.0, metadata={"help": "β in (0, 1]: Δ + β·e is encoded (SparseLoCo decays the residual)"}
+    )
+    int8_block: int = field(default=256, metadata={"help": "uplink_codec int8: elements per absmax scale"})
+    topk_fraction: float = field(
+        default=0.01, metadata={"help": "uplink_codec topk: entries kept per chunk, as a fraction"}
+    )
+    topk_bits: int = field(default=2, metadata={"help": "uplink_codec topk: bits per kept value (2..8)"})
+    topk_chunk: int = field(default=4096, metadata={"help": "uplink_codec topk: elements per chunk"})
 
 
 @dataclass
@@ -522,6 +540,7 @@ def network_options_set(config: RecipeConfig) -> list[str]:
         "uplink_codec": o.uplink_codec != "fp32",
         "error_feedback": o.error_feedback,
     }
+    changed.update({name: getattr(o, name) != default for name, default in CODEC_OPTION_DEFAULTS.items()})
     return named + [name for name, is_set in changed.items() if is_set]
 
 
@@ -543,6 +562,15 @@ def _validate_network(config: RecipeConfig) -> None:
                 raise ConfigError(f"{name}[{i}] must be a number of seconds >= 0, got {v}")
     if not (math.isfinite(o.server_step_time) and o.server_step_time >= 0):
         raise ConfigError(f"server_step_time must be a number of seconds >= 0, got {o.server_step_time}")
+    if not 0.0 < o.error_feedback_decay <= 1.0:
+        raise ConfigError(f"error_feedback_decay must be in (0, 1], got {o.error_feedback_decay}")
+    if not 0.0 < o.topk_fraction <= 1.0:
+        raise ConfigError(f"topk_fraction must be in (0, 1], got {o.topk_fraction}")
+    if not 2 <= o.topk_bits <= 8:
+        raise ConfigError(f"topk_bits must be an integer in [2, 8], got {o.topk_bits}")
+    for name, low in (("topk_chunk", 2), ("int8_block", 1)):
+        if not low <= getattr(o, name) <= 2**24:
+            raise ConfigError(f"{name} must be an integer in [{low}, 2**24], got {getattr(o, name)}")
     if o.mode == "distributed" and network_options_set(config):
         raise ConfigError(
             f"{', '.join(network_options_set(config))}: simulate-mode options (mode=distributed uses its "

@@ -42,6 +42,7 @@ import torch
 from accelerate import Accelerator
 
 from heloco.aggregator import AsyncAggregator, Update
+from heloco.codecs import Codec, ErrorFeedback, make_codec
 from heloco.simulation import COMPUTED, DELIVERED, RECEIVED, Event, NetworkModel, VirtualClock
 from heloco.transport import InProcessTransport
 from heloco.worker import DiLoCoWorker, Encoder, Outgoing, tensor_bytes
@@ -64,14 +65,28 @@ def network_model(config: RecipeConfig) -> NetworkModel | None:
     )
 
 
-def uplink_encoder(config: RecipeConfig) -> Encoder | None:
-    """One worker's encoder of Δ: None for fp32 (Δ's tensors are the message, exactly as without a
-    codec; error feedback would keep a residual of zero), else the codec, in ``ErrorFeedback`` if
-    asked."""
+def uplink_codec(config: RecipeConfig) -> Codec | None:
+    """The configured codec of Δ, with its options; None for fp32 (Δ's tensors are the message,
+    exactly as without a codec: fp32 is lossless, so error feedback would keep a residual of zero)."""
     o = config.diloco
+    options = {
+        "fp32": {},
+        "bf16": {},
+        "int8": {"block": o.int8_block},
+        "topk": {"fraction": o.topk_fraction, "bits": o.topk_bits, "chunk": o.topk_chunk},
+    }
     if o.uplink_codec == "fp32":
         return None
-    raise NotImplementedError("codecs arrive with heloco.codecs")
+    return make_codec(o.uplink_codec, **options[o.uplink_codec])
+
+
+def uplink_encoder(config: RecipeConfig) -> Encoder | None:
+    """One worker's encoder of Δ: the codec, in its own ``ErrorFeedback`` (a residual per worker) if
+    asked; None for fp32."""
+    codec = uplink_codec(config)
+    if codec is None or not config.diloco.error_feedback:
+        return codec
+    return ErrorFeedback(codec, decay=config.diloco.error_feedback_decay)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from heloco.aggregator import AsyncAggregator
+from heloco.codecs import HEADER_BYTES, ErrorFeedback, make_codec
 from heloco.simulation import COMPUTED, DELIVERED, RECEIVED, Link, NetworkModel, VirtualClock
 from heloco.transport import InProcessTransport
 from heloco.worker import DiLoCoWorker
@@ -109,11 +110,11 @@ class ToyLoop:
 
 def toy_simulator(network=None, overlap=False, speeds=(1.0, 0.5), steps=2, quorum=1, codec=None):
     """Two toy workers over an SGD(lr 1) aggregator; ``codec()`` makes each worker's encoder (the
-    transport decodes with ``HalfCodec``)."""
+    transport decodes bf16)."""
     torch.manual_seed(0)
     masters = [p.detach().clone() for p in torch.nn.Linear(3, 1).parameters()]
     aggregator = AsyncAggregator(masters, torch.optim.SGD(masters, lr=1.0), len(speeds), quorum=quorum)
-    transport = InProcessTransport(aggregator, codec=None if codec is None else HalfCodec())
+    transport = InProcessTransport(aggregator, codec=None if codec is None else make_codec("bf16"))
     workers = [
         SimulatedWorker(
             k,
@@ -249,46 +250,11 @@ def test_synchronous_quorum_over_a_slow_link():
     assert simulator.aggregator.version == 2
 
 
-# -- a codec in the loop (stand-ins with heloco.codecs' interface) -------------------------------
+# -- a codec in the loop ---------------------------------------------------------------------------
 
 
-class HalfCodec:
-    """bf16 on the wire: 2 bytes per value in one flat uint8 payload."""
-
-    def encode(self, tensors):
-        flat = torch.cat([t.detach().reshape(-1).to(torch.bfloat16) for t in tensors])
-        return SimpleNamespace(payload=flat.view(torch.uint8), nbytes=2 * flat.numel())
-
-    def decode(self, message, out):
-        values = message.payload.view(torch.bfloat16).float()
-        i = 0
-        for o in out:
-            o.copy_(values[i : i + o.numel()].view_as(o))
-            i += o.numel()
-        return out
-
-
-class Residual:
-    """Error feedback: encode Δ + e, keep e ← Δ + e − decode(message)."""
-
-    def __init__(self, codec):
-        self.codec = codec
-        self.residual = None
-
-    def encode(self, delta):
-        if self.residual is None:
-            self.residual = [torch.zeros_like(d) for d in delta]
-        corrected = [d + e for d, e in zip(delta, self.residual, strict=True)]
-        message = self.codec.encode(corrected)
-        decoded = self.codec.decode(message, [torch.empty_like(c) for c in corrected])
-        self.residual = [c - d for c, d in zip(corrected, decoded, strict=True)]
-        return message
-
-    def state_dict(self):
-        return {"residual": None if self.residual is None else [e.clone() for e in self.residual]}
-
-    def load_state_dict(self, state):
-        self.residual = None if state["residual"] is None else [e.clone() for e in state["residual"]]
+def bf16_with_feedback():
+    return ErrorFeedback(make_codec("bf16"))
 
 
 class Recording:
@@ -310,8 +276,8 @@ def test_server_steps_on_the_decoded_message_with_error_feedback():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     server = Recording(model.parameters())
-    transport = InProcessTransport(server, codec=HalfCodec(), params_like=list(model.parameters()))
-    ef = Residual(HalfCodec())
+    transport = InProcessTransport(server, codec=make_codec("bf16"), params_like=list(model.parameters()))
+    ef = bf16_with_feedback()
     worker = DiLoCoWorker(model, torch.optim.SGD(model.parameters(), lr=0.1), transport, 0, 1, codec=ef)
     worker.pull()
     start = [p.detach().clone() for p in model.parameters()]
@@ -322,11 +288,12 @@ def test_server_steps_on_the_decoded_message_with_error_feedback():
         corrected = [d + e for d, e in zip(delta, residual, strict=True)]
         expected = [c.to(torch.bfloat16).float() for c in corrected]  # decode(encode(Δ + e))
         outgoing = worker.outgoing()
-        assert outgoing.nbytes == 2 * sum(p.numel() for p in start) and outgoing.pseudo_grads is None
+        assert outgoing.nbytes == HEADER_BYTES + 2 * sum(p.numel() for p in start)
+        assert outgoing.pseudo_grads is None
         worker.receive(worker.send(outgoing))
         assert all(torch.equal(g, x) for g, x in zip(server.received[-1], expected, strict=True))
         residual = [c - x for c, x in zip(corrected, expected, strict=True)]
-        assert all(torch.equal(e, x) for e, x in zip(ef.residual, residual, strict=True))
+        assert all(torch.equal(e, x) for e, x in zip(ef.residuals, residual, strict=True))
         assert any(e.abs().sum() > 0 for e in residual)  # bf16 is lossy: e carries something
     with pytest.raises(TypeError, match="submit_encoded"):
         DiLoCoWorker(model, torch.optim.SGD(model.parameters(), lr=0.1), server, 0, 1, codec=ef)
@@ -335,24 +302,26 @@ def test_server_steps_on_the_decoded_message_with_error_feedback():
 
 
 def test_network_charges_the_encoded_size():
-    """bf16 halves the message: 8 bytes at 4 B/s take 2 s up, where fp32's 16 bytes take 4 s."""
-    net = NetworkModel.per_worker(2, uplink_bandwidth=[4.0])
+    """The toy model's Δ is 16 bytes in fp32 (2 s up at 8 B/s); bf16 sends its 32-byte header and
+    2 bytes per value: 40 bytes, 5 s."""
+    assert make_codec("bf16").max_nbytes([(1, 3), (1,)]) == 40
+    net = NetworkModel.per_worker(2, uplink_bandwidth=[8.0])
     fp32 = arrivals(toy_simulator(net), 2)
-    half = arrivals(toy_simulator(net, codec=lambda: Residual(HalfCodec())), 2)
-    assert [(t, w) for t, w, _ in fp32] == [(6.0, 0), (8.0, 1)]  # rounds end at 2 and 4, + 4 s
-    assert [(t, w) for t, w, _ in half] == [(4.0, 0), (6.0, 1)]  # + 2 s
+    half = arrivals(toy_simulator(net, codec=bf16_with_feedback), 2)
+    assert [(t, w) for t, w, _ in fp32] == [(4.0, 0), (6.0, 1)]  # rounds end at 2 and 4, + 2 s
+    assert [(t, w) for t, w, _ in half] == [(7.0, 0), (9.0, 1)]  # + 5 s
 
 
 def test_resume_with_error_feedback_and_encoded_messages_in_flight():
     net = NetworkModel.per_worker(2, **SLOW)
-    make = dict(overlap=True, codec=lambda: Residual(HalfCodec()))
+    make = dict(overlap=True, codec=bf16_with_feedback)
     original = toy_simulator(net, **make)
     arrivals(original, 3)
     while not any(w.in_transit is not None for w in original.workers):
         original.step(lambda: 0.0)
     state = copy.deepcopy(original.state_dict())
     agg_state = copy.deepcopy(original.aggregator.state_dict())
-    assert all(w["codec"]["residual"] is not None for w in state["workers"])
+    assert all(w["codec"]["residuals"] is not None for w in state["workers"])
     rest = arrivals(original, 6)
     restored = toy_simulator(net, **make)
     restored.aggregator.load_state_dict(agg_state)
@@ -362,7 +331,7 @@ def test_resume_with_error_feedback_and_encoded_messages_in_flight():
         assert torch.equal(a, b)
     for a, b in zip(original.workers, restored.workers, strict=True):
         assert all(
-            torch.equal(x, y) for x, y in zip(a.diloco.codec.residual, b.diloco.codec.residual, strict=True)
+            torch.equal(x, y) for x, y in zip(a.diloco.codec.residuals, b.diloco.codec.residuals, strict=True)
         )
 
 

@@ -86,6 +86,50 @@ def test_resume_with_messages_in_flight_is_bit_for_bit(tiny_shards, tmp_path):
     assert (a["busy_time"], a["idle_time"]) == (b["busy_time"], b["idle_time"])
 
 
+def shapes_of_model(shards: Path, out: Path) -> list[tuple[int, ...]]:
+    from recipes.common import make_model
+
+    config = config_from_dict(base_values(shards, out))
+    metadata = json.loads((shards / "metadata.json").read_text())
+    return [tuple(p.shape) for p in make_model(config, metadata).parameters()]
+
+
+@pytest.mark.parametrize("codec", ["int8", "topk"])
+def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, tiny_shards, tmp_path):
+    """A lossy codec with error feedback over a slow uplink, overlapped: the first arrival comes
+    after the round (3 s) plus the encoded message's bytes at the link's bandwidth; an interrupted
+    run resumes (residuals and messages in flight included) to the same metrics, byte for byte."""
+    options = {"int8": {"int8_block": 64}, "topk": {"topk_fraction": 0.05, "topk_bits": 3, "topk_chunk": 512}}
+    from heloco.codecs import make_codec
+
+    made = make_codec(codec, **{k.split("_", 1)[1]: v for k, v in options[codec].items()})
+    nbytes = made.max_nbytes(shapes_of_model(tiny_shards, tmp_path / "m"))
+    assert nbytes < message_bytes(tiny_shards, tmp_path / "m") / 3
+    common = dict(
+        method="heloco",
+        save_every=3,
+        budget_tokens=3500,
+        overlap=True,
+        uplink_codec=codec,
+        error_feedback=True,
+        uplink_bandwidth=[nbytes / 2.0],  # 2 s per message
+        downlink_latency=[0.5],
+        **options[codec],
+    )
+    full = tmp_path / "full"
+    run(config_from_dict(base_values(tiny_shards, full, **common)))
+    first = next(r for r in read_metrics(full) if r["event"] == "arrival")
+    assert (first["worker"], first["time"]) == (0, pytest.approx(3.0 + 2.0))
+    cut = tmp_path / "cut"
+    run(config_from_dict(base_values(tiny_shards, cut, stop_after_arrivals=7, **common)))
+    state = read_checkpoint(latest_checkpoint(cut), "simulate")
+    assert all(w["codec"]["residuals"] is not None for w in state.workers["workers"])
+    run(config_from_dict(base_values(tiny_shards, cut, resume_from="latest", **common)))
+    assert (cut / "metrics.jsonl").read_bytes() == (full / "metrics.jsonl").read_bytes()
+    evals = [r for r in read_metrics(full) if r["event"] == "eval"]
+    assert evals[-1]["val_loss/mean"] < evals[0]["val_loss/mean"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
@@ -98,6 +142,12 @@ def test_resume_with_messages_in_flight_is_bit_for_bit(tiny_shards, tmp_path):
         ({"downlink_latency": [-1.0]}, r"downlink_latency\[0\] must be a number of seconds >= 0"),
         ({"server_step_time": -0.5}, "server_step_time must be a number of seconds >= 0"),
         ({"uplink_codec": "gzip"}, "uplink_codec must be one of fp32, bf16, int8, topk; got 'gzip'"),
+        ({"topk_fraction": 0.0}, r"topk_fraction must be in \(0, 1\]"),
+        ({"topk_bits": 1}, r"topk_bits must be an integer in \[2, 8\]"),
+        ({"topk_chunk": 1}, r"topk_chunk must be an integer in \[2, 2\*\*24\]"),
+        ({"int8_block": 0}, r"int8_block must be an integer in \[1, 2\*\*24\]"),
+        ({"error_feedback_decay": 1.5}, r"error_feedback_decay must be in \(0, 1\]"),
+        ({"mode": "distributed", "topk_fraction": 0.02}, "topk_fraction: simulate-mode options"),
         ({"mode": "distributed", "overlap": True}, "overlap: simulate-mode options"),
         (
             {"mode": "distributed", "uplink_bandwidth": [1e6], "error_feedback": True},
