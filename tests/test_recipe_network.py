@@ -173,5 +173,11 @@ def test_slow_link_yaml_says_its_arithmetic():
         (bandwidth,) = base[direction]
         assert 4 * 3_699_968 / bandwidth == pytest.approx(fast_round / 2, rel=1e-12)
     runs = run_configs(spec)
-    assert {label for label, _, _ in runs} == {"sync", "heloco", "heloco_overlap"}
+    assert {label for label, _, _ in runs} == {
+        "sync",
+        "heloco",
+        "heloco_overlap",
+        "heloco_int8",
+        "heloco_topk",
+    }
     assert [v.get("overlap", False) for label, _, v in runs if label == "heloco_overlap"] == [True] * 3
