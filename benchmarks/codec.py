@@ -1,0 +1,139 @@
+"""Bytes on the wire and cost of each pseudo-gradient codec, relative to one inner training step, on the
+paper's 15M model (GPT-2 shape: 8 layers, width 128, 4 heads, untied head, GPT-2's 50257 vocabulary).
+
+For each codec (fp32, bf16, blockwise int8, top-1% in 2 bits per chunk of 4096), wrapped in
+``ErrorFeedback`` as a worker would use it, in the same run and interleaved (the order rotates every
+repetition):
+
+(a) inner: one forward + backward + AdamW step + zero_grad on a batch of 2 × 128 random tokens;
+(b) encode+decode: the worker's ``ErrorFeedback.encode(Δ)`` (encode into a preallocated wire buffer
+    of ``max_nbytes``, as a transport would; decode of its own message for the residual; residual
+    update) plus the server's ``decode`` of the message into fp32 tensors (its own codec instance).
+
+Δ is a real pseudo-gradient: θ before minus θ after the warm-up inner steps. Prints, per codec, the
+bytes of fp32 over the codec's bytes and the median encode+decode time as a share of the median inner
+step (goal ≤ 0.05), then the worker/server split and the relative error ‖decode(m) − Δ‖ / ‖Δ‖ of the
+first message (what error feedback carries to the next round).
+
+    python benchmarks/codec.py [--reps 5] [--warmup 1] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from common import median, num_params, random_batch, set_threads, time_ms
+
+from heloco.codecs import ErrorFeedback, make_codec
+from recipes.model import build_model
+
+VOCAB = 50257  # GPT-2's, which the authors' runs used
+SEQ_LEN = 128
+BATCH = 2
+GOAL = 0.05
+CODECS = {
+    "fp32+ef": dict(name="fp32"),
+    "bf16+ef": dict(name="bf16"),
+    "int8+ef": dict(name="int8", block=256),
+    "topk1%/2bit+ef": dict(name="topk", fraction=0.01, bits=2, chunk=4096),
+}
+
+
+class Bench:
+    """The paper's model, its AdamW, a real Δ, and one ErrorFeedback per codec."""
+
+    def __init__(self, warmup: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.model = build_model(
+            "paper", vocab_size=VOCAB, max_positions=SEQ_LEN, eos_token_id=None, seed=seed
+        )
+        self.params = list(self.model.parameters())
+        self.inner_opt = torch.optim.AdamW(self.params, lr=1e-3)
+        self.batch = random_batch(BATCH, SEQ_LEN, vocab_size=VOCAB, generator=gen)
+        start = [p.detach().clone() for p in self.params]
+        for _ in range(max(1, warmup)):
+            self.inner_step()
+        self.delta = [s - p.detach() for s, p in zip(start, self.params, strict=True)]
+        self.received = [torch.empty_like(d) for d in self.delta]
+        self.feedback = {label: ErrorFeedback(make_codec(**cfg)) for label, cfg in CODECS.items()}
+        self.server_codec = {label: make_codec(**cfg) for label, cfg in CODECS.items()}
+        shapes = [d.shape for d in self.delta]
+        self.wire = {
+            label: torch.empty(codec.max_nbytes(shapes), dtype=torch.uint8)
+            for label, codec in self.server_codec.items()
+        }
+
+    def inner_step(self) -> None:
+        loss = self.model(**self.batch).loss
+        loss.backward()
+        self.inner_opt.step()
+        self.inner_opt.zero_grad()
+
+    def worker(self, label: str) -> None:
+        self.message = self.feedback[label].encode(self.delta, out=self.wire[label])
+
+    def server(self, label: str) -> None:
+        self.server_codec[label].decode(self.message, self.received)
+
+    def first_message(self, label: str) -> tuple[int, float]:
+        """Bytes of one message and its relative error on a fresh residual (reset afterwards)."""
+        ef = self.feedback[label]
+        ef.reset()
+        self.worker(label)
+        self.server(label)
+        ef.reset()
+        err = torch.stack(torch._foreach_norm(torch._foreach_sub(self.received, self.delta))).norm()
+        ref = torch.stack(torch._foreach_norm(self.delta)).norm()
+        return self.message.nbytes, float(err / ref)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="default: every core this process may use")
+    args = parser.parse_args()
+    threads = set_threads(args.threads)
+    print(f"torch {torch.__version__}, {threads} threads")
+    bench = Bench(args.warmup)
+    sizes = {label: bench.first_message(label) for label in CODECS}
+    fp32_bytes = sizes["fp32+ef"][0]
+
+    kinds = ("inner", *CODECS)
+    worker: dict[str, list[float]] = {k: [] for k in kinds}
+    server: dict[str, list[float]] = {k: [] for k in CODECS}
+    for rep in range(args.warmup + args.reps):
+        order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
+        for kind in order:
+            if kind == "inner":
+                ms = time_ms(bench.inner_step)
+            else:
+                ms = time_ms(lambda kind=kind: bench.worker(kind))
+                if rep >= args.warmup:
+                    server[kind].append(time_ms(lambda kind=kind: bench.server(kind)))
+            if rep >= args.warmup:
+                worker[kind].append(ms)
+    inner = median(worker["inner"])
+    print(
+        f"codec on the paper's model ({num_params(bench.model) / 1e6:.1f}M params, vocab {VOCAB}, "
+        f"batch {BATCH} × {SEQ_LEN}): one inner step {inner:.1f} ms"
+    )
+    for label in CODECS:
+        nbytes, rel_err = sizes[label]
+        enc, dec = median(worker[label]), median(server[label])
+        total = median([w + s for w, s in zip(worker[label], server[label], strict=True)])
+        print(
+            f"{label}: {fp32_bytes / nbytes:.2f}x fewer bytes, encode+decode {total:.1f} ms = "
+            f"{total / inner:.3f} of one inner step (goal <= {GOAL})"
+        )
+        print(
+            f"  {nbytes} bytes; worker ErrorFeedback.encode {enc:.1f} ms + server decode {dec:.1f} ms; "
+            f"first message ‖decode − Δ‖/‖Δ‖ = {rel_err:.3f}"
+        )
+    print(f"  medians of {args.reps} reps after {args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
