@@ -139,7 +139,7 @@ def who_sends(rank: int, world: int, port: int, args, results) -> None:
             if way == "a":
                 if rank < 2:
                     gathered = torch.empty(numel)
-                    dist.all_gather_into_tensor(gathered, shard, group=group)
+                    dist.all_gather_single(gathered, shard, group=group)
                     if rank == 0:
                         dist.send(gathered, 2)
                         dist.recv(gathered, 2)
