@@ -202,54 +202,88 @@ def layout_of(shapes: tuple[tuple[int, ...], ...]) -> Layout:
 
 
 @dataclasses.dataclass(frozen=True)
-class Blocks:
-    """Each tensor cut into blocks of ``block`` elements (its last one padded): block j holds
-    ``real[j]`` real elements; the padded copy of all tensors is ``count`` × ``block``."""
+class Staging:
+    """Where each tensor lives in the flat fp32 buffer a codec encodes from (``Codec.staging``):
+    tensor i at ``offsets[i]``, followed by zeros up to a whole number of blocks (none for dense
+    codecs). One flat buffer lets error feedback and the codec work in a few vectorised passes over
+    the whole model instead of one small operation per tensor and per pass."""
 
     layout: Layout
-    block: int
-    count: int
-    offsets: tuple[int, ...]  # where each tensor starts in the padded copy
-    real: Tensor  # int64 (count,)
-    padding: Tensor  # int64 positions of the padding in the padded copy
+    numel: int
+    offsets: tuple[int, ...]
 
-    def pad(self, tensors: Sequence[Tensor], padded: Tensor) -> Tensor:
-        """Copy ``tensors`` into their places in ``padded`` (count·block fp32, padding left as it
-        is); return it shaped (count, block)."""
-        torch._foreach_copy_(self.views(padded), list(tensors))
-        return padded.view(self.count, self.block)
-
-    def views(self, padded: Tensor) -> list[Tensor]:
-        """The tensors' places inside a padded copy (flat or shaped)."""
-        flat = padded.view(-1)
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """The tensors' places inside a staged buffer (flat or shaped)."""
+        flat = flat.view(-1)
         return [
             flat[o : o + n].view(s)
             for o, n, s in zip(self.offsets, self.layout.numels, self.layout.shapes, strict=True)
         ]
 
+    def fill(self, flat: Tensor, tensors: Sequence[Tensor]) -> None:
+        """Copy ``tensors`` into their places (the padding is left as it is: zero)."""
+        torch._foreach_copy_(self.views(flat), list(tensors))
+
+
+@functools.lru_cache(maxsize=16)
+def staging_of(shapes: tuple[tuple[int, ...], ...], block: int) -> Staging:
+    layout = layout_of(shapes)
+    offsets = [0]
+    for n in layout.numels:
+        offsets.append(offsets[-1] + -(-n // block) * block)
+    return Staging(layout, offsets[-1], tuple(offsets[:-1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Each tensor cut into blocks of ``block`` elements (its last one padded): block j holds
+    ``real[j]`` real elements; the padded copy of all tensors (``staging``) is ``count`` × ``block``."""
+
+    layout: Layout
+    block: int
+    count: int
+    staging: Staging
+    real: Tensor  # int64 (count,)
+    padding: Tensor  # int64 positions of the padding in the padded copy
+    short: Tensor  # int64: the blocks with fewer than ``block`` real elements (one per tensor at most)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return self.staging.offsets
+
+    def pad(self, tensors: Sequence[Tensor], padded: Tensor) -> Tensor:
+        """Copy ``tensors`` into their places in ``padded`` (count·block fp32, padding left as it
+        is); return it shaped (count, block)."""
+        self.staging.fill(padded, tensors)
+        return padded.view(self.count, self.block)
+
+    def views(self, padded: Tensor) -> list[Tensor]:
+        """The tensors' places inside a padded copy (flat or shaped)."""
+        return self.staging.views(padded)
+
 
 @functools.lru_cache(maxsize=16)
 def blocks_of(shapes: tuple[tuple[int, ...], ...], block: int) -> Blocks:
-    layout = layout_of(shapes)
+    staging = staging_of(shapes, block)
+    layout = staging.layout
     per_tensor = [-(-n // block) for n in layout.numels]
-    offsets = [0]
-    for b in per_tensor[:-1]:
-        offsets.append(offsets[-1] + b * block)
     real = [
         min(block, n - j * block) for n, b in zip(layout.numels, per_tensor, strict=True) for j in range(b)
     ]
     padding = [
         torch.arange(o + n, o + b * block)
-        for o, n, b in zip(offsets, layout.numels, per_tensor, strict=True)
+        for o, n, b in zip(staging.offsets, layout.numels, per_tensor, strict=True)
         if n < b * block
     ]
+    real_t = torch.tensor(real, dtype=torch.int64)
     return Blocks(
         layout,
         block,
         sum(per_tensor),
-        tuple(offsets),
-        torch.tensor(real, dtype=torch.int64),
+        staging,
+        real_t,
         torch.cat(padding) if padding else torch.zeros(0, dtype=torch.int64),
+        (real_t < block).nonzero().flatten(),
     )
 
 
@@ -268,8 +302,12 @@ def shapes_of(tensors: Any, what: str) -> tuple[tuple[int, ...], ...]:
 
 
 def all_finite(t: Tensor) -> bool:
-    """Whether ``t`` holds no NaN or Inf: one reading pass (``aminmax``), no model-sized temporary."""
+    """Whether ``t`` holds no NaN or Inf. A sum is one fast vectorised pass and is finite whenever
+    every value is (NaN and Inf propagate); only a non-finite sum, which finite values that overflow
+    can also give, is checked again value by value (``aminmax``)."""
     if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
         return True
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low) & torch.isfinite(high))
@@ -299,6 +337,7 @@ class Codec(abc.ABC):
 
     name: ClassVar[str]
     codec_id: ClassVar[int]
+    lossless: ClassVar[bool] = False  # decode(encode(x)) == x: error feedback's residual stays 0
 
     def __init__(self) -> None:
         self.workspaces: dict[str, Tensor] = {}
@@ -323,8 +362,9 @@ class Codec(abc.ABC):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
 
-    def header_params(self) -> tuple[int, int, int]:
-        """(bits, block or chunk size, k) as the header records them (0 where unused)."""
+    def header_params(self, numel: int) -> tuple[int, int, int]:
+        """(bits, block or chunk size, k) as the header records them for ``numel`` elements (0
+        where unused)."""
         return 0, 0, 0
 
     def max_nbytes(self, shapes: Sequence[Sequence[int]]) -> int:
@@ -333,20 +373,54 @@ class Codec(abc.ABC):
         shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         return HEADER_BYTES + self.body_nbytes(shapes)
 
+    def staging(self, shapes: Sequence[Sequence[int]]) -> Staging:
+        """The flat fp32 layout ``encode_staged`` reads: each tensor at its offset, its last block
+        or chunk padded with zeros (dense codecs: the tensors back to back)."""
+        return staging_of(tuple(tuple(int(d) for d in s) for s in shapes), 1)
+
     def encode(self, tensors: Sequence[Tensor], out: Tensor | None = None) -> EncodedMessage:
         """Encode ``tensors`` (floating point, CPU) into one payload, written into ``out[:nbytes]``
         when a preallocated uint8 buffer is given. ``ValueError`` if a value is NaN or Inf."""
         shapes = shapes_of(tensors, "tensors")
-        nbytes = HEADER_BYTES + self.body_nbytes(shapes)
-        payload = self.payload_buffer(out, nbytes)
+        staging = self.staging(shapes)
+        flat = self.workspace("stage", staging.numel)[0]  # its padding is never written: zero
+        staging.fill(flat, tensors)
+        return self.encode_staged(flat, shapes, out)
+
+    def encode_staged(
+        self,
+        flat: Tensor,
+        shapes: Sequence[Sequence[int]],
+        out: Tensor | None = None,
+        residual: bool = False,
+    ) -> EncodedMessage:
+        """Encode tensors of ``shapes`` already laid out in ``flat`` as ``staging(shapes)`` says
+        (fp32, padding zero). With ``residual``, ``flat`` becomes ``flat − decode(message)``
+        (bit for bit what the decoder gives, padding still zero): error feedback's residual, from
+        what the encoder computed anyway rather than from a second decode. ``ValueError`` if a
+        value is NaN or Inf, before ``flat`` or any state changed."""
+        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        staging = self.staging(shapes)
+        if flat.dtype != torch.float32 or flat.dim() != 1 or flat.numel() != staging.numel:
+            raise ValueError(
+                f"flat must be a 1-D fp32 tensor of {staging.numel} elements (staging(shapes)), got "
+                f"{flat.dtype} of shape {tuple(flat.shape)}"
+            )
+        payload = self.start_message(shapes, out)
+        self.encode_body(flat, shapes, payload[HEADER_BYTES:], residual)
+        return EncodedMessage(payload)
+
+    def start_message(self, shapes: tuple[tuple[int, ...], ...], out: Tensor | None) -> Tensor:
+        """The payload buffer of a message for these shapes (``out[:nbytes]`` or a new one), its
+        header written."""
+        payload = self.payload_buffer(out, HEADER_BYTES + self.body_nbytes(shapes))
         layout = layout_of(shapes)
-        bits, block, k = self.header_params()
+        bits, block, k = self.header_params(layout.numel)
         header = HEADER.pack(
             MAGIC, FORMAT_VERSION, self.codec_id, bits, 0, len(shapes), layout.numel, block, k, layout.crc
         )
-        payload[:HEADER_BYTES] = torch.tensor(list(header), dtype=torch.uint8)
-        self.encode_body(list(tensors), shapes, payload[HEADER_BYTES:])
-        return EncodedMessage(payload)
+        payload[:HEADER_BYTES] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+        return payload
 
     def decode(self, message: EncodedMessage | Tensor, out: Sequence[Tensor]) -> None:
         """Check ``message`` (or a received payload) and write its values into ``out`` (tensors of
@@ -380,10 +454,10 @@ class Codec(abc.ABC):
                 f"{self.name!r} (id {self.codec_id})"
             )
         got = (header.bits, header.block, header.k)
-        if got != self.header_params():
+        expected = self.header_params(layout.numel)
+        if got != expected:
             raise MalformedMessage(
-                f"message has (bits, block, k) = {got}, this {self.name} decoder expects "
-                f"{self.header_params()}"
+                f"message has (bits, block, k) = {got}, this {self.name} decoder expects {expected}"
             )
         if header.num_tensors != len(layout.shapes):
             raise MalformedMessage(
@@ -419,8 +493,11 @@ class Codec(abc.ABC):
         """Bytes after the header for tensors of these shapes."""
 
     @abc.abstractmethod
-    def encode_body(self, tensors: list[Tensor], shapes: tuple[tuple[int, ...], ...], body: Tensor) -> None:
-        """Write the body; raise ``ValueError`` on a non-finite value."""
+    def encode_body(
+        self, flat: Tensor, shapes: tuple[tuple[int, ...], ...], body: Tensor, residual: bool
+    ) -> None:
+        """Write the body from the staged ``flat`` (see ``encode_staged``; with ``residual``, leave
+        ``flat − decode`` in ``flat``); raise ``ValueError`` on a non-finite value."""
 
     @abc.abstractmethod
     def decoded_views(self, body: Tensor, shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
@@ -436,11 +513,28 @@ class DenseCodec(Codec):
     def body_nbytes(self, shapes: tuple[tuple[int, ...], ...]) -> int:
         return layout_of(shapes).numel * self.wire_dtype.itemsize
 
-    def encode_body(self, tensors: list[Tensor], shapes: tuple[tuple[int, ...], ...], body: Tensor) -> None:
-        wire = body.view(self.wire_dtype)
-        torch._foreach_copy_(layout_of(shapes).views(wire), tensors)
+    def encode(self, tensors: Sequence[Tensor], out: Tensor | None = None) -> EncodedMessage:
+        """Copy ``tensors`` straight into the wire: one pass, no staging copy."""
+        shapes = shapes_of(tensors, "tensors")
+        payload = self.start_message(shapes, out)
+        wire = payload[HEADER_BYTES:].view(self.wire_dtype)
+        torch._foreach_copy_(layout_of(shapes).views(wire), list(tensors))
         if not all_finite(wire):
             raise_not_finite(tensors, self.name)
+        return EncodedMessage(payload)
+
+    def encode_body(
+        self, flat: Tensor, shapes: tuple[tuple[int, ...], ...], body: Tensor, residual: bool
+    ) -> None:
+        wire = body.view(self.wire_dtype)
+        wire.copy_(flat)
+        if not all_finite(wire):
+            raise_not_finite(self.staging(shapes).views(flat), self.name)
+        if residual and self.lossless:
+            flat.zero_()
+        elif residual:  # a − decode(m): the round trip in a scratch buffer (mixed-dtype ops are slow)
+            sent = self.workspace("sent", flat.numel())[0]
+            flat.sub_(sent.copy_(wire))
 
     def decoded_views(self, body: Tensor, shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
         wire = body.view(self.wire_dtype)
@@ -454,6 +548,7 @@ class FP32Codec(DenseCodec):
 
     name = "fp32"
     codec_id = 1
+    lossless = True
     wire_dtype = torch.float32
 
 
@@ -486,63 +581,122 @@ class Int8Codec(Codec):
     def options(self) -> dict[str, int | float]:
         return {"block": self.block}
 
-    def header_params(self) -> tuple[int, int, int]:
+    def header_params(self, numel: int) -> tuple[int, int, int]:
         return 8, self.block, 0
 
     def body_nbytes(self, shapes: tuple[tuple[int, ...], ...]) -> int:
         return layout_of(shapes).numel + 4 * blocks_of(shapes, self.block).count
 
-    def encode_body(self, tensors: list[Tensor], shapes: tuple[tuple[int, ...], ...], body: Tensor) -> None:
+    def staging(self, shapes: Sequence[Sequence[int]]) -> Staging:
+        return blocks_of(tuple(tuple(int(d) for d in s) for s in shapes), self.block).staging
+
+    def encode_body(
+        self, flat: Tensor, shapes: tuple[tuple[int, ...], ...], body: Tensor, residual: bool
+    ) -> None:
         blocks = blocks_of(shapes, self.block)
-        x = blocks.pad(tensors, self.workspace("encode", blocks.count * self.block)[0])  # padding stays 0
-        absmax = torch.maximum(x.amax(1), x.amin(1).neg_())
+        x = flat.view(blocks.count, self.block)
+        absmax = torch.maximum(x.amax(1), x.amin(1).neg_())  # two fast passes; aminmax is slower
         if not bool(torch.isfinite(absmax).all()):
-            raise_not_finite(tensors, self.name)
+            raise_not_finite(blocks.views(flat), self.name)
         scales = body[: 4 * blocks.count].view(torch.float32)
         torch.div(absmax, 127.0, out=scales)
-        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block: q = 0
         if not bool(torch.isfinite(largest_decoded(scales, 127.0)).all()):
-            raise_not_finite(tensors, self.name)  # |x| ≈ fp32's max: 127 × scale would round to Inf
-        x.div_(divisor.unsqueeze(1)).round_().clamp_(-127, 127)
+            raise_not_finite(blocks.views(flat), self.name)  # |x| ≈ fp32's max: 127 × scale → Inf
+        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block: q = 0
+        q = self.workspace("quantized", x.numel())[0].view_as(x)
+        torch.div(x, divisor.unsqueeze(1), out=q).round_()
+        if bool((scales < torch.finfo(torch.float32).tiny).any()):  # a subnormal scale is inexact:
+            q.clamp_(-127, 127)  # |x|/scale can then pass 127.5 (a normal scale keeps it ≤ 127·(1 + 2⁻²³))
         wire = body[4 * blocks.count :].view(torch.int8)
-        torch._foreach_copy_(blocks.layout.views(wire), blocks.views(x))  # integral floats → int8
+        torch._foreach_copy_(blocks.layout.views(wire), blocks.views(q))  # integral floats → int8
+        if residual:  # decode is float(q) × scale: the same product, then a − it
+            x.sub_(q.mul_(scales.unsqueeze(1)))
 
-    def decoded_views(self, body: Tensor, shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
-        blocks = blocks_of(shapes, self.block)
+    def checked_parts(self, body: Tensor, blocks: Blocks) -> tuple[Tensor, Tensor]:
+        """The scales (fp32) and values (int8) of a body, once they are checked."""
         scales = body[: 4 * blocks.count].view(torch.float32)
         check_scales(scales, 127.0, self.name)  # the largest decoded magnitude is 127 × scale
         wire = body[4 * blocks.count :].view(torch.int8)
         if wire.numel() and int(wire.min()) == -128:
             raise MalformedMessage("int8 message holds the value -128, which the encoder never writes")
+        return scales, wire
+
+    def decoded_views(self, body: Tensor, shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
+        blocks = blocks_of(shapes, self.block)
+        scales, wire = self.checked_parts(body, blocks)
         x = blocks.pad(blocks.layout.views(wire), self.workspace("decode", blocks.count * self.block)[0])
         return blocks.views(x.mul_(scales.unsqueeze(1)))  # padding: 0 × scale
 
+    def decode(self, message: EncodedMessage | Tensor, out: Sequence[Tensor]) -> None:
+        """Into contiguous fp32 ``out`` directly (int8 → fp32, × scale: two passes over ``out``);
+        through a scratch copy otherwise."""
+        if not all(isinstance(t, Tensor) and t.dtype == torch.float32 and t.is_contiguous() for t in out):
+            return super().decode(message, out)
+        shapes = shapes_of(out, "out")
+        blocks = blocks_of(shapes, self.block)
+        scales, wire = self.checked_parts(self.checked_body(message, shapes), blocks)
+        for o, w, first in zip(out, blocks.layout.views(wire), blocks.offsets, strict=True):
+            self.decode_tensor(o.view(-1), w.view(-1), scales[first // self.block :])
+
+    def decode_tensor(self, out: Tensor, wire: Tensor, scales: Tensor) -> None:
+        """One tensor: its whole blocks as a (blocks, B) view, then its shorter last block."""
+        whole = out.numel() // self.block
+        if whole:
+            rows = out[: whole * self.block].view(whole, self.block)
+            rows.copy_(wire[: whole * self.block].view(whole, self.block)).mul_(scales[:whole].unsqueeze(1))
+        if out.numel() > whole * self.block:
+            out[whole * self.block :].copy_(wire[whole * self.block :]).mul_(scales[whole])
+
 
 class TopKCodec(Codec):
-    """Chunked top-k with b-bit values (SparseLoCo, arXiv 2508.15706: top-k of 1-3% per chunk, 2-bit
-    values, error feedback).
+    """Top-k with b-bit values (SparseLoCo, arXiv 2508.15706: top-k of 1-3% per chunk, 2-bit values,
+    error feedback), per chunk (``scope="chunk"``, the default) or over the whole Δ
+    (``scope="global"``).
 
     Each tensor is cut into chunks of C = ``chunk`` elements (its last chunk may hold m_j < C real
-    ones); every chunk keeps its k_j = min(k, m_j) entries of largest magnitude, k = ⌈f·C⌉ with f
-    = ``fraction``; dropped entries decode to 0.
+    ones). With f = ``fraction``:
+
+    * scope chunk: every chunk keeps its k_j = min(k, m_j) entries of largest magnitude, k = ⌈f·C⌉,
+      so every chunk gets its share whatever its magnitude;
+    * scope global: the K = min(n, ⌈f·n⌉) entries of largest magnitude over all n elements are kept,
+      wherever they are (c_j of them in chunk j, Σ c_j = K), so a layer whose Δ is small sends little.
+
+    Dropped entries decode to 0.
 
     Values: with lo_j and hi_j the smallest and largest kept magnitude of chunk j, L = 2^(b−1) levels
     and step_j = (hi_j − lo_j)/L, a kept value v is sent as its sign bit and the level
     l = min(⌊(|v| − lo_j)/step_j⌋, L − 1), and decoded as sign·(lo_j + (l + ½)·step_j): the error is
     ≤ step_j/2. Using the range of the kept magnitudes rather than [0, max] matters at 2 bits: kept
-    entries are the largest ones, so [0, lo) would waste levels.
+    entries are the largest ones, so [0, lo) would waste levels. A chunk that keeps nothing (global
+    scope) has lo_j = step_j = 0.
 
-    Entries: field = (index in chunk << b) | (sign << (b−1)) | l, ⌈log2 C⌉ + b bits, packed LSB first
-    (``pack_bits``), chunk after chunk, indices increasing within a chunk. Body: N_c pairs
-    (lo_j, step_j) in fp32, then the packed fields: 32 + 8·N_c + ⌈E·(⌈log2 C⌉ + b)/8⌉ bytes,
-    E = Σ_j k_j. Top-1% of C = 4096 in 2 bits: 41 entries × 14 bits + 8 bytes = 79.75 bytes per
-    chunk, ≈205× fewer than fp32's 16384.
+    Entries: field = (index in chunk << b) | (sign << (b−1)) | l, w = ⌈log2 C⌉ + b bits, packed LSB
+    first (``pack_bits``), chunk after chunk, indices increasing within a chunk. Body, with N_c the
+    number of chunks:
+
+    * chunk: N_c pairs (lo_j, step_j) in fp32, then the E = Σ_j k_j packed fields:
+      32 + 8·N_c + ⌈E·w/8⌉ bytes. Top-1% of C = 4096 in 2 bits: 41 entries × 14 bits + 8 bytes =
+      79.75 bytes per chunk, ≈205× fewer than fp32's 16384.
+    * global: N_c pairs (lo_j, step_j), then the N_c counts c_j in ⌊log2 C⌋ + 1 bits each (0..C),
+      packed, then the K packed fields: 32 + 8·N_c + ⌈N_c·(⌊log2 C⌋ + 1)/8⌉ + ⌈K·w/8⌉ bytes, a size
+      fixed by the layout like every codec's. Top-1% of n = 4096·N_c in 2 bits, C = 4096: K = 40.96
+      entries per chunk on average: 8 + 13/8 + 40.96·14/8 = 81.3 bytes per chunk, ≈202× fewer than
+      fp32. The header's k is K, and global messages have their own codec id (5), so a decoder of
+      one scope refuses the other's messages.
+
+    Selection is exact (ties broken arbitrarily) but avoids a top-k over every element: each chunk
+    is viewed as S strided groups' worth of G = C/S columns (group g of chunk j: its elements g, g + G,
+    …), and the kept entries can only lie in the k (or K) groups of largest absolute maximum, since
+    any element outside them is at most the smallest of those k group maxima, which are k elements
+    already; the top-k then runs over those groups' k·S elements (``group_size``, ``top_per_chunk_by_groups``, ``top_global_by_groups``).
     """
 
     name = "topk"
-    codec_id = 4
+    codec_id = 4  # chunk scope; global scope messages carry GLOBAL_TOPK_ID
 
-    def __init__(self, fraction: float = 0.01, bits: int = 2, chunk: int = 4096) -> None:
+    def __init__(
+        self, fraction: float = 0.01, bits: int = 2, chunk: int = 4096, scope: str = "chunk"
+    ) -> None:
         check_int("topk", "bits", bits, 2, 8)
         check_int("topk", "chunk", chunk, 2, MAX_CHUNK)
         if not (
@@ -552,62 +706,129 @@ class TopKCodec(Codec):
             and 0 < fraction <= 1
         ):
             raise ValueError(f"topk fraction must be a number in (0, 1], got {fraction!r}")
+        if scope not in TOPK_SCOPES:
+            raise ValueError(f"topk scope must be one of {', '.join(TOPK_SCOPES)}; got {scope!r}")
         super().__init__()
         self.fraction = float(fraction)
         self.bits = bits
         self.chunk = chunk
-        self.k = min(chunk, max(1, math.ceil(round(self.fraction * chunk, 9))))  # 0.03 × 100: 3, not 4
+        self.scope = scope
+        self.codec_id = GLOBAL_TOPK_ID if scope == "global" else TopKCodec.codec_id
+        self.k = kept_of(self.fraction, chunk)  # per chunk (scope chunk)
         self.written = torch.zeros(0, dtype=torch.int64)  # positions the last decode wrote
         self.index_bits = (chunk - 1).bit_length()
         self.width = self.index_bits + bits
+        self.count_bits = chunk.bit_length()  # a chunk's count of kept entries, 0..C (scope global)
 
-    def options(self) -> dict[str, int | float]:
-        return {"fraction": self.fraction, "bits": self.bits, "chunk": self.chunk}
+    def options(self) -> dict[str, int | float | str]:
+        return {"fraction": self.fraction, "bits": self.bits, "chunk": self.chunk, "scope": self.scope}
 
-    def header_params(self) -> tuple[int, int, int]:
-        return self.bits, self.chunk, self.k
+    def header_params(self, numel: int) -> tuple[int, int, int]:
+        return self.bits, self.chunk, self.k if self.scope == "chunk" else kept_of(self.fraction, numel)
+
+    def staging(self, shapes: Sequence[Sequence[int]]) -> Staging:
+        return blocks_of(tuple(tuple(int(d) for d in s) for s in shapes), self.chunk).staging
 
     def body_nbytes(self, shapes: tuple[tuple[int, ...], ...]) -> int:
-        entries = entries_of(shapes, self.chunk, self.k)
-        return 8 * entries.blocks.count + -(-entries.count * self.width // 8)
+        if self.scope == "chunk":
+            entries = entries_of(shapes, self.chunk, self.k)
+            return 8 * entries.blocks.count + -(-entries.count * self.width // 8)
+        blocks = blocks_of(shapes, self.chunk)
+        kept = kept_of(self.fraction, blocks.layout.numel)
+        return 8 * blocks.count + -(-blocks.count * self.count_bits // 8) + -(-kept * self.width // 8)
 
-    def encode_body(self, tensors: list[Tensor], shapes: tuple[tuple[int, ...], ...], body: Tensor) -> None:
-        entries = entries_of(shapes, self.chunk, self.k)
-        blocks = entries.blocks
-        top_level = 2 ** (self.bits - 1) - 0.5
-        x = blocks.pad(tensors, self.workspace("encode", blocks.count * self.chunk)[0])  # padding stays 0
-        mag = torch.abs(x, out=self.workspace("magnitude", x.numel())[0].view_as(x))
-        hi = mag.amax(1)
-        if not bool(torch.isfinite(hi).all()):
-            raise_not_finite(tensors, self.name)
-        mag.view(-1).index_fill_(0, blocks.padding, -1.0)  # padding is picked only after every real entry
-        index = mag.topk(self.k, dim=1, sorted=False).indices.sort(dim=1).values
-        value = x.gather(1, index)
+    def encode_body(
+        self, flat: Tensor, shapes: tuple[tuple[int, ...], ...], body: Tensor, residual: bool
+    ) -> None:
+        blocks = blocks_of(shapes, self.chunk)
+        x = flat.view(blocks.count, self.chunk)
+        if self.scope == "chunk":
+            chunk_of, index = self.select_per_chunk(x, blocks, shapes)
+        else:
+            chunk_of, index = self.select_global(x, blocks)
+        position = chunk_of * self.chunk + index  # in the staged buffer
+        value = flat[position]
         size = value.abs()
-        keep = None if entries.full else index < blocks.real.unsqueeze(1)
-        lo = (size if keep is None else size.masked_fill(~keep, math.inf)).amin(1)
         scales = body[: 8 * blocks.count].view(torch.float32).view(blocks.count, 2)
-        scales[:, 0] = lo
-        scales[:, 1] = (hi - lo) / 2 ** (self.bits - 1)
-        if not bool(torch.isfinite(largest_decoded(scales, top_level)).all()):
-            raise_not_finite(tensors, self.name)  # |x| ≈ fp32's max: lo + (L − ½)·step would round to Inf
-        step = scales[:, 1:]
-        level = torch.where(step > 0, (size - lo.unsqueeze(1)) / step, torch.zeros_like(size))
+        torch.zeros(blocks.count, out=scales[:, 0]).scatter_reduce_(
+            0, chunk_of, size, "amin", include_self=False
+        )
+        hi = torch.zeros(blocks.count).scatter_reduce_(0, chunk_of, size, "amax", include_self=False)
+        scales[:, 1] = (hi - scales[:, 0]) / 2 ** (self.bits - 1)
+        if not bool(torch.isfinite(largest_decoded(scales, 2 ** (self.bits - 1) - 0.5)).all()):
+            raise_not_finite(blocks.views(flat), self.name)  # |x| ≈ fp32's max: lo + (L − ½)·step → Inf
+        lo, step = scales[chunk_of, 0], scales[chunk_of, 1]
+        level = torch.where(step > 0, (size - lo) / step, torch.zeros_like(size))
         level = level.floor_().clamp_(0, 2 ** (self.bits - 1) - 1).to(torch.int64)
-        field = (index << self.bits) | ((value < 0).to(torch.int64) << (self.bits - 1)) | level
-        field = field.reshape(-1) if keep is None else field[keep]
-        body[8 * blocks.count :] = pack_bits(field, self.width)
+        negative = (value < 0).to(torch.int64)
+        start = 8 * blocks.count
+        if self.scope == "global":
+            counts = torch.bincount(chunk_of, minlength=blocks.count)
+            packed = pack_bits(counts, self.count_bits)
+            body[start : start + packed.numel()] = packed
+            start += packed.numel()
+        body[start:] = pack_bits((index << self.bits) | (negative << (self.bits - 1)) | level, self.width)
+        if residual:  # a − decode(m): only the kept entries change
+            flat[position] = value - dequantize(level, negative, lo, step)
+
+    def select_per_chunk(
+        self, x: Tensor, blocks: Blocks, shapes: tuple[tuple[int, ...], ...]
+    ) -> tuple[Tensor, Tensor]:
+        """(chunk, index in chunk) of each kept entry, chunk after chunk, indices increasing."""
+        group = group_size(self.chunk, self.k, self.chunk)
+        if group > 1:
+            index = top_per_chunk_by_groups(x, blocks, self.k, group)
+        else:
+            index = self.top_per_chunk(x, blocks)
+        index = index.sort(dim=1).values
+        entries = entries_of(shapes, self.chunk, self.k)
+        if entries.full:
+            return entries.chunk, index.reshape(-1)
+        return entries.chunk, index[index < blocks.real.unsqueeze(1)]  # padding picked last, dropped
+
+    def top_per_chunk(self, x: Tensor, blocks: Blocks) -> Tensor:
+        """(count, k) indices of each chunk's k largest magnitudes by a top-k over every element."""
+        mag = torch.abs(x, out=self.workspace("magnitude", x.numel())[0].view_as(x))
+        if not all_finite(mag.amax(1)):
+            raise_not_finite(blocks.views(x), self.name)
+        mag.view(-1).index_fill_(0, blocks.padding, -1.0)  # padding is picked only after every real entry
+        return mag.topk(self.k, dim=1, sorted=False).indices
+
+    def select_global(self, x: Tensor, blocks: Blocks) -> tuple[Tensor, Tensor]:
+        """(chunk, index in chunk) of the K largest magnitudes over all real elements, chunk after
+        chunk, indices increasing."""
+        kept = kept_of(self.fraction, blocks.layout.numel)
+        group = group_size(self.chunk, kept, x.numel())
+        if group > 1:
+            position = top_global_by_groups(x, blocks, kept, group)
+        else:
+            mag = torch.abs(x, out=self.workspace("magnitude", x.numel())[0].view_as(x)).view(-1)
+            if not all_finite(mag):
+                raise_not_finite(blocks.views(x), self.name)
+            mag.index_fill_(0, blocks.padding, -1.0)
+            position = mag.topk(kept, sorted=False).indices
+        position = position.sort().values
+        return position // self.chunk, position % self.chunk
 
     def read_entries(
         self, body: Tensor, shapes: tuple[tuple[int, ...], ...]
     ) -> tuple[Entries, Tensor, Tensor]:
         """The checked entries of a body: (where they belong, index in chunk, decoded fp32 value)."""
-        entries = entries_of(shapes, self.chunk, self.k)
-        count = entries.blocks.count
+        blocks = blocks_of(shapes, self.chunk)
+        count = blocks.count
         levels = 2 ** (self.bits - 1)
         scales = body[: 8 * count].view(torch.float32).view(count, 2)
         check_scales(scales, levels - 0.5, self.name)  # the largest decoded magnitude: lo + (L − ½)·step
-        field = unpack_bits(body[8 * count :], entries.count, self.width)
+        start = 8 * count
+        if self.scope == "chunk":
+            entries = entries_of(shapes, self.chunk, self.k)
+        else:
+            nbytes = -(-count * self.count_bits // 8)
+            entries = self.global_entries(
+                unpack_bits(body[start : start + nbytes], count, self.count_bits), blocks
+            )
+            start += nbytes
+        field = unpack_bits(body[start:], entries.count, self.width)
         index = field >> self.bits
         bad = index >= entries.limit
         if bool(bad.any()):
@@ -618,10 +839,23 @@ class TopKCodec(Codec):
             )
         if not bool(((index[1:] > index[:-1]) | ~entries.same_chunk_as_next).all()):
             raise MalformedMessage("topk indices are not strictly increasing within a chunk (repeated entry)")
-        level = (field & (levels - 1)).to(torch.float32).add_(0.5)
         negative = (field >> (self.bits - 1)) & 1
         lo, step = scales[entries.chunk, 0], scales[entries.chunk, 1]
-        return entries, index, (lo + level * step) * (1 - 2 * negative).to(torch.float32)
+        return entries, index, dequantize(field & (levels - 1), negative, lo, step)
+
+    def global_entries(self, counts: Tensor, blocks: Blocks) -> Entries:
+        """Where the entries of a global-scope message belong, from its per-chunk counts (checked:
+        each at most its chunk's real elements, K in all)."""
+        over = counts > blocks.real
+        if bool(over.any()):
+            j = int(over.nonzero()[0, 0])
+            raise MalformedMessage(
+                f"topk chunk {j} claims {int(counts[j])} entries, more than its {int(blocks.real[j])} elements"
+            )
+        kept = kept_of(self.fraction, blocks.layout.numel)
+        if int(counts.sum()) != kept:
+            raise MalformedMessage(f"topk chunk counts add up to {int(counts.sum())} entries, not K = {kept}")
+        return entries_from_counts(blocks, counts.to(torch.int64), full=False)
 
     def decoded_views(self, body: Tensor, shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
         entries, index, value = self.read_entries(body, shapes)
@@ -632,6 +866,18 @@ class TopKCodec(Codec):
         self.written = entries.start + index
         x[self.written] = value
         return entries.blocks.views(x)
+
+    def decode(self, message: EncodedMessage | Tensor, out: Sequence[Tensor]) -> None:
+        """Into contiguous ``out`` directly: zero it (a write-only pass) and write the kept entries;
+        through a scratch copy for tensors that are not contiguous."""
+        if not all(isinstance(t, Tensor) and t.is_contiguous() for t in out):
+            return super().decode(message, out)
+        shapes = shapes_of(out, "out")
+        entries, index, value = self.read_entries(self.checked_body(message, shapes), shapes)
+        position = (entries.offset_in_tensor + index).split(entries.per_tensor)
+        for t, p, v in zip(out, position, value.split(entries.per_tensor), strict=True):
+            t.zero_()
+            t.view(-1)[p] = v.to(t.dtype)
 
     def subtract_decoded(self, message: EncodedMessage | Tensor, tensors: Sequence[Tensor]) -> None:
         """``tensors -= decode(message)`` touching only the kept entries (a dense pass only for
@@ -646,13 +892,88 @@ class TopKCodec(Codec):
                 t.view(-1).index_add_(0, p, v.to(t.dtype), alpha=-1)
 
 
+TOPK_SCOPES = ("chunk", "global")
+GLOBAL_TOPK_ID = 5
+
+
+def kept_of(fraction: float, numel: int) -> int:
+    """⌈fraction·numel⌉ entries, at least 1 and at most numel (0.03 × 100: 3, not 4)."""
+    return min(numel, max(1, math.ceil(round(fraction * numel, 9))))
+
+
+def dequantize(level: Tensor, negative: Tensor, lo: Tensor, step: Tensor) -> Tensor:
+    """sign·(lo + (level + ½)·step) in fp32: the decoder's values, and error feedback's, computed
+    by this one function so that both agree bit for bit."""
+    magnitude = lo + level.to(torch.float32).add_(0.5) * step
+    return magnitude * (1 - 2 * negative).to(torch.float32)
+
+
+def group_size(chunk: int, kept: int, numel: int) -> int:
+    """S for ``top_by_groups`` (1: a plain top-k is cheaper): the power of two dividing the chunk
+    that minimises the elements ranked, numel/S group maxima plus kept·S candidates, if that is
+    under half of numel (two small top-k passes instead of one over everything)."""
+    best, cost = 1, numel / 2
+    for s in (2, 4, 8, 16, 32, 64):
+        if chunk % s == 0 and numel // s >= kept and numel // s + kept * s < cost:
+            best, cost = s, numel // s + kept * s
+    return best
+
+
+def group_peaks(x: Tensor, blocks: Blocks, group: int) -> Tensor:
+    """(count, C/S): the absolute maximum of every group (group g of chunk j holds its elements
+    g + s·G, s < S, G = C/S), from two strided reductions (amax, amin: one read of ``x`` each, faster
+    than ``aminmax`` or an ``abs`` copy). A group holding only padding ranks −1, below any real
+    element. ``ValueError`` if ``x`` holds NaN or Inf (they reach the maxima)."""
+    count, chunk = x.shape
+    columns = chunk // group
+    strided = x.view(count, group, columns)
+    peak = torch.maximum(strided.amax(1), strided.amin(1).neg_())
+    if not all_finite(peak):
+        raise_not_finite(blocks.views(x), "topk")
+    if blocks.short.numel():
+        rows = peak[blocks.short]
+        rows.masked_fill_(torch.arange(columns) >= blocks.real[blocks.short].unsqueeze(1), -1.0)
+        peak[blocks.short] = rows
+    return peak
+
+
+def top_per_chunk_by_groups(x: Tensor, blocks: Blocks, k: int, group: int) -> Tensor:
+    """(count, k) indices in chunk of each chunk's k largest real magnitudes: the k groups of
+    largest peak, then a top-k over their k·S elements (``TopKCodec`` says why that is exact)."""
+    count, chunk = x.shape
+    columns = chunk // group
+    groups = group_peaks(x, blocks, group).topk(k, dim=1, sorted=False).indices
+    candidates = (groups.unsqueeze(2) + columns * torch.arange(group)).view(count, k * group)
+    magnitude = x.gather(1, candidates).abs_()
+    if blocks.short.numel():
+        rows = magnitude[blocks.short]
+        rows.masked_fill_(candidates[blocks.short] >= blocks.real[blocks.short].unsqueeze(1), -1.0)
+        magnitude[blocks.short] = rows
+    return candidates.gather(1, magnitude.topk(k, dim=1, sorted=False).indices)
+
+
+def top_global_by_groups(x: Tensor, blocks: Blocks, kept: int, group: int) -> Tensor:
+    """Positions (in the flat staged buffer) of the ``kept`` largest real magnitudes of ``x``: the
+    ``kept`` groups of largest peak over all chunks, then a top-k over their kept·S elements."""
+    chunk = x.shape[1]
+    columns = chunk // group
+    groups = group_peaks(x, blocks, group).view(-1).topk(kept, sorted=False).indices
+    chunk_of, column = groups // columns, groups % columns
+    candidates = (chunk_of * chunk + column).unsqueeze(1) + columns * torch.arange(group)
+    magnitude = x.view(-1)[candidates].abs_()
+    if blocks.short.numel():
+        padding = candidates - (chunk_of * chunk).unsqueeze(1) >= blocks.real[chunk_of].unsqueeze(1)
+        magnitude.masked_fill_(padding, -1.0)
+    return candidates.view(-1)[magnitude.view(-1).topk(kept, sorted=False).indices]
+
+
 @dataclasses.dataclass(frozen=True)
 class Entries:
-    """Where the kept entries of a top-k message belong: chunk j keeps min(k, real_j) of them."""
+    """Where the kept entries of a top-k message belong: chunk j keeps ``kept[j]`` of them."""
 
     blocks: Blocks
     count: int  # E
-    full: bool  # every chunk keeps k (no chunk with fewer than k real elements)
+    full: bool  # every chunk keeps k (scope chunk; no chunk with fewer than k real elements)
     chunk: Tensor  # int64 (E,): the chunk of each entry
     start: Tensor  # int64 (E,): where that chunk starts in the padded copy
     offset_in_tensor: Tensor  # int64 (E,): where that chunk starts in its tensor
@@ -661,19 +982,18 @@ class Entries:
     same_chunk_as_next: Tensor  # bool (E−1,)
 
 
-@functools.lru_cache(maxsize=16)
-def entries_of(shapes: tuple[tuple[int, ...], ...], chunk: int, k: int) -> Entries:
-    blocks = blocks_of(shapes, chunk)
-    kept = blocks.real.clamp(max=k)
+def entries_from_counts(blocks: Blocks, kept: Tensor, full: bool) -> Entries:
+    """The ``Entries`` of a message whose chunk j holds ``kept[j]`` entries."""
+    chunk = blocks.block
     chunk_of = torch.repeat_interleave(torch.arange(blocks.count), kept)
     first_chunk = torch.tensor(blocks.offsets, dtype=torch.int64) // chunk  # of each tensor
     chunks_per_tensor = [-(-n // chunk) for n in blocks.layout.numels]
-    tensor_of = torch.repeat_interleave(torch.arange(len(shapes)), torch.tensor(chunks_per_tensor))
-    per_tensor = torch.zeros(len(shapes), dtype=torch.int64).index_add_(0, tensor_of, kept)
+    tensor_of = torch.repeat_interleave(torch.arange(len(chunks_per_tensor)), torch.tensor(chunks_per_tensor))
+    per_tensor = torch.zeros(len(chunks_per_tensor), dtype=torch.int64).index_add_(0, tensor_of, kept)
     return Entries(
         blocks,
         int(kept.sum()),
-        bool((kept == k).all()),
+        full,
         chunk_of,
         chunk_of * chunk,
         (chunk_of - first_chunk[tensor_of[chunk_of]]) * chunk,
@@ -681,6 +1001,14 @@ def entries_of(shapes: tuple[tuple[int, ...], ...], chunk: int, k: int) -> Entri
         blocks.real[chunk_of],
         chunk_of[1:] == chunk_of[:-1],
     )
+
+
+@functools.lru_cache(maxsize=16)
+def entries_of(shapes: tuple[tuple[int, ...], ...], chunk: int, k: int) -> Entries:
+    """Scope chunk: chunk j keeps min(k, real_j) entries, fixed by the layout (cached)."""
+    blocks = blocks_of(shapes, chunk)
+    kept = blocks.real.clamp(max=k)
+    return entries_from_counts(blocks, kept, bool((kept == k).all()))
 
 
 def largest_decoded(scales: Tensor, top_level: float) -> Tensor:
@@ -706,18 +1034,18 @@ def check_int(codec: str, field: str, value: Any, low: int, high: int) -> None:
 
 CODECS: dict[str, type[Codec]] = {c.name: c for c in (FP32Codec, BF16Codec, Int8Codec, TopKCodec)}
 CODEC_NAMES = tuple(CODECS)
-CODEC_NAME_OF_ID = {c.codec_id: c.name for c in CODECS.values()}
+CODEC_NAME_OF_ID = {c.codec_id: c.name for c in CODECS.values()} | {GLOBAL_TOPK_ID: "topk (global scope)"}
 CODEC_OPTIONS: dict[str, tuple[str, ...]] = {
     "fp32": (),
     "bf16": (),
     "int8": ("block",),
-    "topk": ("fraction", "bits", "chunk"),
+    "topk": ("fraction", "bits", "chunk", "scope"),
 }
 
 
 def make_codec(name: str, **options: Any) -> Codec:
     """The codec called ``name`` (one of ``CODEC_NAMES``) with its options: int8 ``block``; topk
-    ``fraction``, ``bits``, ``chunk``. ``ValueError`` names the bad field and what it accepts."""
+    ``fraction``, ``bits``, ``chunk``, ``scope``. ``ValueError`` names the bad field and what it accepts."""
     if name not in CODECS:
         raise ValueError(f"codec must be one of {', '.join(CODEC_NAMES)}; got {name!r}")
     unknown = sorted(set(options) - set(CODEC_OPTIONS[name]))
@@ -736,14 +1064,20 @@ class ErrorFeedback:
     SparseLoCo): what the codec dropped is added to the next Δ instead of being lost.
 
     Per tensor an fp32 residual e (zero at first): a = Δ + β·e; m = codec.encode(a);
-    e ← a − decode(m); send m. Invariant, up to fp32 rounding:
+    e ← a − decode(m); send m. Invariant, bit for bit (the codec computes e from the very values its
+    decoder produces):
 
-        decode(m) + e_new == Δ + β·e_old
+        decode(m) + e_new == Δ + β·e_old   (up to the rounding of that one subtraction)
 
     so with β = 1 (``decay``; SparseLoCo decays it, β < 1) the sum of everything decoded by the
     server plus the current residual is exactly the sum of every Δ. A Δ that cannot be encoded
-    (NaN or Inf) raises and leaves the residual as it was. Holds two model-sized fp32 buffers (the
-    residual and a scratch one for a, swapped every round).
+    (NaN or Inf) raises and leaves the residual as it was.
+
+    Speed: a and e are two flat fp32 buffers in the codec's staging layout (``Codec.staging``), so a
+    round is one pass for a = Δ + β·e, the codec's passes over a, and e computed in place from what
+    the encoder already has (``Codec.encode_staged(residual=True)``); the two buffers swap roles
+    every round. A lossless codec (fp32) keeps e = 0 exactly, so nothing is stored and Δ is encoded
+    as it is.
     """
 
     def __init__(self, codec: Codec, decay: float = 1.0) -> None:
@@ -755,53 +1089,70 @@ class ErrorFeedback:
             raise ValueError(f"decay must be a number in (0, 1], got {decay!r}")
         self.codec = codec
         self.decay = float(decay)
-        self.residuals: list[Tensor] | None = None
-        self.scratch: list[Tensor] | None = None
+        self.shapes: tuple[tuple[int, ...], ...] | None = None  # set by the first encode
+        self.residual: Tensor | None = None  # flat, staged; None while e = 0
+        self.scratch: Tensor | None = None
+
+    @property
+    def residuals(self) -> list[Tensor] | None:
+        """e per tensor (views of the flat residual; zeros while e = 0); None before the first
+        encode."""
+        if self.shapes is None:
+            return None
+        if self.residual is None:
+            return [torch.zeros(s) for s in self.shapes]
+        return self.codec.staging(self.shapes).views(self.residual)
 
     def encode(self, deltas: Sequence[Tensor], out: Tensor | None = None) -> EncodedMessage:
         """Encode Δ + β·e (``deltas`` are not modified) and keep what the codec dropped; ``out``:
         an optional preallocated payload buffer, as for ``Codec.encode``."""
         shapes = shapes_of(deltas, "deltas")
-        if self.residuals is None:
-            accumulated = [
-                d.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True) for d in deltas
-            ]
+        if self.shapes is not None and shapes != self.shapes:
+            raise ValueError("deltas are not shaped like the residuals; call reset() for a new model")
+        if self.residual is None and self.codec.lossless:
+            message = self.codec.encode(deltas, out=out)  # e = 0 stays 0: nothing to add or keep
+            self.shapes = shapes
+            return message
+        staging = self.codec.staging(shapes)
+        if self.scratch is None or self.scratch.numel() != staging.numel:
+            self.scratch = torch.zeros(staging.numel)  # its padding stays zero
+        accumulated = self.scratch
+        if self.residual is None:
+            staging.fill(accumulated, [d.detach() for d in deltas])
         else:
-            if shapes != tuple(tuple(e.shape) for e in self.residuals):
-                raise ValueError("deltas are not shaped like the residuals; call reset() for a new model")
-            if self.scratch is None:
-                self.scratch = [torch.empty_like(e) for e in self.residuals]
-            accumulated = self.scratch
-            for a, d, e in zip(accumulated, deltas, self.residuals, strict=True):
+            views = zip(staging.views(accumulated), deltas, staging.views(self.residual), strict=True)
+            for a, d, e in views:
                 torch.add(d.detach(), e, alpha=self.decay, out=a)
-        message = self.codec.encode(accumulated, out=out)  # raises before any state changed
-        self.codec.subtract_decoded(message, accumulated)  # e_new = a − decode(m)
-        self.residuals, self.scratch = accumulated, self.residuals
+        message = self.codec.encode_staged(accumulated, shapes, out=out, residual=True)  # raises first
+        self.shapes = shapes
+        self.residual, self.scratch = accumulated, self.residual
+        if self.codec.lossless:
+            self.residual = None
         return message
 
     def reset(self) -> None:
         """Forget the residuals (e = 0) and free the buffers."""
-        self.residuals = self.scratch = None
+        self.shapes = self.residual = self.scratch = None
 
     def state_dict(self) -> dict[str, Any]:
         """``{"residuals": [...]}`` (copies; ``None`` before the first encode). The codec and
         ``decay`` are settings, not state: they come from the constructor."""
-        return {"residuals": None if self.residuals is None else [e.clone() for e in self.residuals]}
+        residuals = self.residuals
+        return {"residuals": None if residuals is None else [e.clone() for e in residuals]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore residuals saved by ``state_dict`` (copied to fp32; checked finite)."""
         if not isinstance(state, dict) or "residuals" not in state:
             raise ValueError("state must be a dict with a 'residuals' entry, as state_dict() returns")
         residuals = state["residuals"]
-        self.scratch = None
         if residuals is None:
-            self.residuals = None
+            self.reset()
             return
-        shapes_of(residuals, "residuals")
-        copies = [
-            r.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True) for r in residuals
-        ]
-        for i, r in enumerate(copies):
-            if not all_finite(r):
+        shapes = shapes_of(residuals, "residuals")
+        for i, r in enumerate(residuals):
+            if not all_finite(r.detach()):
                 raise ValueError(f"residuals[{i}] contains NaN or Inf")
-        self.residuals = copies
+        staging = self.codec.staging(shapes)
+        flat = torch.zeros(staging.numel)
+        staging.fill(flat, [r.detach() for r in residuals])
+        self.shapes, self.residual, self.scratch = shapes, flat, None

@@ -27,7 +27,9 @@ CODECS = {
     "bf16": make_codec("bf16"),
     "int8": make_codec("int8", block=4),
     "topk": make_codec("topk", fraction=0.25, bits=3, chunk=8),
+    "topk-global": make_codec("topk", fraction=0.25, bits=3, chunk=8, scope="global"),
 }
+ALL = (*CODEC_NAMES, "topk-global")  # every codec and top-k's two scopes
 
 
 def decoded(codec, message, like):
@@ -197,7 +199,7 @@ def test_topk_keeps_exactly_k_largest_per_chunk_with_bounded_error(x, setting):
             assert bool((torch.sign(d[kept]) == torch.sign(v[kept])).all())
 
 
-@given(tensor_lists(), st.sampled_from(CODEC_NAMES), st.sampled_from([1.0, 0.5]))
+@given(tensor_lists(), st.sampled_from(ALL), st.sampled_from([1.0, 0.5]))
 @settings(max_examples=40, deadline=None)
 def test_error_feedback_invariant_over_rounds(x, name, decay):
     codec = CODECS[name]
@@ -237,7 +239,7 @@ def tampered(message, offset, value):
     return EncodedMessage(payload)
 
 
-@pytest.mark.parametrize("name", CODEC_NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_refuses_malformed_headers_and_lengths(name):
     codec = CODECS[name]
     message, out = message_and_out(name)
@@ -255,7 +257,7 @@ def test_refuses_malformed_headers_and_lengths(name):
     assert all(bool((o == 0).all()) for o in out)  # a refused message writes nothing
 
 
-@pytest.mark.parametrize("name", CODEC_NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_refuses_a_layout_other_than_out(name):
     codec = CODECS[name]
     message, _ = message_and_out(name)
@@ -293,7 +295,7 @@ def test_refuses_non_finite_or_negative_scales_and_values():
     bad[HEADER_BYTES:].view(torch.bfloat16)[0] = inf
     with pytest.raises(MalformedMessage, match="NaN or Inf values"):
         CODECS["bf16"].decode(bad, out)
-    for name in ("int8", "topk"):
+    for name in ("int8", "topk", "topk-global"):
         message, out = message_and_out(name)
         for v, match in [(nan, "NaN or Inf scale"), (inf, "NaN or Inf scale"), (-1.0, "negative scale")]:
             bad = message.payload.clone()
@@ -360,11 +362,13 @@ def test_refuses_payloads_that_are_not_byte_vectors():
         CODECS["fp32"].decode(torch.zeros(120), out)
 
 
-@pytest.mark.parametrize("name", CODEC_NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_encoding_a_non_finite_delta_raises(name):
     for v in (float("nan"), float("inf"), -float("inf")):
         x = [torch.ones(3), torch.tensor([1.0, v])]
-        with pytest.raises(ValueError, match=r"tensors\[1\] with " + name + ": it contains NaN or Inf"):
+        with pytest.raises(
+            ValueError, match=r"tensors\[1\] with " + CODECS[name].name + ": it contains NaN or Inf"
+        ):
             CODECS[name].encode(x)
 
 
@@ -373,7 +377,7 @@ def test_bf16_refuses_a_finite_value_that_overflows_bf16():
         CODECS["bf16"].encode([torch.tensor([3.4e38])])
 
 
-@pytest.mark.parametrize("name", CODEC_NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_never_encodes_a_message_its_decoder_would_refuse(name):
     """Values near fp32's largest are finite, but 127 × (max/127) rounds to Inf: int8 refuses to
     encode them; whatever any codec does encode, its decoder accepts."""
@@ -418,7 +422,7 @@ def test_decode_accepts_a_received_buffer_even_unaligned():
     assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
 
 
-@pytest.mark.parametrize("name", CODEC_NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_one_instance_decodes_message_after_message_like_a_fresh_one(name):
     """Scratch buffers are reused between calls (topk clears only the entries it wrote last time)."""
     shapes = [(3, 5), (7,)]
@@ -432,7 +436,7 @@ def test_one_instance_decodes_message_after_message_like_a_fresh_one(name):
         assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
-@pytest.mark.parametrize("name", CODEC_NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_subtract_decoded_is_exactly_decode_then_subtract(name):
     """What error feedback keeps; top-k subtracts its kept entries in place, or falls back to a dense
     decode for tensors that are not contiguous."""
@@ -478,6 +482,7 @@ def test_make_codec_names_the_bad_field():
         "fraction": 0.01,
         "bits": 4,
         "chunk": 4096,
+        "scope": "chunk",
     }
     cases = [
         (dict(name="zstd"), "codec must be one of fp32, bf16, int8, topk; got 'zstd'"),
@@ -491,6 +496,7 @@ def test_make_codec_names_the_bad_field():
         (dict(name="topk", fraction=float("nan")), r"topk fraction"),
         (dict(name="topk", chunk=1), r"topk chunk must be an int in \[2, 65536\], got 1"),
         (dict(name="topk", chunk=2**16 + 1), r"topk chunk must be an int in \[2, 65536\]"),
+        (dict(name="topk", scope="layer"), r"topk scope must be one of chunk, global; got 'layer'"),
         (dict(name="int8", block=0), r"int8 block must be an int in \[1, "),
         (dict(name="int8", block=True), r"int8 block must be an int"),
     ]
@@ -499,3 +505,142 @@ def test_make_codec_names_the_bad_field():
             make_codec(**kwargs)
     with pytest.raises(ValueError, match=r"decay must be a number in \(0, 1\]"):
         ErrorFeedback(CODECS["fp32"], decay=0.0)
+
+
+# ------------------------------------------------------------------------ speed paths and scopes
+
+
+def test_global_topk_indices_counts_levels_and_bits_by_hand():
+    # chunk 8, n = 13, K = ⌈0.25·13⌉ = 4: the 4 largest magnitudes anywhere are -4 (chunk 0, index 1)
+    # and 5, -0.5, 3 (chunk 2 = tensor 1); chunk 1 (tensor 0's last 2 elements) keeps nothing.
+    # chunk 0: lo = hi = 4, step 0; chunk 1: (0, 0); chunk 2: lo 0.5, hi 5, step 4.5/2 = 2.25:
+    # 5 → level min(2, 1) = 1 → 0.5 + 1.5·2.25 = 3.875; -0.5 → level 0 → -1.625; 3 → level 1 → 3.875
+    codec = TopKCodec(fraction=0.25, bits=2, chunk=8, scope="global")
+    x = [torch.tensor([0.1, -4.0, 0, 0, 0, 0, 0, 0.2, 0.3, 0.05]), torch.tensor([5.0, -0.5, 3.0])]
+    message = codec.encode(x)
+    header = read_header(message)
+    assert (header.codec_id, header.k) == (5, 4)
+    # 3 chunks of (lo, step), 3 counts of ⌊log2 8⌋ + 1 = 4 bits, 4 fields of 3 + 2 bits
+    assert message.nbytes == 32 + 8 * 3 + 2 + 3 == codec.max_nbytes([(10,), (3,)])
+    assert body(message)[:24].view(torch.float32).tolist() == [4.0, 0.0, 0.0, 0.0, 0.5, 2.25]
+    assert body(message)[24:26].tolist() == [1 | 0 << 4, 3]  # counts 1, 0, 3
+    # fields 1<<2|1<<1 = 6, 0<<2|1 = 1, 1<<2|1<<1 = 6, 2<<2|1 = 9; 5 bits each, LSB first
+    assert int.from_bytes(bytes(body(message)[26:].tolist()), "little") == 6 | 1 << 5 | 6 << 10 | 9 << 15
+    a, b = decoded(codec, message, x)
+    assert a.tolist() == [0, -4.0, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert b.tolist() == [3.875, -1.625, 3.875]
+
+
+def test_global_topk_bytes_formula():
+    # chunks of 8: 15 → 8 + 7, 7 → 7 (N_c = 3); n = 22, K = ⌈0.25·22⌉ = 6 fields of 3 + 3 bits
+    assert CODECS["topk-global"].max_nbytes([(3, 5), (7,)]) == 32 + 8 * 3 + math.ceil(3 * 4 / 8) + math.ceil(
+        6 * 6 / 8
+    )
+    # the documented ratio: 1% of 4096·100 elements in 2 bits, chunk 4096: ≈202× fewer than fp32
+    topk = make_codec("topk", fraction=0.01, bits=2, chunk=4096, scope="global")
+    shapes = [(4096 * 100,)]
+    assert topk.max_nbytes(shapes) == 32 + 800 + math.ceil(100 * 13 / 8) + math.ceil(4096 * 14 / 8)
+    assert make_codec("fp32").max_nbytes(shapes) / topk.max_nbytes(shapes) > 200
+
+
+@given(tensor_lists(), st.sampled_from([(0.25, 2, 8), (0.1, 3, 16), (0.05, 2, 64), (1.0, 2, 4)]))
+@settings(max_examples=40, deadline=None)
+def test_global_topk_keeps_exactly_the_k_largest_with_bounded_error(x, setting):
+    fraction, bits, chunk = setting
+    codec = make_codec("topk", fraction=fraction, bits=bits, chunk=chunk, scope="global")
+    out = decoded(codec, codec.encode(x), x)
+    values = torch.cat([t.reshape(-1) for t in x])
+    got = torch.cat([t.reshape(-1) for t in out])
+    kept = got != 0
+    assert int(kept.sum()) == min(values.numel(), math.ceil(round(fraction * values.numel(), 9)))
+    if bool((~kept).any()):
+        assert float(values[kept].abs().min()) >= float(values[~kept].abs().max())
+    assert bool((torch.sign(got[kept]) == torch.sign(values[kept])).all())
+    for a, b in zip(x, out, strict=True):  # per chunk: within half a step of that chunk's kept range
+        chunks, d = padded_chunks(a, chunk)[0], padded_chunks(b, chunk)[0]
+        for v, w in zip(chunks, d, strict=True):
+            if bool((w != 0).any()):
+                lo, hi = float(v[w != 0].abs().min()), float(v[w != 0].abs().max())
+                step = (hi - lo) / 2 ** (bits - 1)
+                assert bool(((v - w)[w != 0].abs() <= step / 2 + 1e-6 * hi).all())
+
+
+@pytest.mark.parametrize("scope", ["chunk", "global"])
+def test_grouped_selection_keeps_what_a_full_sort_keeps(scope):
+    """Large enough chunks select through group maxima (group_size > 1); the kept entries are
+    exactly those of a plain ranking (random normals: no ties), short chunks included."""
+    from heloco.codecs import group_size
+
+    codec = make_codec("topk", fraction=0.02, bits=8, chunk=512, scope=scope)
+    gen = torch.Generator().manual_seed(3)
+    x = [
+        torch.randn(3000, generator=gen),
+        torch.randn(50, 40, generator=gen),
+        torch.randn(700, generator=gen),
+    ]
+    assert (
+        group_size(512, codec.k, 512) > 1 and group_size(512, 114, 12 * 512) > 1
+    )  # K = ⌈0.02·5700⌉ over 6 + 4 + 2 chunks
+    out = decoded(codec, codec.encode(x), x)
+    if scope == "global":
+        flat = torch.cat([t.reshape(-1) for t in x])
+        expected = torch.zeros(flat.numel(), dtype=torch.bool)
+        expected[flat.abs().topk(math.ceil(0.02 * flat.numel())).indices] = True
+        assert torch.equal(torch.cat([t.reshape(-1) for t in out]) != 0, expected)
+        return
+    for a, b in zip(x, out, strict=True):
+        chunks, n = padded_chunks(a, 512)
+        for j, (v, w) in enumerate(zip(chunks, padded_chunks(b, 512)[0], strict=True)):
+            real = min(512, n - 512 * j)
+            expected = torch.zeros(real, dtype=torch.bool)
+            expected[v[:real].abs().topk(min(codec.k, real)).indices] = True
+            assert torch.equal(w[:real] != 0, expected)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_error_feedback_residual_is_exactly_what_decode_left(name):
+    """e_new = (Δ + e_old) − decode(m) bit for bit: the encoder computes e from the decoder's values."""
+    codec = CODECS[name]
+    ef = ErrorFeedback(codec)
+    gen = torch.Generator().manual_seed(5)
+    previous = [torch.zeros(3, 5), torch.zeros(7)]
+    for _ in range(3):
+        delta = [torch.randn(3, 5, generator=gen), torch.randn(7, generator=gen)]
+        message = ef.encode(delta)
+        sent = decoded(make_codec(**codec.config()), message, delta)
+        for d, e_old, s, e_new in zip(delta, previous, sent, ef.residuals, strict=True):
+            assert torch.equal(e_new, (d + e_old) - s)
+        previous = [e.clone() for e in ef.residuals]
+
+
+def test_global_topk_refuses_bad_counts_and_the_other_scope():
+    codec = CODECS["topk-global"]  # chunk 8, 3 chunks of (8, 7, 7) real elements, K = 6
+    message, out = message_and_out("topk-global")
+    counts_at = HEADER_BYTES + 8 * 3
+
+    def with_counts(counts):
+        payload = message.payload.clone()
+        payload[counts_at : counts_at + 2] = pack_bits(torch.tensor(counts), codec.count_bits)
+        return payload
+
+    with pytest.raises(MalformedMessage, match="add up to 5 entries, not K = 6"):
+        codec.decode(with_counts([2, 2, 1]), out)
+    with pytest.raises(MalformedMessage, match="chunk 1 claims 8 entries, more than its 7 elements"):
+        codec.decode(with_counts([0, 8, 0]), out)
+    with pytest.raises(
+        MalformedMessage, match=r"encoded by codec 'topk \(global scope\)'.*decoder is 'topk'"
+    ):
+        CODECS["topk"].decode(message, out)
+    with pytest.raises(MalformedMessage, match="expects"):
+        make_codec("topk", fraction=0.5, bits=3, chunk=8, scope="global").decode(message, out)
+    assert all(bool((o == 0).all()) for o in out)
+
+
+def test_int8_subnormal_scales_stay_within_the_encoded_range():
+    """A subnormal scale (max |x| < 127·2⁻¹²⁶) is inexact, so |x|/scale can pass 127.5: clamped."""
+    codec = Int8Codec(block=4)
+    for values in ([1e-40, -3e-41, 7e-42, 2e-45], [-1.1e-38, 5e-39, 1e-38, 0.0], [3e-44, -3e-44, 1e-45, 0.0]):
+        message = codec.encode([torch.tensor(values)])
+        q = body(message)[4:].view(torch.int8)
+        assert int(q.min()) >= -127 and int(q.max()) <= 127
+        decoded(codec, message, [torch.zeros(4)])  # accepted
