@@ -23,6 +23,8 @@ sizes (``max_nbytes(shapes)`` equals every message's ``nbytes``: they depend on 
     bf16   32 + 2n                                            (round to nearest even: 2×)
     int8   32 + n + 4·N_b,  N_b = Σ_i ⌈n_i / B⌉               (B = 256: ≈3.94×)
     topk   32 + 8·N_c + ⌈E·(⌈log2 C⌉ + b) / 8⌉,  N_c = Σ_i ⌈n_i / C⌉,  E = Σ_chunks min(k, m_j)
+    topk, scope="global"  (the K = min(n, ⌈f·n⌉) largest over all n, c_j of them in chunk j)
+           32 + 8·N_c + ⌈N_c·(⌊log2 C⌋ + 1) / 8⌉ + ⌈K·(⌈log2 C⌉ + b) / 8⌉
 
 Blocks (int8) and chunks (top-k) never straddle two tensors: each tensor is cut on its own, its last
 block possibly shorter (m_j real elements), so a tensor's scale never depends on a neighbour's
@@ -39,7 +41,11 @@ Use (worker and server each build their own codec from the same config)::
     codec.decode(received_payload, out=pseudo_grads)               # server: fp32 tensors
 
 A codec keeps model-sized scratch buffers between calls: on CPU, allocating and first touching tens of
-MB costs more than the arithmetic on them.
+MB costs more than the arithmetic on them. Speed comes from few passes over whole-model flat buffers:
+``Codec.staging(shapes)`` is the flat fp32 layout a codec encodes from (each tensor at an offset, its
+last block or chunk zero-padded), ``encode_staged(flat, shapes, residual=True)`` encodes it and
+leaves ``flat − decode(message)`` in place from the values the encoder computed anyway, which is
+how ``ErrorFeedback`` runs a round in a handful of vectorised passes.
 """
 
 from __future__ import annotations

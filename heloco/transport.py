@@ -244,3 +244,104 @@ class InProcessTransport:
         leave = getattr(self.aggregator, "leave", None)
         if callable(leave):
             leave(worker_id)
+
+
+class DeltaDownlink:
+    """A transport whose replies carry the change of the parameters, encoded, instead of the
+    parameters (the simulator's ``downlink: delta``).
+
+    The reply to worker w is m = encode(θ − h_w), θ what the server answers (the global parameters
+    or w's look-ahead point) and h_w the parameters w holds from its previous reply; w continues
+    from h_w + decode(m), which becomes its new h_w. m's ``nbytes`` is what the network charges
+    (``reply_nbytes``).
+
+    No drift: the server keeps h_w, per worker, as exactly what the worker computed (decoding is a
+    deterministic function of the bytes, so both ends hold the same fp32 values), so the next
+    change is taken against what the worker really holds: what a lossy reply dropped is still in
+    θ − h_w and goes down with the next reply (the server's copy is the downlink's error feedback),
+    and the worker's parameters stay within one message's error of the server's, never a sum of
+    them. In this process the worker's side is applied here, on the server's copy, and the result
+    is written into the answer the worker loads, bit for bit what it would compute.
+
+    A worker's first answer (``dispatch`` at the start, or after it left) is the full fp32
+    parameters: it holds nothing to add a change to. Holds one fp32 CPU copy of the parameters per
+    worker.
+    """
+
+    def __init__(self, transport: InProcessTransport, codec: Any, params_like: Sequence[Tensor]) -> None:
+        for method in ("encode", "decode"):
+            if not callable(getattr(codec, method, None)):
+                raise TypeError(f"codec must have encode() and decode(), got {type(codec).__name__}")
+        self.transport = transport
+        self.codec = codec
+        self.writes_into_out = transport.writes_into_out
+        self.held: dict[int, list[Tensor]] = {}
+        self.nbytes: dict[int, int] = {}
+        self.full_nbytes = sum(4 * p.numel() for p in params_like)
+        self.change = [torch.empty(p.shape, dtype=torch.float32) for p in params_like]
+        self.decoded = [torch.empty(p.shape, dtype=torch.float32) for p in params_like]
+
+    def reply_nbytes(self, worker_id: int) -> int:
+        """Bytes of the last answer to ``worker_id`` on the wire."""
+        return self.nbytes.get(worker_id, self.full_nbytes)
+
+    def dispatch(self, worker_id: int, *, out: Sequence[Tensor] | None = None) -> Update:
+        return self.downlink(worker_id, self.transport.dispatch(worker_id, out=out))
+
+    def submit(
+        self,
+        worker_id: int,
+        pseudo_grads: Sequence[Tensor],
+        base_version: int,
+        *,
+        out: Sequence[Tensor] | None = None,
+    ) -> Update:
+        return self.downlink(worker_id, self.transport.submit(worker_id, pseudo_grads, base_version, out=out))
+
+    def submit_encoded(
+        self, worker_id: int, message: Any, base_version: int, *, out: Sequence[Tensor] | None = None
+    ) -> Update:
+        return self.downlink(
+            worker_id, self.transport.submit_encoded(worker_id, message, base_version, out=out)
+        )
+
+    def decode(self, message: Any) -> list[Tensor]:
+        return self.transport.decode(message)
+
+    def leave(self, worker_id: int) -> None:
+        self.held.pop(worker_id, None)
+        self.transport.leave(worker_id)
+
+    @torch.no_grad()
+    def downlink(self, worker_id: int, update: Update) -> Update:
+        """Turn the answer's parameters (a copy the aggregator made for this worker) into what the
+        worker holds after applying the encoded change, and record the reply's size."""
+        if update.params is None:
+            return update
+        held = self.held.get(worker_id)
+        if held is None:  # the full parameters
+            self.held[worker_id] = [p.detach().to("cpu", torch.float32, copy=True) for p in update.params]
+            self.nbytes[worker_id] = self.full_nbytes
+            return update
+        for change, p, h in zip(self.change, update.params, held, strict=True):
+            torch.sub(change.copy_(p), h, out=change)
+        message = self.codec.encode(self.change)
+        self.codec.decode(message, self.decoded)
+        torch._foreach_add_(held, self.decoded)
+        for p, h in zip(update.params, held, strict=True):
+            p.copy_(h)
+        self.nbytes[worker_id] = int(message.nbytes)
+        return update
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every worker's held parameters and last reply size (for a bit-for-bit resume)."""
+        return {
+            "held": {w: [t.clone() for t in h] for w, h in self.held.items()},
+            "nbytes": dict(self.nbytes),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.held = {
+            int(w): [t.to("cpu", torch.float32, copy=True) for t in h] for w, h in state["held"].items()
+        }
+        self.nbytes = {int(w): int(n) for w, n in state["nbytes"].items()}

@@ -50,7 +50,12 @@ CODEC_OPTION_DEFAULTS = {
     "topk_fraction": 0.01,
     "topk_bits": 2,
     "topk_chunk": 4096,
+    "topk_scope": "chunk",
 }
+# What a reply carries down (recipes.simulator): the parameters, or their change since the worker's
+# copy encoded with downlink_codec (heloco.transport.DeltaDownlink)
+DOWNLINKS = ("params", "delta")
+TOPK_SCOPES = ("chunk", "global")
 
 
 @dataclass
@@ -220,6 +225,27 @@ class DiLoCoArguments:
     )
     topk_bits: int = field(default=2, metadata={"help": "uplink_codec topk: bits per kept value (2..8)"})
     topk_chunk: int = field(default=4096, metadata={"help": "uplink_codec topk: elements per chunk"})
+    topk_scope: str = field(
+        default="chunk",
+        metadata={
+            "help": "uplink_codec topk: chunk (top-k of every chunk) or global (the largest "
+            "topk_fraction of all entries, wherever they are)"
+        },
+    )
+    downlink: str = field(
+        default="params",
+        metadata={
+            "help": "simulate: a reply carries the fp32 parameters (params) or their change since the "
+            "worker's copy, encoded with downlink_codec (delta)"
+        },
+    )
+    downlink_codec: str = field(
+        default="fp32",
+        metadata={
+            "help": f"simulate, downlink delta: how the change is encoded, one of {', '.join(CODEC_NAMES)} "
+            "(options: int8_block, topk_*)"
+        },
+    )
 
 
 @dataclass
@@ -471,6 +497,9 @@ def _validate_choices(config: RecipeConfig) -> None:
     _one_of("server_memory", o.server_memory, SERVER_MEMORIES)
     _one_of("drift_normalization", o.drift_normalization, DRIFT_NORMALIZATIONS)
     _one_of("uplink_codec", o.uplink_codec, UPLINK_CODECS)
+    _one_of("topk_scope", o.topk_scope, TOPK_SCOPES)
+    _one_of("downlink", o.downlink, DOWNLINKS)
+    _one_of("downlink_codec", o.downlink_codec, CODEC_NAMES)
     _one_of("inner_optimizer", t.inner_optimizer, INNER_OPTIMIZERS)
     if o.dispatch is not None:
         _one_of("dispatch", o.dispatch, DISPATCHES)
@@ -539,6 +568,8 @@ def network_options_set(config: RecipeConfig) -> list[str]:
         "overlap": o.overlap,
         "uplink_codec": o.uplink_codec != "fp32",
         "error_feedback": o.error_feedback,
+        "downlink": o.downlink != "params",
+        "downlink_codec": o.downlink_codec != "fp32",
     }
     changed.update({name: getattr(o, name) != default for name, default in CODEC_OPTION_DEFAULTS.items()})
     return named + [name for name, is_set in changed.items() if is_set]
@@ -571,6 +602,11 @@ def _validate_network(config: RecipeConfig) -> None:
     for name, low in (("topk_chunk", 2), ("int8_block", 1)):
         if not low <= getattr(o, name) <= 2**24:
             raise ConfigError(f"{name} must be an integer in [{low}, 2**24], got {getattr(o, name)}")
+    if o.downlink == "params" and o.downlink_codec != "fp32":
+        raise ConfigError(
+            f"downlink_codec {o.downlink_codec!r} needs downlink: delta (downlink: params sends the fp32 "
+            "parameters)"
+        )
     if o.mode == "distributed" and network_options_set(config):
         raise ConfigError(
             f"{', '.join(network_options_set(config))}: simulate-mode options (mode=distributed uses its "

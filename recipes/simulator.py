@@ -44,7 +44,7 @@ from accelerate import Accelerator
 from heloco.aggregator import AsyncAggregator, Update
 from heloco.codecs import Codec, ErrorFeedback, make_codec
 from heloco.simulation import COMPUTED, DELIVERED, RECEIVED, Event, NetworkModel, VirtualClock
-from heloco.transport import InProcessTransport
+from heloco.transport import DeltaDownlink, InProcessTransport
 from heloco.worker import DiLoCoWorker, Encoder, Outgoing, tensor_bytes
 from recipes.config import NETWORK_FIELDS, RecipeConfig
 from recipes.worker_round import InnerLoop, RoundResult
@@ -65,19 +65,39 @@ def network_model(config: RecipeConfig) -> NetworkModel | None:
     )
 
 
-def uplink_codec(config: RecipeConfig) -> Codec | None:
-    """The configured codec of Δ, with its options; None for fp32 (Δ's tensors are the message,
-    exactly as without a codec: fp32 is lossless, so error feedback would keep a residual of zero)."""
+def configured_codec(config: RecipeConfig, name: str) -> Codec:
+    """The codec ``name`` with the config's options for it (int8_block, topk_*)."""
     o = config.diloco
     options = {
         "fp32": {},
         "bf16": {},
         "int8": {"block": o.int8_block},
-        "topk": {"fraction": o.topk_fraction, "bits": o.topk_bits, "chunk": o.topk_chunk},
+        "topk": {
+            "fraction": o.topk_fraction,
+            "bits": o.topk_bits,
+            "chunk": o.topk_chunk,
+            "scope": o.topk_scope,
+        },
     }
-    if o.uplink_codec == "fp32":
+    return make_codec(name, **options[name])
+
+
+def uplink_codec(config: RecipeConfig) -> Codec | None:
+    """The configured codec of Δ, with its options; None for fp32 (Δ's tensors are the message,
+    exactly as without a codec: fp32 is lossless, so error feedback would keep a residual of zero)."""
+    if config.diloco.uplink_codec == "fp32":
         return None
-    return make_codec(o.uplink_codec, **options[o.uplink_codec])
+    return configured_codec(config, config.diloco.uplink_codec)
+
+
+def server_transport(config: RecipeConfig, aggregator: AsyncAggregator) -> InProcessTransport | DeltaDownlink:
+    """The workers' transport: the server decodes Δ with the uplink codec; with ``downlink: delta``
+    its replies are the encoded change since each worker's copy (``DeltaDownlink``)."""
+    transport = InProcessTransport(aggregator, codec=uplink_codec(config))
+    if config.diloco.downlink == "params":
+        return transport
+    codec = configured_codec(config, config.diloco.downlink_codec)
+    return DeltaDownlink(transport, codec, aggregator.global_params)
 
 
 def uplink_encoder(config: RecipeConfig) -> Encoder | None:
@@ -107,7 +127,7 @@ class SimulatedWorker:
         self,
         worker_id: int,
         loop: InnerLoop,
-        transport: InProcessTransport,
+        transport: InProcessTransport | DeltaDownlink,
         inner_steps: int,
         buffer_device: torch.device,
         *,
@@ -212,7 +232,7 @@ def _result_state(result: RoundResult) -> dict[str, Any]:
     return {"steps": result.steps, "train_loss": result.train_loss, "data_checksum": result.data_checksum}
 
 
-def _transit_state(transit: InTransit, transport: InProcessTransport) -> dict[str, Any]:
+def _transit_state(transit: InTransit, transport: InProcessTransport | DeltaDownlink) -> dict[str, Any]:
     """A message on the uplink, for a checkpoint: what the server will read from it (Δ's tensors, or
     an encoded message's decoded fp32 values: decoding is a pure function, so the server steps on the
     same values after a resume) and its size on the wire."""
@@ -358,12 +378,19 @@ class Simulator:
 
     def reply(self, worker: SimulatedWorker) -> None:
         """The reply leaves the server now; delivered at once on an instantaneous downlink."""
-        delivered = self.clock.reply_done(worker.worker_id, self.reply_nbytes)
+        delivered = self.clock.reply_done(worker.worker_id, self.reply_bytes(worker))
         worker.reply_on_the_way = True
         if delivered == self.clock.now:
             self.deliver(worker, chain=False)
         else:
             self.clock.schedule(delivered, worker.worker_id, DELIVERED)
+
+    def reply_bytes(self, worker: SimulatedWorker) -> int:
+        """The reply's size on the downlink: the fp32 parameters, or (``downlink: delta``) the
+        encoded change the transport just made for this worker."""
+        if isinstance(worker.transport, DeltaDownlink):
+            return worker.transport.reply_nbytes(worker.worker_id)
+        return self.reply_nbytes
 
     def deliver(self, worker: SimulatedWorker, *, chain: bool) -> Arrival | None:
         """The reply is at the worker: it starts its next round (it was idle since its round
@@ -377,9 +404,16 @@ class Simulator:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clock": self.clock.state_dict(), "workers": [w.state_dict() for w in self.workers]}
+        state = {"clock": self.clock.state_dict(), "workers": [w.state_dict() for w in self.workers]}
+        transport = self.workers[0].transport
+        if isinstance(transport, DeltaDownlink):  # only then: a default run's checkpoint is unchanged
+            state["downlink"] = transport.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clock.load_state_dict(state["clock"])
+        transport = self.workers[0].transport
+        if isinstance(transport, DeltaDownlink):
+            transport.load_state_dict(state["downlink"])
         for worker, worker_state in zip(self.workers, state["workers"], strict=True):
             worker.load_state_dict(worker_state)

@@ -33,7 +33,6 @@ from transformers import AutoTokenizer
 
 from heloco.aggregator import AsyncAggregator
 from heloco.simulation import VirtualClock, dylu_steps
-from heloco.transport import InProcessTransport
 from recipes.cli import removed_if_failed_early, run_cli
 from recipes.common import (
     load_data,
@@ -59,7 +58,7 @@ from recipes.run_state import (
     write_checkpoint,
 )
 from recipes.schedule import RunSchedule
-from recipes.simulator import SimulatedWorker, Simulator, network_model, uplink_codec, uplink_encoder
+from recipes.simulator import SimulatedWorker, Simulator, network_model, server_transport, uplink_encoder
 from recipes.tracking import MetricsLog, rounds_recorded
 from recipes.worker_round import InnerLoop
 
@@ -223,7 +222,7 @@ def build_simulator(
     d, o, t = config.data, config.diloco, config.train
     steps = dylu_steps(o.worker_speeds, o.inner_steps) if o.dylu else [o.inner_steps] * o.num_workers
     buffer_device = torch.device("cpu") if o.offload_idle_workers else accelerator.device
-    transport = InProcessTransport(aggregator, codec=uplink_codec(config))  # the server decodes Δ
+    transport = server_transport(config, aggregator)  # decodes Δ; with downlink delta, encodes replies
     workers = []
     for k in range(o.num_workers):
         replica = copy.deepcopy(model)

@@ -439,3 +439,64 @@ def test_overlap_worker_state_round_trip():
         DiLoCoWorker(model2, torch.optim.SGD(model2.parameters(), lr=0.1), server2, 0, 1).load_state_dict(
             state
         )
+
+
+# -- downlink: the encoded change since the worker's copy --------------------------------------------
+
+
+class MovingServer:
+    """Answers every call with a copy of θ, which moves by ``step`` each submit (no optimizer)."""
+
+    def __init__(self, theta: list[torch.Tensor], step: list[torch.Tensor]) -> None:
+        self.theta, self.step, self.global_params = theta, step, theta
+
+    def dispatch(self, worker_id):
+        from heloco.aggregator import Update
+
+        return Update(params=[t.clone() for t in self.theta], version=0)
+
+    def submit(self, worker_id, pseudo_grads, base_version):
+        from heloco.aggregator import Update
+
+        torch._foreach_add_(self.theta, self.step)
+        return Update(params=[t.clone() for t in self.theta], version=base_version + 1)
+
+
+def test_delta_downlink_fp32_is_the_parameters_and_charges_4n_plus_header():
+    from heloco.transport import DeltaDownlink
+
+    gen = torch.Generator().manual_seed(0)
+    server = MovingServer([torch.randn(5, 3, generator=gen)], [torch.randn(5, 3, generator=gen)])
+    link = DeltaDownlink(InProcessTransport(server), make_codec("fp32"), server.theta)
+    assert torch.equal(link.dispatch(0).params[0], server.theta[0])  # the first answer: θ itself
+    assert link.reply_nbytes(0) == 4 * 15
+    for _ in range(3):
+        got = link.submit(0, [torch.zeros(5, 3)], 0).params[0]
+        torch.testing.assert_close(got, server.theta[0], rtol=0, atol=1e-6)  # h + (θ − h): rounding only
+        assert link.reply_nbytes(0) == HEADER_BYTES + 4 * 15
+
+
+def test_int8_delta_downlink_keeps_the_worker_within_one_messages_error():
+    """int8 (blocks of 4) changes: after every reply the worker is within half a scale of the last
+    change's block maxima, never a sum of the errors; fewer bytes than fp32 parameters."""
+    from heloco.transport import DeltaDownlink
+
+    gen = torch.Generator().manual_seed(1)
+    theta = [torch.randn(64, generator=gen)]
+    server = MovingServer(theta, [torch.full((64,), 0.01)])
+    link = DeltaDownlink(InProcessTransport(server), make_codec("int8", block=4), theta)
+    held = link.dispatch(0).params[0]
+    for _ in range(20):
+        change = server.theta[0] + server.step[0] - held  # what the next reply encodes
+        bound = change.view(16, 4).abs().amax(1, keepdim=True) / 127 / 2 * (1 + 1e-5) + 1e-7
+        held = link.submit(0, [torch.zeros(64)], 0).params[0]
+        assert bool(((held - server.theta[0]).view(16, 4).abs() <= bound).all())
+        assert torch.equal(held, link.held[0][0])  # the server's copy is exactly what the worker holds
+        assert link.reply_nbytes(0) == HEADER_BYTES + 64 + 4 * 16 < 4 * 64
+    state = link.state_dict()
+    twin = copy.deepcopy(server)  # the same θ, for a resumed copy of the link
+    resumed = DeltaDownlink(InProcessTransport(twin), make_codec("int8", block=4), twin.theta)
+    resumed.load_state_dict(state)
+    assert torch.equal(
+        resumed.submit(0, [torch.zeros(64)], 0).params[0], link.submit(0, [torch.zeros(64)], 0).params[0]
+    )

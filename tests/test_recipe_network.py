@@ -94,8 +94,11 @@ def shapes_of_model(shards: Path, out: Path) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in make_model(config, metadata).parameters()]
 
 
-@pytest.mark.parametrize("codec", ["int8", "topk"])
-def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, tiny_shards, tmp_path):
+@pytest.mark.parametrize(
+    ("codec", "downlink"),
+    [("int8", {}), ("topk", {}), ("int8", {"downlink": "delta", "downlink_codec": "int8"})],
+)
+def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, downlink, tiny_shards, tmp_path):
     """A lossy codec with error feedback over a slow uplink, overlapped: the first arrival comes
     after the round (3 s) plus the encoded message's bytes at the link's bandwidth; an interrupted
     run resumes (residuals and messages in flight included) to the same metrics, byte for byte."""
@@ -115,6 +118,7 @@ def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, tiny
         uplink_bandwidth=[nbytes / 2.0],  # 2 s per message
         downlink_latency=[0.5],
         **options[codec],
+        **downlink,  # the servers' copies of what each worker holds resume too
     )
     full = tmp_path / "full"
     run(config_from_dict(base_values(tiny_shards, full, **common)))
@@ -134,6 +138,10 @@ def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, tiny
     ("overrides", "match"),
     [
         ({"uplink_bandwidth": [0.0]}, r"uplink_bandwidth\[0\] must be a positive number of bytes per second"),
+        ({"downlink": "deltas"}, r"downlink must be one of params, delta; got 'deltas'"),
+        ({"downlink_codec": "int8"}, r"downlink_codec 'int8' needs downlink: delta"),
+        ({"downlink": "delta", "downlink_codec": "zstd"}, r"downlink_codec must be one of fp32, bf16"),
+        ({"topk_scope": "layer"}, r"topk_scope must be one of chunk, global; got 'layer'"),
         ({"downlink_bandwidth": [-5.0]}, r"downlink_bandwidth\[0\] must be a positive"),
         (
             {"uplink_latency": [0.1, 0.2]},
@@ -181,3 +189,28 @@ def test_slow_link_yaml_says_its_arithmetic():
         "heloco_topk",
     }
     assert [v.get("overlap", False) for label, _, v in runs if label == "heloco_overlap"] == [True] * 3
+
+
+def test_delta_downlink_fp32_follows_params_and_int8_shortens_the_reply(tiny_shards, tmp_path):
+    """downlink: delta with fp32 trains like downlink: params (the worker holds h + (θ − h), θ up
+    to rounding; instantaneous links, so the 32 header bytes cannot reorder arrivals); with int8 the
+    reply is ≈3.9× smaller, so on a link where the parameters take 1.5 s worker 0's second arrival
+    comes earlier by 1.5 s less the int8 reply's time."""
+    from heloco.codecs import make_codec
+
+    common = dict(method="heloco", budget_tokens=3000)
+    params = tmp_path / "params"
+    run(config_from_dict(base_values(tiny_shards, params, **common)))
+    fp32 = tmp_path / "fp32"
+    run(config_from_dict(base_values(tiny_shards, fp32, downlink="delta", **common)))
+    evals = [[r["val_loss/mean"] for r in read_metrics(d) if r["event"] == "eval"] for d in (params, fp32)]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-4)
+    bandwidth = message_bytes(tiny_shards, tmp_path / "m") / 1.5
+    link = dict(uplink_bandwidth=[bandwidth], downlink_bandwidth=[bandwidth], **common)
+    int8 = tmp_path / "int8"
+    run(config_from_dict(base_values(tiny_shards, int8, downlink="delta", downlink_codec="int8", **link)))
+    fast = [r["time"] for r in read_metrics(int8) if r["event"] == "arrival" and r["worker"] == 0]
+    reply = make_codec("int8").max_nbytes(shapes_of_model(tiny_shards, tmp_path / "m")) / bandwidth
+    assert fast[:2] == pytest.approx([4.5, 4.5 + reply + 3.0 + 1.5])
+    evals = [r["val_loss/mean"] for r in read_metrics(int8) if r["event"] == "eval"]
+    assert evals[-1] < evals[0]
