@@ -51,13 +51,14 @@ how ``ErrorFeedback`` runs a round in a handful of vectorised passes.
 from __future__ import annotations
 
 import abc
+import bisect
 import dataclasses
 import functools
 import math
 import numbers
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -88,6 +89,18 @@ HEADER = struct.Struct("<4sBBBBIQIII")
 HEADER_BYTES = HEADER.size  # 32: the body starts aligned for fp32 views
 MAX_BLOCK = 2**24  # int8 block size
 MAX_CHUNK = 2**16  # top-k chunk size: index ≤ 16 bits, an entry's field ≤ 24 bits (int32 arithmetic)
+# Encoders work through the staged buffer a tile at a time: the tile's passes (Δ + β·e, then the
+# codec's) reuse it from the cache instead of streaming the whole model from memory once per pass.
+TILE = 2**18  # elements (1 MiB of fp32)
+
+Fill = Callable[[int, int], None]  # writes the values to encode into flat[start:stop]
+
+
+def tiles(numel: int, unit: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of whole units (blocks, chunks) covering ``numel`` elements, each about
+    ``TILE`` elements long (read when called, so a test can shrink it)."""
+    step = max(1, TILE // unit) * unit
+    return [(start, min(start + step, numel)) for start in range(0, numel, step)]
 
 
 class MalformedMessage(ValueError):
@@ -231,6 +244,34 @@ class Staging:
         torch._foreach_copy_(self.views(flat), list(tensors))
 
 
+def tile_filler(
+    flat: Tensor,
+    staging: Staging,
+    tensors: Sequence[Tensor],
+    residual: Tensor | None = None,
+    decay: float = 1.0,
+) -> Fill:
+    """A ``Fill`` writing ``tensors`` (+ ``decay`` × ``residual``, a staged buffer, when given) into
+    their places of ``flat`` within [start, stop): error feedback's a = Δ + β·e, one tile at a
+    time, so the encoder reads it back from the cache. Padding is never written."""
+    pieces = [t.detach().reshape(-1) for t in tensors]
+    offsets, numels = staging.offsets, staging.layout.numels
+
+    def fill(start: int, stop: int) -> None:
+        i = max(0, bisect.bisect_right(offsets, start) - 1)
+        while i < len(offsets) and offsets[i] < stop:
+            lo, hi = max(start, offsets[i]), min(stop, offsets[i] + numels[i])
+            if lo < hi:
+                piece = pieces[i][lo - offsets[i] : hi - offsets[i]]
+                if residual is None:
+                    flat[lo:hi].copy_(piece)
+                else:
+                    torch.add(piece, residual[lo:hi], alpha=decay, out=flat[lo:hi])
+            i += 1
+
+    return fill
+
+
 @functools.lru_cache(maxsize=16)
 def staging_of(shapes: tuple[tuple[int, ...], ...], block: int) -> Staging:
     layout = layout_of(shapes)
@@ -251,7 +292,6 @@ class Blocks:
     staging: Staging
     real: Tensor  # int64 (count,)
     padding: Tensor  # int64 positions of the padding in the padded copy
-    short: Tensor  # int64: the blocks with fewer than ``block`` real elements (one per tensor at most)
 
     @property
     def offsets(self) -> tuple[int, ...]:
@@ -289,7 +329,6 @@ def blocks_of(shapes: tuple[tuple[int, ...], ...], block: int) -> Blocks:
         staging,
         real_t,
         torch.cat(padding) if padding else torch.zeros(0, dtype=torch.int64),
-        (real_t < block).nonzero().flatten(),
     )
 
 
@@ -390,8 +429,7 @@ class Codec(abc.ABC):
         shapes = shapes_of(tensors, "tensors")
         staging = self.staging(shapes)
         flat = self.workspace("stage", staging.numel)[0]  # its padding is never written: zero
-        staging.fill(flat, tensors)
-        return self.encode_staged(flat, shapes, out)
+        return self.encode_staged(flat, shapes, out, fill=tile_filler(flat, staging, tensors))
 
     def encode_staged(
         self,
@@ -399,12 +437,15 @@ class Codec(abc.ABC):
         shapes: Sequence[Sequence[int]],
         out: Tensor | None = None,
         residual: bool = False,
+        fill: Fill | None = None,
     ) -> EncodedMessage:
-        """Encode tensors of ``shapes`` already laid out in ``flat`` as ``staging(shapes)`` says
-        (fp32, padding zero). With ``residual``, ``flat`` becomes ``flat − decode(message)``
-        (bit for bit what the decoder gives, padding still zero): error feedback's residual, from
-        what the encoder computed anyway rather than from a second decode. ``ValueError`` if a
-        value is NaN or Inf, before ``flat`` or any state changed."""
+        """Encode tensors of ``shapes`` laid out in ``flat`` as ``staging(shapes)`` says (fp32,
+        padding zero). With ``fill``, ``flat`` is written a tile at a time, ``fill(start, stop)``
+        just before the encoder reads ``flat[start:stop]``, so both passes meet in the cache. With
+        ``residual``, ``flat`` becomes ``flat − decode(message)`` (bit for bit what the decoder
+        gives, padding still zero): error feedback's residual, from what the encoder computed anyway
+        rather than from a second decode. ``ValueError`` if a value is NaN or Inf; ``flat`` may then
+        be partly overwritten (error feedback passes a scratch buffer it only keeps on success)."""
         shapes = tuple(tuple(int(d) for d in s) for s in shapes)
         staging = self.staging(shapes)
         if flat.dtype != torch.float32 or flat.dim() != 1 or flat.numel() != staging.numel:
@@ -413,7 +454,7 @@ class Codec(abc.ABC):
                 f"{flat.dtype} of shape {tuple(flat.shape)}"
             )
         payload = self.start_message(shapes, out)
-        self.encode_body(flat, shapes, payload[HEADER_BYTES:], residual)
+        self.encode_body(flat, shapes, payload[HEADER_BYTES:], residual, fill)
         return EncodedMessage(payload)
 
     def start_message(self, shapes: tuple[tuple[int, ...], ...], out: Tensor | None) -> Tensor:
@@ -500,10 +541,16 @@ class Codec(abc.ABC):
 
     @abc.abstractmethod
     def encode_body(
-        self, flat: Tensor, shapes: tuple[tuple[int, ...], ...], body: Tensor, residual: bool
+        self,
+        flat: Tensor,
+        shapes: tuple[tuple[int, ...], ...],
+        body: Tensor,
+        residual: bool,
+        fill: Fill | None = None,
     ) -> None:
-        """Write the body from the staged ``flat`` (see ``encode_staged``; with ``residual``, leave
-        ``flat − decode`` in ``flat``); raise ``ValueError`` on a non-finite value."""
+        """Write the body from the staged ``flat`` (see ``encode_staged``: ``fill`` each tile
+        first; with ``residual``, leave ``flat − decode`` in ``flat``); raise ``ValueError`` on a
+        non-finite value."""
 
     @abc.abstractmethod
     def decoded_views(self, body: Tensor, shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
@@ -530,17 +577,27 @@ class DenseCodec(Codec):
         return EncodedMessage(payload)
 
     def encode_body(
-        self, flat: Tensor, shapes: tuple[tuple[int, ...], ...], body: Tensor, residual: bool
+        self,
+        flat: Tensor,
+        shapes: tuple[tuple[int, ...], ...],
+        body: Tensor,
+        residual: bool,
+        fill: Fill | None = None,
     ) -> None:
         wire = body.view(self.wire_dtype)
-        wire.copy_(flat)
-        if not all_finite(wire):
-            raise_not_finite(self.staging(shapes).views(flat), self.name)
+        roundtrip = residual and not self.lossless
+        sent = self.workspace("sent", min(TILE, flat.numel()))[0] if roundtrip else None
+        for start, stop in tiles(flat.numel(), 1):
+            if fill is not None:
+                fill(start, stop)
+            a, w = flat[start:stop], wire[start:stop]
+            w.copy_(a)
+            if not all_finite(w):  # before this tile is touched: the tensors' values name the culprit
+                raise_not_finite(self.staging(shapes).views(flat), self.name)
+            if sent is not None:  # a − decode(m), the round trip in a cached scratch (mixed dtypes are slow)
+                a.sub_(sent[: stop - start].copy_(w))
         if residual and self.lossless:
             flat.zero_()
-        elif residual:  # a − decode(m): the round trip in a scratch buffer (mixed-dtype ops are slow)
-            sent = self.workspace("sent", flat.numel())[0]
-            flat.sub_(sent.copy_(wire))
 
     def decoded_views(self, body: Tensor, shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
         wire = body.view(self.wire_dtype)
@@ -597,26 +654,44 @@ class Int8Codec(Codec):
         return blocks_of(tuple(tuple(int(d) for d in s) for s in shapes), self.block).staging
 
     def encode_body(
-        self, flat: Tensor, shapes: tuple[tuple[int, ...], ...], body: Tensor, residual: bool
+        self,
+        flat: Tensor,
+        shapes: tuple[tuple[int, ...], ...],
+        body: Tensor,
+        residual: bool,
+        fill: Fill | None = None,
     ) -> None:
         blocks = blocks_of(shapes, self.block)
-        x = flat.view(blocks.count, self.block)
-        absmax = torch.maximum(x.amax(1), x.amin(1).neg_())  # two fast passes; aminmax is slower
-        if not bool(torch.isfinite(absmax).all()):
-            raise_not_finite(blocks.views(flat), self.name)
         scales = body[: 4 * blocks.count].view(torch.float32)
-        torch.div(absmax, 127.0, out=scales)
+        quantized = self.workspace("quantized", blocks.count * self.block, torch.int8)[0]
+        scratch = self.workspace("scratch", min(TILE, flat.numel()))[0]
+        for start, stop in tiles(flat.numel(), self.block):
+            if fill is not None:
+                fill(start, stop)
+            rows = slice(start // self.block, stop // self.block)
+            x = flat[start:stop].view(-1, self.block)
+            q = scratch[: stop - start].view_as(x)
+            self.quantize(x, scales[rows], q)
+            quantized[start:stop].view_as(x).copy_(q)  # integral floats in [−127, 127] → int8
+            if residual:  # decode is float(q) × scale: the same product, then a − it
+                x.sub_(q.mul_(scales[rows].unsqueeze(1)))
+        if not bool(torch.isfinite(scales).all()):
+            raise_not_finite(blocks.views(flat), self.name)
         if not bool(torch.isfinite(largest_decoded(scales, 127.0)).all()):
             raise_not_finite(blocks.views(flat), self.name)  # |x| ≈ fp32's max: 127 × scale → Inf
-        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero block: q = 0
-        q = self.workspace("quantized", x.numel())[0].view_as(x)
-        torch.div(x, divisor.unsqueeze(1), out=q).round_()
-        if bool((scales < torch.finfo(torch.float32).tiny).any()):  # a subnormal scale is inexact:
-            q.clamp_(-127, 127)  # |x|/scale can then pass 127.5 (a normal scale keeps it ≤ 127·(1 + 2⁻²³))
         wire = body[4 * blocks.count :].view(torch.int8)
-        torch._foreach_copy_(blocks.layout.views(wire), blocks.views(q))  # integral floats → int8
-        if residual:  # decode is float(q) × scale: the same product, then a − it
-            x.sub_(q.mul_(scales.unsqueeze(1)))
+        torch._foreach_copy_(blocks.layout.views(wire), blocks.views(quantized))
+
+    @staticmethod
+    def quantize(x: Tensor, scales: Tensor, q: Tensor) -> None:
+        """Blocks ``x`` (rows) → ``scales`` (max |x|/127) and ``q`` = round(x/scale) as floats. An
+        all-zero block has scale 0 and q = 0; a NaN or Inf gives a non-finite scale (the caller
+        checks the scales)."""
+        absmax = torch.maximum(x.amax(1), x.amin(1).neg_())  # two fast passes; aminmax is slower
+        torch.div(absmax, 127.0, out=scales)
+        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
+        # a subnormal scale is inexact, so |x|/scale may pass 127.5: clamped (in the cache: cheap)
+        torch.div(x, divisor.unsqueeze(1), out=q).round_().clamp_(-127, 127)
 
     def checked_parts(self, body: Tensor, blocks: Blocks) -> tuple[Tensor, Tensor]:
         """The scales (fp32) and values (int8) of a body, once they are checked."""
@@ -744,14 +819,21 @@ class TopKCodec(Codec):
         return 8 * blocks.count + -(-blocks.count * self.count_bits // 8) + -(-kept * self.width // 8)
 
     def encode_body(
-        self, flat: Tensor, shapes: tuple[tuple[int, ...], ...], body: Tensor, residual: bool
+        self,
+        flat: Tensor,
+        shapes: tuple[tuple[int, ...], ...],
+        body: Tensor,
+        residual: bool,
+        fill: Fill | None = None,
     ) -> None:
         blocks = blocks_of(shapes, self.chunk)
-        x = flat.view(blocks.count, self.chunk)
-        if self.scope == "chunk":
-            chunk_of, index = self.select_per_chunk(x, blocks, shapes)
-        else:
-            chunk_of, index = self.select_global(x, blocks)
+        try:
+            if self.scope == "chunk":
+                chunk_of, index = self.select_per_chunk(flat, blocks, shapes, fill)
+            else:
+                chunk_of, index = self.select_global(flat, blocks, fill)
+        except NotFinite:
+            raise_not_finite(blocks.views(flat), self.name)
         position = chunk_of * self.chunk + index  # in the staged buffer
         value = flat[position]
         size = value.abs()
@@ -778,42 +860,46 @@ class TopKCodec(Codec):
             flat[position] = value - dequantize(level, negative, lo, step)
 
     def select_per_chunk(
-        self, x: Tensor, blocks: Blocks, shapes: tuple[tuple[int, ...], ...]
+        self, flat: Tensor, blocks: Blocks, shapes: tuple[tuple[int, ...], ...], fill: Fill | None
     ) -> tuple[Tensor, Tensor]:
-        """(chunk, index in chunk) of each kept entry, chunk after chunk, indices increasing."""
+        """(chunk, index in chunk) of each kept entry, chunk after chunk, indices increasing; a
+        tile of chunks at a time (each chunk's selection is its own)."""
         group = group_size(self.chunk, self.k, self.chunk)
-        if group > 1:
-            index = top_per_chunk_by_groups(x, blocks, self.k, group)
-        else:
-            index = self.top_per_chunk(x, blocks)
+        index = torch.empty(blocks.count, self.k, dtype=torch.int64)
+        for start, stop in tiles(flat.numel(), self.chunk):
+            if fill is not None:
+                fill(start, stop)
+            rows = slice(start // self.chunk, stop // self.chunk)
+            x = flat[start:stop].view(-1, self.chunk)
+            if group > 1:
+                index[rows] = top_per_chunk_by_groups(x, blocks.real[rows], self.k, group)
+            else:
+                index[rows] = top_per_chunk(x, blocks.real[rows], self.k)
         index = index.sort(dim=1).values
         entries = entries_of(shapes, self.chunk, self.k)
         if entries.full:
             return entries.chunk, index.reshape(-1)
         return entries.chunk, index[index < blocks.real.unsqueeze(1)]  # padding picked last, dropped
 
-    def top_per_chunk(self, x: Tensor, blocks: Blocks) -> Tensor:
-        """(count, k) indices of each chunk's k largest magnitudes by a top-k over every element."""
-        mag = torch.abs(x, out=self.workspace("magnitude", x.numel())[0].view_as(x))
-        if not all_finite(mag.amax(1)):
-            raise_not_finite(blocks.views(x), self.name)
-        mag.view(-1).index_fill_(0, blocks.padding, -1.0)  # padding is picked only after every real entry
-        return mag.topk(self.k, dim=1, sorted=False).indices
-
-    def select_global(self, x: Tensor, blocks: Blocks) -> tuple[Tensor, Tensor]:
+    def select_global(self, flat: Tensor, blocks: Blocks, fill: Fill | None) -> tuple[Tensor, Tensor]:
         """(chunk, index in chunk) of the K largest magnitudes over all real elements, chunk after
         chunk, indices increasing."""
         kept = kept_of(self.fraction, blocks.layout.numel)
-        group = group_size(self.chunk, kept, x.numel())
-        if group > 1:
-            position = top_global_by_groups(x, blocks, kept, group)
+        group = group_size(self.chunk, kept, flat.numel())
+        peaks = torch.empty(blocks.count, self.chunk // group) if group > 1 else None
+        for start, stop in tiles(flat.numel(), self.chunk):
+            if fill is not None:
+                fill(start, stop)
+            if peaks is not None:
+                rows = slice(start // self.chunk, stop // self.chunk)
+                peaks[rows] = group_peaks(flat[start:stop].view(-1, self.chunk), blocks.real[rows], group)
+        x = flat.view(blocks.count, self.chunk)
+        if peaks is not None:
+            position = top_global_by_groups(x, blocks.real, peaks, kept, group)
         else:
-            mag = torch.abs(x, out=self.workspace("magnitude", x.numel())[0].view_as(x)).view(-1)
-            if not all_finite(mag):
-                raise_not_finite(blocks.views(x), self.name)
-            mag.index_fill_(0, blocks.padding, -1.0)
-            position = mag.topk(kept, sorted=False).indices
-        position = position.sort().values
+            whole = torch.tensor([x.numel()])  # one row: padding is masked by its list of positions
+            position = top_per_chunk(x.view(1, -1), whole, kept, blocks.padding)
+        position = position.reshape(-1).sort().values
         return position // self.chunk, position % self.chunk
 
     def read_entries(
@@ -925,51 +1011,65 @@ def group_size(chunk: int, kept: int, numel: int) -> int:
     return best
 
 
-def group_peaks(x: Tensor, blocks: Blocks, group: int) -> Tensor:
-    """(count, C/S): the absolute maximum of every group (group g of chunk j holds its elements
-    g + s·G, s < S, G = C/S), from two strided reductions (amax, amin: one read of ``x`` each, faster
-    than ``aminmax`` or an ``abs`` copy). A group holding only padding ranks −1, below any real
-    element. ``ValueError`` if ``x`` holds NaN or Inf (they reach the maxima)."""
-    count, chunk = x.shape
+class NotFinite(ValueError):
+    """A selection met NaN or Inf (the encoder then names the tensor holding it)."""
+
+
+def top_per_chunk(x: Tensor, real: Tensor, k: int, padding: Tensor | None = None) -> Tensor:
+    """(rows, k) indices of each row's k largest real magnitudes by a top-k over every element
+    (the fallback when ``group_size`` finds no grouping that ranks fewer). Padding (position ≥
+    ``real`` of its row, or listed in ``padding``) ranks −1: picked only after every real entry."""
+    magnitude = x.abs()
+    if not all_finite(magnitude.amax(1)):
+        raise NotFinite
+    magnitude.masked_fill_(torch.arange(x.shape[1]) >= real.unsqueeze(1), -1.0)
+    if padding is not None:
+        magnitude.view(-1).index_fill_(0, padding, -1.0)
+    return magnitude.topk(k, dim=1, sorted=False).indices
+
+
+def group_peaks(x: Tensor, real: Tensor, group: int) -> Tensor:
+    """(rows, C/S): the absolute maximum of every group of the chunks ``x`` (group g of a chunk holds
+    its elements g + s·G, s < S, G = C/S), from two strided reductions (amax, amin: one read of
+    ``x`` each, faster than ``aminmax`` or an ``abs`` copy). A group holding only padding (g ≥ the
+    chunk's ``real`` elements) ranks −1, below any real element. ``NotFinite`` on NaN or Inf."""
+    rows, chunk = x.shape
     columns = chunk // group
-    strided = x.view(count, group, columns)
+    strided = x.view(rows, group, columns)
     peak = torch.maximum(strided.amax(1), strided.amin(1).neg_())
     if not all_finite(peak):
-        raise_not_finite(blocks.views(x), "topk")
-    if blocks.short.numel():
-        rows = peak[blocks.short]
-        rows.masked_fill_(torch.arange(columns) >= blocks.real[blocks.short].unsqueeze(1), -1.0)
-        peak[blocks.short] = rows
+        raise NotFinite
+    short = (real < chunk).nonzero().flatten()
+    if short.numel():
+        cut = peak[short]
+        cut.masked_fill_(torch.arange(columns) >= real[short].unsqueeze(1), -1.0)
+        peak[short] = cut
     return peak
 
 
-def top_per_chunk_by_groups(x: Tensor, blocks: Blocks, k: int, group: int) -> Tensor:
-    """(count, k) indices in chunk of each chunk's k largest real magnitudes: the k groups of
+def top_per_chunk_by_groups(x: Tensor, real: Tensor, k: int, group: int) -> Tensor:
+    """(rows, k) indices in chunk of each chunk's k largest real magnitudes: the k groups of
     largest peak, then a top-k over their k·S elements (``TopKCodec`` says why that is exact)."""
-    count, chunk = x.shape
+    rows, chunk = x.shape
     columns = chunk // group
-    groups = group_peaks(x, blocks, group).topk(k, dim=1, sorted=False).indices
-    candidates = (groups.unsqueeze(2) + columns * torch.arange(group)).view(count, k * group)
+    groups = group_peaks(x, real, group).topk(k, dim=1, sorted=False).indices
+    candidates = (groups.unsqueeze(2) + columns * torch.arange(group)).view(rows, k * group)
     magnitude = x.gather(1, candidates).abs_()
-    if blocks.short.numel():
-        rows = magnitude[blocks.short]
-        rows.masked_fill_(candidates[blocks.short] >= blocks.real[blocks.short].unsqueeze(1), -1.0)
-        magnitude[blocks.short] = rows
+    magnitude.masked_fill_(candidates >= real.unsqueeze(1), -1.0)
     return candidates.gather(1, magnitude.topk(k, dim=1, sorted=False).indices)
 
 
-def top_global_by_groups(x: Tensor, blocks: Blocks, kept: int, group: int) -> Tensor:
-    """Positions (in the flat staged buffer) of the ``kept`` largest real magnitudes of ``x``: the
-    ``kept`` groups of largest peak over all chunks, then a top-k over their kept·S elements."""
+def top_global_by_groups(x: Tensor, real: Tensor, peaks: Tensor, kept: int, group: int) -> Tensor:
+    """Positions (in the flat staged buffer ``x``, count × C) of the ``kept`` largest real
+    magnitudes: the ``kept`` groups of largest peak (``group_peaks``) over all chunks, then a top-k
+    over their kept·S elements."""
     chunk = x.shape[1]
     columns = chunk // group
-    groups = group_peaks(x, blocks, group).view(-1).topk(kept, sorted=False).indices
+    groups = peaks.view(-1).topk(kept, sorted=False).indices
     chunk_of, column = groups // columns, groups % columns
     candidates = (chunk_of * chunk + column).unsqueeze(1) + columns * torch.arange(group)
     magnitude = x.view(-1)[candidates].abs_()
-    if blocks.short.numel():
-        padding = candidates - (chunk_of * chunk).unsqueeze(1) >= blocks.real[chunk_of].unsqueeze(1)
-        magnitude.masked_fill_(padding, -1.0)
+    magnitude.masked_fill_(candidates - (chunk_of * chunk).unsqueeze(1) >= real[chunk_of].unsqueeze(1), -1.0)
     return candidates.view(-1)[magnitude.view(-1).topk(kept, sorted=False).indices]
 
 
@@ -1123,13 +1223,8 @@ class ErrorFeedback:
         if self.scratch is None or self.scratch.numel() != staging.numel:
             self.scratch = torch.zeros(staging.numel)  # its padding stays zero
         accumulated = self.scratch
-        if self.residual is None:
-            staging.fill(accumulated, [d.detach() for d in deltas])
-        else:
-            views = zip(staging.views(accumulated), deltas, staging.views(self.residual), strict=True)
-            for a, d, e in views:
-                torch.add(d.detach(), e, alpha=self.decay, out=a)
-        message = self.codec.encode_staged(accumulated, shapes, out=out, residual=True)  # raises first
+        fill = tile_filler(accumulated, staging, deltas, self.residual, self.decay)  # a = Δ + β·e
+        message = self.codec.encode_staged(accumulated, shapes, out=out, residual=True, fill=fill)
         self.shapes = shapes
         self.residual, self.scratch = accumulated, self.residual
         if self.codec.lossless:

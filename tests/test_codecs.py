@@ -644,3 +644,30 @@ def test_int8_subnormal_scales_stay_within_the_encoded_range():
         q = body(message)[4:].view(torch.int8)
         assert int(q.min()) >= -127 and int(q.max()) <= 127
         decoded(codec, message, [torch.zeros(4)])  # accepted
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tiles_change_no_byte(name, monkeypatch):
+    """Encoders work a tile at a time (error feedback's Δ + β·e filled in just before): with tiny
+    tiles (many per tensor, tensors sharing one) every message and residual is the same, byte for
+    byte, as with one tile for everything."""
+    from heloco import codecs
+
+    gen = torch.Generator().manual_seed(11)
+    rounds = [
+        [torch.randn(5, 7, generator=gen), torch.randn(3, generator=gen), torch.randn(20, generator=gen)]
+        for _ in range(3)
+    ]
+
+    def run_rounds():
+        ef = ErrorFeedback(make_codec(**CODECS[name].config()), decay=0.5)
+        plain = make_codec(**CODECS[name].config())
+        out = [(ef.encode(d).payload.clone(), plain.encode(d).payload.clone()) for d in rounds]
+        return out, [e.clone() for e in ef.residuals]
+
+    whole = run_rounds()
+    monkeypatch.setattr(codecs, "TILE", 8)
+    tiled = run_rounds()
+    for (a, b), (c, d) in zip(whole[0], tiled[0], strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    assert all(torch.equal(e, f) for e, f in zip(whole[1], tiled[1], strict=True))
