@@ -15,13 +15,20 @@ bytes of fp32 over the codec's bytes and the median encode+decode time as a shar
 step (goal ≤ 0.05), then the worker/server split and the relative error ‖decode(m) − Δ‖ / ‖Δ‖ of the
 first message (what error feedback carries to the next round).
 
-    python benchmarks/codec.py [--reps 5] [--warmup 1] [--threads N]
+``--baseline REF`` also times ``heloco/codecs.py`` as it is at git revision REF (e.g. ``main``),
+loaded from ``git show``, interleaved with the current one in the same run, so a change is measured
+under the same load: the machine's load moves both alike.
+
+    python benchmarks/codec.py [--reps 5] [--warmup 1] [--threads N] [--baseline REF]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
+import types
 
 import torch
 from common import median, num_params, random_batch, set_threads, time_ms
@@ -41,10 +48,22 @@ CODECS = {
 }
 
 
-class Bench:
-    """The paper's model, its AdamW, a real Δ, and one ErrorFeedback per codec."""
+def codecs_at(revision: str) -> types.ModuleType:
+    """``heloco/codecs.py`` as it is at git ``revision``, as a module of its own."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:heloco/codecs.py"], capture_output=True, check=True, text=True
+    ).stdout
+    module = types.ModuleType(f"codecs_at_{revision}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{revision}:heloco/codecs.py", "exec"), module.__dict__)
+    return module
 
-    def __init__(self, warmup: int, seed: int = 0) -> None:
+
+class Bench:
+    """The paper's model, its AdamW, a real Δ, and one ErrorFeedback per codec (and per codec of a
+    baseline revision, labelled ``"<codec> @<revision>"``)."""
+
+    def __init__(self, warmup: int, seed: int = 0, baseline: str | None = None) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.model = build_model(
             "paper", vocab_size=VOCAB, max_positions=SEQ_LEN, eos_token_id=None, seed=seed
@@ -59,6 +78,11 @@ class Bench:
         self.received = [torch.empty_like(d) for d in self.delta]
         self.feedback = {label: ErrorFeedback(make_codec(**cfg)) for label, cfg in CODECS.items()}
         self.server_codec = {label: make_codec(**cfg) for label, cfg in CODECS.items()}
+        if baseline is not None:
+            old = codecs_at(baseline)
+            for label, cfg in CODECS.items():
+                self.feedback[f"{label} @{baseline}"] = old.ErrorFeedback(old.make_codec(**cfg))
+                self.server_codec[f"{label} @{baseline}"] = old.make_codec(**cfg)
         shapes = [d.shape for d in self.delta]
         self.wire = {
             label: torch.empty(codec.max_nbytes(shapes), dtype=torch.uint8)
@@ -94,16 +118,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="default: every core this process may use")
+    parser.add_argument("--baseline", default=None, help="a git revision whose codecs to time alongside")
     args = parser.parse_args()
     threads = set_threads(args.threads)
     print(f"torch {torch.__version__}, {threads} threads")
-    bench = Bench(args.warmup)
+    bench = Bench(args.warmup, baseline=args.baseline)
     sizes = {label: bench.first_message(label) for label in CODECS}
     fp32_bytes = sizes["fp32+ef"][0]
 
-    kinds = ("inner", *CODECS)
+    timed = tuple(bench.feedback)
+    kinds = ("inner", *timed)
     worker: dict[str, list[float]] = {k: [] for k in kinds}
-    server: dict[str, list[float]] = {k: [] for k in CODECS}
+    server: dict[str, list[float]] = {k: [] for k in timed}
     for rep in range(args.warmup + args.reps):
         order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
         for kind in order:
@@ -132,6 +158,13 @@ def main() -> None:
             f"  {nbytes} bytes; worker ErrorFeedback.encode {enc:.1f} ms + server decode {dec:.1f} ms; "
             f"first message ‖decode − Δ‖/‖Δ‖ = {rel_err:.3f}"
         )
+        if args.baseline is not None:
+            key = f"{label} @{args.baseline}"
+            before = median([w + s for w, s in zip(worker[key], server[key], strict=True)])
+            print(
+                f"  before (@{args.baseline}): {before:.1f} ms = {before / inner:.3f} of one inner step; "
+                f"now {before / total:.1f}x faster"
+            )
     print(f"  medians of {args.reps} reps after {args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
 
 
