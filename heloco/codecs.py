@@ -45,7 +45,9 @@ MB costs more than the arithmetic on them. Speed comes from few passes over whol
 ``Codec.staging(shapes)`` is the flat fp32 layout a codec encodes from (each tensor at an offset, its
 last block or chunk zero-padded), ``encode_staged(flat, shapes, residual=True)`` encodes it and
 leaves ``flat − decode(message)`` in place from the values the encoder computed anyway, which is
-how ``ErrorFeedback`` runs a round in a handful of vectorised passes.
+how ``ErrorFeedback`` runs a round in a handful of vectorised passes; and encoders work a tile of
+``TILE`` elements at a time, error feedback's Δ + β·e written into the tile just before
+(``tile_filler``), so those passes read it from the cache rather than from memory.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from torch import Tensor
 __all__ = [
     "CODEC_NAMES",
     "HEADER_BYTES",
+    "TOPK_SCOPES",
     "BF16Codec",
     "Codec",
     "CodecHeader",
@@ -75,6 +78,7 @@ __all__ = [
     "FP32Codec",
     "Int8Codec",
     "MalformedMessage",
+    "Staging",
     "TopKCodec",
     "make_codec",
     "pack_bits",
@@ -779,11 +783,13 @@ class TopKCodec(Codec):
       fp32. The header's k is K, and global messages have their own codec id (5), so a decoder of
       one scope refuses the other's messages.
 
-    Selection is exact (ties broken arbitrarily) but avoids a top-k over every element: each chunk
-    is viewed as S strided groups' worth of G = C/S columns (group g of chunk j: its elements g, g + G,
-    …), and the kept entries can only lie in the k (or K) groups of largest absolute maximum, since
-    any element outside them is at most the smallest of those k group maxima, which are k elements
-    already; the top-k then runs over those groups' k·S elements (``group_size``, ``top_per_chunk_by_groups``, ``top_global_by_groups``).
+    Selection is exact (ties broken arbitrarily) without a top-k over every element: a chunk's C
+    elements are split into G = C/S groups of S (group g: elements g, g + G, g + 2G, …, a strided
+    view that two fast reductions summarise). The kept entries all lie in the k (or K) groups of
+    largest absolute maximum: any element outside them is at most the smallest of those k maxima,
+    which are themselves k elements at least that large. So the final top-k ranks only those
+    groups' k·S elements (S = 8 at C = 4096, k = 41: 512 + 328 values ranked instead of 4096;
+    ``group_size``, ``top_per_chunk_by_groups``, ``top_global_by_groups``).
     """
 
     name = "topk"

@@ -20,7 +20,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from heloco.aggregator import DISPATCHES
-from heloco.codecs import CODEC_NAMES
+from heloco.codecs import CODEC_NAMES, TOPK_SCOPES
 from heloco.correction import REORIENT_SCHEDULES
 from heloco.server_policies import DRIFT_NORMALIZATIONS
 from recipes.cli import ConfigError, MissingFileError
@@ -55,7 +55,6 @@ CODEC_OPTION_DEFAULTS = {
 # What a reply carries down (recipes.simulator): the parameters, or their change since the worker's
 # copy encoded with downlink_codec (heloco.transport.DeltaDownlink)
 DOWNLINKS = ("params", "delta")
-TOPK_SCOPES = ("chunk", "global")
 
 
 @dataclass
