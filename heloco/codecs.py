@@ -849,13 +849,13 @@ class TopKCodec(Codec):
         blocks = blocks_of(shapes, self.chunk)
         try:
             if self.scope == "chunk":
-                chunk_of, index = self.select_per_chunk(flat, blocks, shapes, fill)
+                chunk_of, index, value = self.select_per_chunk(flat, blocks, shapes, fill)
             else:
                 chunk_of, index = self.select_global(flat, blocks, fill)
+                value = flat.index_select(0, chunk_of * self.chunk + index)
         except NotFinite:
             raise_not_finite(blocks.views(flat), self.name)
         position = chunk_of * self.chunk + index  # in the staged buffer
-        value = flat[position]
         size = value.abs()
         scales = body[: 8 * blocks.count].view(torch.float32).view(blocks.count, 2)
         torch.zeros(blocks.count, out=scales[:, 0]).scatter_reduce_(
@@ -881,11 +881,13 @@ class TopKCodec(Codec):
 
     def select_per_chunk(
         self, flat: Tensor, blocks: Blocks, shapes: tuple[tuple[int, ...], ...], fill: Fill | None
-    ) -> tuple[Tensor, Tensor]:
-        """(chunk, index in chunk) of each kept entry, chunk after chunk, indices increasing; a
-        tile of chunks at a time (each chunk's selection is its own)."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(chunk, index in chunk, value) of each kept entry, chunk after chunk, indices
+        increasing; a tile of chunks at a time (each chunk's selection is its own), the values read
+        while the tile is in the cache."""
         group = group_size(self.chunk, self.k, self.chunk)
         index = torch.empty(blocks.count, self.k, dtype=torch.int64)
+        value = torch.empty(blocks.count, self.k)
         for start, stop in tiles(flat.numel(), self.chunk):
             if fill is not None:
                 fill(start, stop)
@@ -895,11 +897,14 @@ class TopKCodec(Codec):
                 index[rows] = top_per_chunk_by_groups(x, blocks.real[rows], self.k, group)
             else:
                 index[rows] = top_per_chunk(x, blocks.real[rows], self.k)
-        index = index.sort(dim=1).values
+            torch.gather(x, 1, index[rows], out=value[rows])
+        index, order = index.sort(dim=1)
+        value = value.gather(1, order)
         entries = entries_of(shapes, self.chunk, self.k)
         if entries.full:
-            return entries.chunk, index.reshape(-1)
-        return entries.chunk, index[index < blocks.real.unsqueeze(1)]  # padding picked last, dropped
+            return entries.chunk, index.reshape(-1), value.reshape(-1)
+        keep = index < blocks.real.unsqueeze(1)  # padding is picked last: dropped
+        return entries.chunk, index[keep], value[keep]
 
     def select_global(self, flat: Tensor, blocks: Blocks, fill: Fill | None) -> tuple[Tensor, Tensor]:
         """(chunk, index in chunk) of the K largest magnitudes over all real elements, chunk after
