@@ -56,6 +56,7 @@ import abc
 import bisect
 import dataclasses
 import functools
+import itertools
 import math
 import numbers
 import struct
@@ -261,6 +262,23 @@ class Staging:
         """Copy ``tensors`` into their places (the padding is left as it is: zero)."""
         torch._foreach_copy_(self.views(flat), list(tensors))
 
+    def real_within(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """(tensor i, lo, hi) for each tensor whose elements occupy [lo, hi) ⊆ [start, stop) of the
+        staged buffer (padding excluded)."""
+        found = []
+        i = max(0, bisect.bisect_right(self.offsets, start) - 1)
+        while i < len(self.offsets) and self.offsets[i] < stop:
+            lo, hi = max(start, self.offsets[i]), min(stop, self.offsets[i] + self.layout.numels[i])
+            if lo < hi:
+                found.append((i, lo, hi))
+            i += 1
+        return found
+
+    @functools.cached_property
+    def packed_offsets(self) -> tuple[int, ...]:
+        """Where each tensor starts when they are back to back without padding (the wire's order)."""
+        return tuple(itertools.accumulate(self.layout.numels, initial=0))[:-1]
+
 
 def tile_filler(
     flat: Tensor,
@@ -273,19 +291,14 @@ def tile_filler(
     their places of ``flat`` within [start, stop): error feedback's a = Δ + β·e, one tile at a
     time, so the encoder reads it back from the cache. Padding is never written."""
     pieces = [t.detach().reshape(-1) for t in tensors]
-    offsets, numels = staging.offsets, staging.layout.numels
 
     def fill(start: int, stop: int) -> None:
-        i = max(0, bisect.bisect_right(offsets, start) - 1)
-        while i < len(offsets) and offsets[i] < stop:
-            lo, hi = max(start, offsets[i]), min(stop, offsets[i] + numels[i])
-            if lo < hi:
-                piece = pieces[i][lo - offsets[i] : hi - offsets[i]]
-                if residual is None:
-                    flat[lo:hi].copy_(piece)
-                else:
-                    torch.add(piece, residual[lo:hi], alpha=decay, out=flat[lo:hi])
-            i += 1
+        for i, lo, hi in staging.real_within(start, stop):
+            piece = pieces[i][lo - staging.offsets[i] : hi - staging.offsets[i]]
+            if residual is None:
+                flat[lo:hi].copy_(piece)
+            else:
+                torch.add(piece, residual[lo:hi], alpha=decay, out=flat[lo:hi])
 
     return fill
 
@@ -680,25 +693,26 @@ class Int8Codec(Codec):
         fill: Fill | None = None,
     ) -> None:
         blocks = blocks_of(shapes, self.block)
+        staging = blocks.staging
         scales = body[: 4 * blocks.count].view(torch.float32)
-        quantized = self.workspace("quantized", blocks.count * self.block, torch.int8)[0]
+        wire = body[4 * blocks.count :].view(torch.int8)
         scratch = self.workspace("scratch", min(TILE, flat.numel()))[0]
         for start, stop in tiles(flat.numel(), self.block):
             if fill is not None:
                 fill(start, stop)
             rows = slice(start // self.block, stop // self.block)
             x = flat[start:stop].view(-1, self.block)
-            q = scratch[: stop - start].view_as(x)
-            self.quantize(x, scales[rows], q)
-            quantized[start:stop].view_as(x).copy_(q)  # integral floats in [−127, 127] → int8
+            q = scratch[: stop - start]
+            self.quantize(x, scales[rows], q.view_as(x))
+            for i, lo, hi in staging.real_within(start, stop):  # integral floats → int8, unpadded
+                at = staging.packed_offsets[i] + lo - staging.offsets[i]
+                wire[at : at + hi - lo].copy_(q[lo - start : hi - start])
             if residual:  # decode is float(q) × scale: the same product, then a − it
-                x.sub_(q.mul_(scales[rows].unsqueeze(1)))
+                x.sub_(q.view_as(x).mul_(scales[rows].unsqueeze(1)))
         if not bool(torch.isfinite(scales).all()):
             raise_not_finite(blocks.views(flat), self.name)
         if not bool(torch.isfinite(largest_decoded(scales, 127.0)).all()):
             raise_not_finite(blocks.views(flat), self.name)  # |x| ≈ fp32's max: 127 × scale → Inf
-        wire = body[4 * blocks.count :].view(torch.int8)
-        torch._foreach_copy_(blocks.layout.views(wire), blocks.views(quantized))
 
     @staticmethod
     def quantize(x: Tensor, scales: Tensor, q: Tensor) -> None:
@@ -708,8 +722,10 @@ class Int8Codec(Codec):
         absmax = torch.maximum(x.amax(1), x.amin(1).neg_())  # two fast passes; aminmax is slower
         torch.div(absmax, 127.0, out=scales)
         divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
-        # a subnormal scale is inexact, so |x|/scale may pass 127.5: clamped (in the cache: cheap)
-        torch.div(x, divisor.unsqueeze(1), out=q).round_().clamp_(-127, 127)
+        torch.div(x, divisor.unsqueeze(1), out=q).round_()
+        subnormal = (scales > 0) & (scales < torch.finfo(torch.float32).tiny)
+        if bool(subnormal.any()):  # an inexact scale: |x|/scale may pass 127.5 (a normal one keeps it
+            q.clamp_(-127, 127)  # ≤ 127·(1 + 2⁻²³), which rounds to 127)
 
     def checked_parts(self, body: Tensor, blocks: Blocks) -> tuple[Tensor, Tensor]:
         """The scales (fp32) and values (int8) of a body, once they are checked."""
