@@ -1211,10 +1211,10 @@ class ErrorFeedback:
     SparseLoCo): what the codec dropped is added to the next Δ instead of being lost.
 
     Per tensor an fp32 residual e (zero at first): a = Δ + β·e; m = codec.encode(a);
-    e ← a − decode(m); send m. Invariant, bit for bit (the codec computes e from the very values its
-    decoder produces):
+    e ← a − decode(m); send m. e is computed from the very values the decoder produces, so it is
+    bit for bit the fp32 a − decode(m), and up to that subtraction's rounding (and a's):
 
-        decode(m) + e_new == Δ + β·e_old   (up to the rounding of that one subtraction)
+        decode(m) + e_new == Δ + β·e_old
 
     so with β = 1 (``decay``; SparseLoCo decays it, β < 1) the sum of everything decoded by the
     server plus the current residual is exactly the sum of every Δ. A Δ that cannot be encoded
