@@ -1,9 +1,9 @@
 """Bytes on the wire and cost of each pseudo-gradient codec, relative to one inner training step, on the
 paper's 15M model (GPT-2 shape: 8 layers, width 128, 4 heads, untied head, GPT-2's 50257 vocabulary).
 
-For each codec (fp32, bf16, blockwise int8, top-1% in 2 bits per chunk of 4096), wrapped in
-``ErrorFeedback`` as a worker would use it, in the same run and interleaved (the order rotates every
-repetition):
+For each codec (fp32, bf16, blockwise int8, top-1% in 2 bits per chunk of 4096 or over the whole
+Δ), wrapped in ``ErrorFeedback`` as a worker would use it, in the same run and interleaved (the order
+rotates every repetition):
 
 (a) inner: one forward + backward + AdamW step + zero_grad on a batch of 2 × 128 random tokens;
 (b) encode+decode: the worker's ``ErrorFeedback.encode(Δ)`` (encode into a preallocated wire buffer
@@ -45,6 +45,7 @@ CODECS = {
     "bf16+ef": dict(name="bf16"),
     "int8+ef": dict(name="int8", block=256),
     "topk1%/2bit+ef": dict(name="topk", fraction=0.01, bits=2, chunk=4096),
+    "topk1%/2bit global+ef": dict(name="topk", fraction=0.01, bits=2, chunk=4096, scope="global"),
 }
 
 
@@ -81,8 +82,11 @@ class Bench:
         if baseline is not None:
             old = codecs_at(baseline)
             for label, cfg in CODECS.items():
+                try:
+                    self.server_codec[f"{label} @{baseline}"] = old.make_codec(**cfg)
+                except ValueError:  # a codec or option the baseline does not have
+                    continue
                 self.feedback[f"{label} @{baseline}"] = old.ErrorFeedback(old.make_codec(**cfg))
-                self.server_codec[f"{label} @{baseline}"] = old.make_codec(**cfg)
         shapes = [d.shape for d in self.delta]
         self.wire = {
             label: torch.empty(codec.max_nbytes(shapes), dtype=torch.uint8)
@@ -158,8 +162,8 @@ def main() -> None:
             f"  {nbytes} bytes; worker ErrorFeedback.encode {enc:.1f} ms + server decode {dec:.1f} ms; "
             f"first message ‖decode − Δ‖/‖Δ‖ = {rel_err:.3f}"
         )
-        if args.baseline is not None:
-            key = f"{label} @{args.baseline}"
+        key = f"{label} @{args.baseline}"
+        if key in worker:
             before = median([w + s for w, s in zip(worker[key], server[key], strict=True)])
             print(
                 f"  before (@{args.baseline}): {before:.1f} ms = {before / inner:.3f} of one inner step; "
