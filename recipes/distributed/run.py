@@ -327,6 +327,7 @@ def run_worker(
             rank_log=rank_log,
             gate=rank0.gate if rank0 is not None else None,
             checkpoints=checkpoints,
+            group_size=size,
         )
     except KeyboardInterrupt:
         if rank0 is None:

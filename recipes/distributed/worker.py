@@ -126,10 +126,17 @@ def train_worker(
     rank_log: JsonLines,
     gate: Gate | None,
     checkpoints: WorkerCheckpoints,
+    group_size: int = 1,
 ) -> dict[str, Any]:
     """Rounds of ``steps`` inner steps until the server says stop; returns this rank's report.
     Each round is ``loop.run`` then ``worker.sync()``, as in the simulator. After each submission
-    ``checkpoints`` keeps this worker's state and writes what the server asks for."""
+    ``checkpoints`` keeps this worker's state and writes what the server asks for.
+
+    A rank alone in its worker may stop early on what it knows itself (rank 0 sees the gate close, the
+    time budget runs out). The ranks of a group must stop together, or one would wait forever in a
+    collective of a round the others left: they stop only on what the leader relays from the server
+    to all of them (``stop`` in the statistics, or the server's error), so a round begun after the
+    deadline is finished and refused, as in the simulator."""
     t = config.train
     timer = RoundTimer(slowdown, loop.accelerator.device)
     worker_id = rank if worker_id is None else worker_id  # a group's ranks share their worker's id
@@ -142,8 +149,12 @@ def train_worker(
     def progress() -> float:
         return budget_progress(t.budget_tokens, t.budget_time, global_tokens, time.monotonic() - start)
 
+    alone = group_size == 1
+    own_gate = gate if alone else None  # see the docstring: a group's ranks decide together
+    own_budget_time = t.budget_time if alone else None
+
     def abandon() -> bool:  # rank 0 knows at once that the run stopped: no need to finish the round
-        return gate is not None and gate.closed.is_set()
+        return own_gate is not None and own_gate.closed.is_set()
 
     try:
         with timer.blocked():
@@ -152,7 +163,7 @@ def train_worker(
         steps = worker.sync_every = int(first.stats.get("inner_steps", steps))  # the server's count
         checkpoints.submissions = int(first.stats.get("submissions", checkpoints.submissions))
         while True:
-            stop = reason_to_stop(gate, t.budget_time, start)
+            stop = reason_to_stop(own_gate, own_budget_time, start)
             if stop is not None:
                 reason = stop
                 break
