@@ -168,6 +168,7 @@ def test_along_table_compares_the_two_methods_at_every_shared_evaluation(tmp_pat
     assert (
         rows[4] == "| 0 | +0.00 | +5.00 | -10.00 |"
     )  # (6 - 5.7)/6 and (5 - 5.5)/5; the "time" eval is left out
+    assert (tmp_path / "out" / "heloco_vs_mla_along.png").stat().st_size > 0
 
 
 def test_along_table_names_a_missing_method(tmp_path):

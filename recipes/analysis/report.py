@@ -364,6 +364,7 @@ def along_table(compare_dir: Path, out_dir: Path, reference: str = "heloco", bas
     if missing:
         raise UserError(f"{compare_dir}: no finished runs labelled {missing}; found {sorted(runs)}")
     lines = []
+    fig, ax = plt.subplots(figsize=(7, 3.6))
     for seed in sorted(set(runs[reference]) & set(runs[baseline])):
         losses = [
             {r["tokens"]: r["val_loss/mean"] for r in read_evals(runs[m][seed]) if r["reason"] != "time"}
@@ -371,6 +372,7 @@ def along_table(compare_dir: Path, out_dir: Path, reference: str = "heloco", bas
         ]
         tokens = sorted(set(losses[0]) & set(losses[1]))
         rel = [(losses[0][t] - losses[1][t]) / losses[0][t] * 100 for t in tokens]
+        ax.plot([t / 1e6 for t in tokens], rel, marker=".", label=f"seed {seed}")
         if not lines:
             lines = [
                 "| seed | " + " | ".join(f"{t / 1000:g}k" for t in tokens) + " |",
@@ -378,8 +380,19 @@ def along_table(compare_dir: Path, out_dir: Path, reference: str = "heloco", bas
             ]
         lines.append(f"| {seed} | " + " | ".join(f"{r:+.2f}" for r in rel) + " |")
     text = f"{reference} vs {baseline} (%) at each evaluation (tokens):\n\n" + "\n".join(lines)
+    ax.axhline(0.0, color="0.3", linewidth=0.8)
+    ax.set_xlabel("tokens (millions)")
+    ax.set_ylabel(f"(L_{baseline} − L_{reference}) / L_{baseline}, %")
+    ax.set_title(f"{reference} vs {baseline} along the run (above 0: {reference} is better)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{reference}_vs_{baseline}_along.md").write_text(text + "\n")
+    fig.savefig(out_dir / f"{reference}_vs_{baseline}_along.png", dpi=120)
+    plt.close(fig)
+    (out_dir / f"{reference}_vs_{baseline}_along.md").write_text(
+        text + f"\n\n![along the run]({reference}_vs_{baseline}_along.png)\n"
+    )
     return text
 
 
