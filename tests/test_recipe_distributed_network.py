@@ -80,29 +80,30 @@ def test_overlap_hides_an_emulated_slow_link(shards2, warm2, capsys):
     Compared between the two runs (not against wall-clock thresholds): the machine may be loaded."""
     shapes = parameter_shapes(two_workers(shards2, warm2 / "unused"))
     fp32 = 4 * sum(math.prod(s) for s in shapes)
-    bandwidth = fp32 / 0.15  # 0.15 s per fp32 message each way; a round of 6 tiny steps is ~0.2-0.5 s
+    bandwidth = fp32 / 0.1  # 0.1 s per fp32 message each way; a round of 10 tiny steps takes ~0.3-0.6 s
     runs = {}
     for overlap in (False, True):
         out = warm2 / f"link-overlap-{overlap}"
         v = two_workers(
             shards2,
             out,
-            inner_steps=6,
+            inner_steps=10,
+            budget_tokens=24000,
             uplink_bandwidth=[bandwidth],
             downlink_bandwidth=[bandwidth],
             overlap=overlap,
         )
         runs[overlap] = launch(v, warm2 / f"link-overlap-{overlap}.log")
     for summary in runs.values():
-        assert summary["stop_reason"] == "budget_tokens" and summary["tokens"] >= 12000
+        assert summary["stop_reason"] == "budget_tokens" and summary["tokens"] >= 24000
         for rank in summary["distributed"]["ranks"]:
-            assert rank["link_uplink_bytes"] == rank["uplink_bytes"] > 0
+            assert rank["link_uplink_bytes"] >= rank["uplink_bytes"] > 0  # + a Δ the stopped server refused
             assert rank["link_sleep_s"] > 0
     idle = {o: s["idle_fraction"] for o, s in runs.items()}
     with capsys.disabled():
         print(
             f"\nidle fraction per rank, emulated link {bandwidth:.0f} B/s: without overlap {idle[False]}, with {idle[True]}"
         )
-    assert max(idle[True]) < min(idle[False]) / 2, idle
+    assert sum(idle[True]) < 0.6 * sum(idle[False]), idle
     evals = [r for r in read_jsonl(warm2 / "link-overlap-True" / "metrics.jsonl") if r["event"] == "eval"]
     assert evals[-1]["val_loss/mean"] < evals[0]["val_loss/mean"] - 0.2

@@ -163,7 +163,7 @@ def train_worker(
     def abandon() -> bool:  # rank 0 knows at once that the run stopped: no need to finish the round
         return gate is not None and gate.closed.is_set()
 
-    def arrived(result: Any, nbytes: int, update: Any, state: WorkerState | None) -> bool:
+    def arrived(update: Any, result: Any, nbytes: int, state: WorkerState | None) -> bool:
         """A submission was answered: count it, keep its state, log it; whether the run is over."""
         nonlocal rounds, global_tokens, uplink_bytes
         rounds += 1
@@ -210,7 +210,7 @@ def train_worker(
                     rejected += 1
                 else:
                     worker.receive(update)  # held: merged into this round's end by outgoing()
-                    if arrived(*previous, update):
+                    if arrived(update, *previous):
                         wasted += 1  # this round's steps, done while the last one was answered
                         reason = "budget_tokens"
                         break
@@ -228,7 +228,7 @@ def train_worker(
                 skip_refused_round(worker, rank_log, rank, rounds, refused)
                 rejected += 1
                 continue
-            if arrived(result, outgoing.nbytes, update, None):
+            if arrived(update, result, outgoing.nbytes, None):
                 reason = "budget_tokens"
                 break
     except (ServerStopped, QuorumUnreachable, TimeoutError) as e:  # the round in flight is lost
@@ -239,7 +239,7 @@ def train_worker(
             with timer.blocked():
                 update = exchange.wait()
             worker.receive(update)
-            arrived(*in_flight, update)
+            arrived(update, *in_flight)
         except (ServerStopped, QuorumUnreachable, TimeoutError, ValueError) as e:
             wasted += 1
             logger.info("rank %d: the last overlapped round was not taken: %s", rank, e)
