@@ -279,7 +279,9 @@ def serve_encoded(
     raw_pg, raw_in, raw_out = raw
     targets = {"encoded, transport only": CopyingAggregator(params), "encoded, ordinary": aggregator(params)}
     servers = [
-        DistributedServer(agg, store, num_workers=2, timeout=300, prefix=f"{tag}/{mode}", codec=codec).start()
+        DistributedServer(
+            agg, store, num_workers=2, params_like=params, timeout=300, prefix=f"{tag}/{mode}", codec=codec
+        ).start()
         for mode, agg in targets.items()
     ]
     for _ in range(blocks):
