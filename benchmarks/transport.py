@@ -23,7 +23,19 @@ Each line is the median over rounds of the per-round ratio of payload bytes move
 (heloco / raw, paired so that drifting machine load cancels). A breakdown line times, in the worker
 process alone, the pieces the ordinary path adds to a raw round trip.
 
-    python benchmarks/transport.py [--rounds 7] [--per-block 3]
+With ``--codec int8`` (or bf16, topk; ``none`` skips it) two more lines per model compare an
+*encoded* round trip with raw gloo moving the same bytes (the encoded Δ there, the fp32 parameters
+back), measured in the same run, in interleaved blocks:
+
+- encoded, transport only: ``DistributedTransport.submit_encoded`` of a message already encoded
+  into the send buffer; the server decodes it into fp32 (its checks included) and an aggregator that
+  only copies its parameters answers: the wire and the server's decode.
+- encoded, ordinary: ``DiLoCoWorker.sync()`` with ``ErrorFeedback(codec)``: Δ, error feedback and
+  encoding on the worker, then the above with a real ``AsyncAggregator`` (no-op outer step).
+
+The machine's load average is printed with the numbers (they move with it).
+
+    python benchmarks/transport.py [--rounds 7] [--per-block 3] [--codec int8]
 """
 
 from __future__ import annotations
@@ -45,12 +57,14 @@ from torch import nn
 from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
 from heloco.aggregator import AsyncAggregator, Update
+from heloco.codecs import CODEC_NAMES, Codec, ErrorFeedback, make_codec
 from heloco.distributed.client import DistributedTransport
 from heloco.distributed.server import DistributedServer
 from heloco.worker import DiLoCoWorker
 
 TIMEOUT = datetime.timedelta(seconds=300)
 MODES = ("ordinary", "before", "transport only")
+ENCODED_MODES = ("encoded, transport only", "encoded, ordinary")
 
 
 def llama_like(vocab: int, d: int, ffn: int, layers: int) -> list[torch.Tensor]:
@@ -257,7 +271,105 @@ def measure(
     return rates, piece_ms
 
 
-def run(rank: int, port: int, rounds: int, per_block: int, out: mp.Queue) -> None:
+def serve_encoded(
+    store: TCPStore, tag: str, params: list[torch.Tensor], codec: Codec, raw: tuple, blocks: int
+) -> None:
+    """Rank 0, encoded: a server with the codec per way of answering, plus the raw echo (the
+    encoded bytes in, the fp32 parameters' bytes out)."""
+    raw_pg, raw_in, raw_out = raw
+    targets = {"encoded, transport only": CopyingAggregator(params), "encoded, ordinary": aggregator(params)}
+    servers = [
+        DistributedServer(
+            agg, store, num_workers=2, params_like=params, timeout=300, prefix=f"{tag}/{mode}", codec=codec
+        ).start()
+        for mode, agg in targets.items()
+    ]
+    for _ in range(blocks):
+        raw_pg.recv([raw_in], 1, 0).wait()
+        raw_pg.send([raw_out], 1, 0).wait()
+    for server in servers:
+        server.join(timeout=300)
+
+
+def measure_encoded(
+    store: TCPStore,
+    tag: str,
+    params: list[torch.Tensor],
+    codec: Codec,
+    raw: tuple,
+    rounds: int,
+    per_block: int,
+) -> dict[str, list[float]]:
+    """Rank 1, encoded: interleaved blocks of raw and heloco round trips (bytes/s per block)."""
+    raw_pg, raw_in, raw_out = raw
+    moved = raw_in.numel() + raw_out.numel()
+    transports = {
+        mode: DistributedTransport(1, params, store, timeout=300, prefix=f"{tag}/{mode}", codec=codec)
+        for mode in ENCODED_MODES
+    }
+    direct = transports["encoded, transport only"]
+    version = direct.dispatch(1).version
+    message = codec.encode([torch.randn_like(p) * 1e-3 for p in params], out=direct.encoded_buffer())
+    model = Replica(params)
+    ordinary = DiLoCoWorker(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        transports["encoded, ordinary"],
+        1,
+        sync_every=1,
+        codec=ErrorFeedback(make_codec(**codec.config())),
+    )
+    ordinary.pull()
+    steps: dict[str, Callable[[], object]] = {
+        "encoded, transport only": lambda: direct.submit_encoded(1, message, version),
+        "encoded, ordinary": ordinary.sync,
+    }
+
+    def raw_round_trip() -> None:
+        raw_pg.send([raw_in], 0, 0).wait()
+        raw_pg.recv([raw_out], 0, 0).wait()
+
+    rates: dict[str, list[float]] = {"raw": [], **{m: [] for m in ENCODED_MODES}}
+    for _ in range(rounds):
+        for mode, step in {"raw": raw_round_trip, **steps}.items():
+            step()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(per_block):
+                step()
+            rates[mode].append(moved * per_block / (time.perf_counter() - t0))
+    for t in transports.values():
+        t.leave()
+    return rates
+
+
+def run_encoded(
+    rank: int, store: TCPStore, codec_name: str, rounds: int, per_block: int, out: mp.Queue
+) -> None:
+    """The encoded lines: per model, our encoded round trip against raw gloo moving the same bytes."""
+    for name, cfg in MODELS.items():
+        params = llama_like(**cfg)
+        numel = sum(p.numel() for p in params)
+        codec = make_codec(codec_name)
+        encoded = codec.max_nbytes([tuple(p.shape) for p in params])
+        tag = f"{name}/codec-{codec_name}"
+        raw_pg = ProcessGroupGloo(PrefixStore(f"raw/{tag}", store), rank, 2, TIMEOUT)
+        raw = (raw_pg, torch.empty(encoded, dtype=torch.uint8), torch.empty(4 * numel, dtype=torch.uint8))
+        if rank == 0:
+            serve_encoded(store, tag, params, codec, raw, rounds * (per_block + 1))
+            continue
+        rates = measure_encoded(store, tag, params, codec, raw, rounds, per_block)
+        raw_rate = statistics.median(rates["raw"])
+        label = f"transport {numel / 1e6:.1f}M params {codec_name} up ({encoded / 4 / numel:.2f} of fp32) fp32 down"
+        for mode in ENCODED_MODES:
+            ratio = statistics.median(h / r for h, r in zip(rates[mode], rates["raw"], strict=True))
+            rate = statistics.median(rates[mode])
+            out.put(
+                f"{label}, {mode}: heloco/raw = {ratio:.2f} (heloco {rate / 1e6:.0f} MB/s, raw "
+                f"{raw_rate / 1e6:.0f} MB/s; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})"
+            )
+
+
+def run(rank: int, port: int, rounds: int, per_block: int, out: mp.Queue, codec: str = "none") -> None:
     torch.manual_seed(0)
     store = TCPStore("127.0.0.1", port, 2, rank == 0, timeout=TIMEOUT)
     for name, cfg in MODELS.items():
@@ -290,19 +402,39 @@ def run(rank: int, port: int, rounds: int, per_block: int, out: mp.Queue) -> Non
                 f"{label}, breakdown: ordinary {ordinary_ms:.1f} ms per round trip vs raw {raw_ms:.1f} ms "
                 f"+ added work {sum(added.values()):.1f} ms ({parts})"
             )
+    if codec != "none":
+        run_encoded(rank, store, codec, rounds, per_block, out)
+
+
+def run_codec_only(rank: int, port: int, rounds: int, per_block: int, out: mp.Queue, codec: str) -> None:
+    torch.manual_seed(0)
+    store = TCPStore("127.0.0.1", port, 2, rank == 0, timeout=TIMEOUT)
+    run_encoded(rank, store, "int8" if codec == "none" else codec, rounds, per_block, out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved blocks per configuration")
     parser.add_argument("--per-block", type=int, default=3, help="round trips per block")
+    parser.add_argument(
+        "--codec",
+        default="int8",
+        choices=["none", *(c for c in CODEC_NAMES if c != "fp32")],
+        help="also measure Δ encoded with this codec against raw gloo of the same bytes (none: skip)",
+    )
+    parser.add_argument("--only-codec", action="store_true", help="only the encoded lines")
     args = parser.parse_args()
     if args.rounds < 1 or args.per_block < 1:
         parser.error("--rounds and --per-block must be >= 1")
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=run, args=(r, port, args.rounds, args.per_block, out)) for r in (0, 1)]
+    target = run_codec_only if args.only_codec else run
+    procs = [
+        ctx.Process(target=target, args=(r, port, args.rounds, args.per_block, out, args.codec))
+        for r in (0, 1)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -311,6 +443,7 @@ def main() -> None:
     lines = []
     while not out.empty():
         lines.append(out.get())
+    print(f"load average before/after: {load_before} / {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("\n".join(lines))
     print(
         "(one round trip = Δ there, parameters back; ratios are medians of per-round paired ratios; "

@@ -266,12 +266,32 @@ class DiLoCoWorker:
             return Outgoing(self.base_version, tensor_bytes(delta), pseudo_grads=delta)
         if any(d.device.type != "cpu" for d in delta):  # codecs work where the wire is: the CPU
             delta = [d.to("cpu") for d in delta]
-        message = self.codec.encode(delta)
+        # A transport that sends from its own buffer (DistributedTransport) offers where to encode.
+        wire = getattr(self.transport, "encoded_buffer", None)
+        message = self.codec.encode(delta, out=wire()) if callable(wire) else self.codec.encode(delta)
         return Outgoing(self.base_version, int(message.nbytes), message=message)
 
     def send(self, outgoing: Outgoing) -> Update:
         """Submit the message (``transport.submit``, or ``submit_encoded`` for an encoded one); the
         answer is written into θ_start when the transport can."""
+        update = self.transmit(outgoing)
+        if self.overlap:
+            self.awaiting_reply = True
+        return update
+
+    def mark_in_flight(self) -> None:
+        """Overlapping: record that ``outgoing``'s message is on its way (``send`` does it; a caller
+        running ``transmit`` on another thread calls this first, on the worker's own thread), so the
+        reply or a ``pull()`` is held for the next round's end instead of loaded."""
+        if not self.overlap:
+            raise RuntimeError("mark_in_flight() is for overlapped rounds (DiLoCoWorker(overlap=True))")
+        self.awaiting_reply = True
+
+    def transmit(self, outgoing: Outgoing) -> Update:
+        """The transport call of ``send`` and nothing else: it reads only the message (or Δ's
+        buffers) and, when the transport writes its answer into given tensors, writes θ_start. So it
+        may run on a background thread while the worker trains its next round (overlap), as long as
+        nothing reads θ_start or uses the transport until it returned."""
         out = {"out": self._start} if self._answer_into_start else {}
         if outgoing.message is not None:
             submit_encoded = self.transport.submit_encoded  # type: ignore[attr-defined]
@@ -280,8 +300,6 @@ class DiLoCoWorker:
             update = self.transport.submit(
                 self.worker_id, outgoing.pseudo_grads, outgoing.base_version, **out
             )
-        if self.overlap:
-            self.awaiting_reply = True
         return update
 
     def receive(self, update: Update) -> None:

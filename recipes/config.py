@@ -176,25 +176,27 @@ class DiLoCoArguments:
         default="ddp",
         metadata={"help": f"distributed: inside a group, one of {', '.join(GROUP_PARALLELISMS)}"},
     )
-    # The simulated network (docs/communication.md): one value per worker, or one for all; unset: an
-    # instantaneous link (bit-identical to a run without these fields).
+    # The network (docs/communication.md): simulated, or emulated in distributed mode; one value per
+    # worker, or one for all; unset: an instantaneous link (bit-identical to a run without these fields).
     uplink_bandwidth: list[float] | None = field(
         default=None,
         metadata={
-            "help": "simulate: bytes per virtual second from each worker to the server (unset: unlimited)"
+            "help": "bytes per second from each worker to the server (unset: unlimited); simulate: virtual "
+            "seconds, distributed: an emulated link (the transport sleeps)"
         },
     )
     uplink_latency: list[float] | None = field(
-        default=None, metadata={"help": "simulate: virtual seconds added to every message to the server"}
+        default=None,
+        metadata={"help": "seconds added to every message to the server (virtual; distributed: slept)"},
     )
     downlink_bandwidth: list[float] | None = field(
         default=None,
         metadata={
-            "help": "simulate: bytes per virtual second from the server to each worker (unset: unlimited)"
+            "help": "bytes per second from the server to each worker (unset: unlimited); distributed: emulated"
         },
     )
     downlink_latency: list[float] | None = field(
-        default=None, metadata={"help": "simulate: virtual seconds added to every reply"}
+        default=None, metadata={"help": "seconds added to every reply (virtual; distributed: slept)"}
     )
     server_step_time: float = field(
         default=0.0, metadata={"help": "simulate: virtual seconds between a message's receipt and its reply"}
@@ -202,18 +204,18 @@ class DiLoCoArguments:
     overlap: bool = field(
         default=False,
         metadata={
-            "help": "simulate: a worker starts its next round as soon as it has sent and merges the reply "
+            "help": "a worker starts its next round as soon as it has sent (distributed: the exchange runs on a "
+            "background thread) and merges the reply "
             "at that round's end (θ ← θ_reply + θ_now − θ_sent)"
         },
     )
     uplink_codec: str = field(
-        default="fp32", metadata={"help": f"simulate: how Δ is encoded, one of {', '.join(UPLINK_CODECS)}"}
+        default="fp32",
+        metadata={"help": f"how Δ is encoded (distributed: on the wire), one of {', '.join(UPLINK_CODECS)}"},
     )
     error_feedback: bool = field(
         default=False,
-        metadata={
-            "help": "simulate: keep each worker's residual Δ + e − decode(encode(Δ + e)) for its next Δ"
-        },
+        metadata={"help": "keep each worker's residual Δ + e − decode(encode(Δ + e)) for its next Δ"},
     )
     error_feedback_decay: float = field(
         default=1.0, metadata={"help": "β in (0, 1]: Δ + β·e is encoded (SparseLoCo decays the residual)"}
@@ -575,7 +577,7 @@ def network_options_set(config: RecipeConfig) -> list[str]:
 
 
 def _validate_network(config: RecipeConfig) -> None:
-    """Link bandwidths > 0, latencies >= 0, one per worker or one for all; simulate mode only."""
+    """Link bandwidths > 0, latencies >= 0, one per worker or one for all; the codec's options."""
     o = config.diloco
     for name in NETWORK_FIELDS:
         values = getattr(o, name)
@@ -606,10 +608,32 @@ def _validate_network(config: RecipeConfig) -> None:
             f"downlink_codec {o.downlink_codec!r} needs downlink: delta (downlink: params sends the fp32 "
             "parameters)"
         )
-    if o.mode == "distributed" and network_options_set(config):
+    if o.mode == "distributed":
+        _validate_distributed_network(config)
+
+
+def _validate_distributed_network(config: RecipeConfig) -> None:
+    """Distributed mode takes the codec (encoded Δ on the gloo wire), overlap (a background exchange)
+    and the link fields (an emulated slow link: each message sleeps latency + bytes / bandwidth), on
+    workers of one process each; server_step_time and downlink: delta stay simulate-only (the real
+    server takes its real time and replies with the parameters)."""
+    o = config.diloco
+    if o.downlink != "params":
         raise ConfigError(
-            f"{', '.join(network_options_set(config))}: simulate-mode options (mode=distributed uses its "
-            "real network and sends Δ in wire_dtype)"
+            "downlink: delta is a simulate-mode option (mode=distributed replies with the parameters); "
+            "leave downlink at params"
+        )
+    if o.server_step_time != 0.0:
+        raise ConfigError(
+            f"server_step_time={o.server_step_time} is a simulate-mode option (the real server takes its "
+            "real time); leave it at 0 for mode=distributed"
+        )
+    grouped = o.group_sizes is not None and any(p != 1 for p in o.group_sizes)
+    if grouped and network_options_set(config):
+        raise ConfigError(
+            f"{', '.join(network_options_set(config))}: in mode=distributed these need one process per "
+            f"worker; group_sizes={o.group_sizes} makes workers of several processes (unset group_sizes "
+            "or these fields)"
         )
 
 

@@ -240,6 +240,6 @@ def test_stalled_worker_is_declared_dead_the_others_go_on_and_it_rejoins(tiny_sh
     assert arrivals_by_worker(out)[2] == during[2] + summary["distributed"]["ranks"][2]["rounds"]
     print(
         f"\nstall noticed after {noticed_after:.1f} s; arrivals meanwhile {before} -> {during}; "
-        f"stalled rank exited {stalled_code}; exits after SIGCONT {ended}; replacement rounds {summary['ranks'][2]['rounds']}; "
+        f"stalled rank exited {stalled_code}; exits after SIGCONT {ended}; replacement rounds {summary['distributed']['ranks'][2]['rounds']}; "
         f"run {summary['wall_time']:.0f} s, test {took:.0f} s"
     )

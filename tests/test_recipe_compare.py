@@ -61,6 +61,12 @@ def test_compare_runs_plots_and_tables(tiny_shards, tmp_path):
     assert only[0] == f"sync seed 0: final val_loss/mean {final:.4f}"
     with pytest.raises(ConfigError, match="unknown labels \\['nope'\\]"):
         main(["--config", str(config), "--only", "nope"])
+    # --report_only runs nothing: with heloco seed 1 unfinished, it pairs the seeds both methods finished
+    (out / "runs" / "heloco-seed1" / "summary.json").unlink()
+    partial = main(["--config", str(config), "--report_only"])
+    assert not (out / "runs" / "heloco-seed1" / "summary.json").exists()
+    sync_row = next(line for line in partial.splitlines() if line.startswith("| sync |") and "%" in line)
+    assert sync_row.count("(seed 0 only)") == 2
 
 
 def test_equal_wallclock_by_hand():

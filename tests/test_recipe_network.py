@@ -155,17 +155,37 @@ def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, down
         ({"topk_chunk": 1}, r"topk_chunk must be an integer in \[2, 2\*\*24\]"),
         ({"int8_block": 0}, r"int8_block must be an integer in \[1, 2\*\*24\]"),
         ({"error_feedback_decay": 1.5}, r"error_feedback_decay must be in \(0, 1\]"),
-        ({"mode": "distributed", "topk_fraction": 0.02}, "topk_fraction: simulate-mode options"),
-        ({"mode": "distributed", "overlap": True}, "overlap: simulate-mode options"),
+        ({"mode": "distributed", "server_step_time": 0.5}, "server_step_time=0.5 is a simulate-mode option"),
+        ({"mode": "distributed", "downlink": "delta"}, "downlink: delta is a simulate-mode option"),
         (
-            {"mode": "distributed", "uplink_bandwidth": [1e6], "error_feedback": True},
-            "uplink_bandwidth, error_feedback: simulate-mode options",
+            {"mode": "distributed", "overlap": True, "group_sizes": [2, 1, 1]},
+            r"overlap: in mode=distributed these need one process per worker; group_sizes=\[2, 1, 1\]",
+        ),
+        (
+            {
+                "mode": "distributed",
+                "uplink_bandwidth": [1e6],
+                "error_feedback": True,
+                "group_sizes": [1, 1, 2],
+            },
+            "uplink_bandwidth, error_feedback: in mode=distributed these need one process per worker",
         ),
     ],
 )
 def test_bad_network_config_is_refused(overrides, match, tiny_shards, tmp_path):
     with pytest.raises(ValueError, match=match):
         config_from_dict(base_values(tiny_shards, tmp_path / "x", **overrides))
+
+
+def test_distributed_mode_takes_the_codec_overlap_and_link_fields(tiny_shards, tmp_path):
+    """mode=distributed accepts them (docs/communication.md: encoded Δ on the wire, a background
+    exchange, an emulated link), one process per worker."""
+    values = {"uplink_codec": "int8", "error_feedback": True, "overlap": True, "uplink_bandwidth": [1e6]}
+    config = config_from_dict(base_values(tiny_shards, tmp_path / "x", mode="distributed", **values))
+    assert config.diloco.uplink_codec == "int8" and config.diloco.overlap
+    values = {"uplink_codec": "topk", "topk_scope": "global", "error_feedback": True}
+    config = config_from_dict(base_values(tiny_shards, tmp_path / "x", mode="distributed", **values))
+    assert config.diloco.topk_scope == "global"
 
 
 def test_slow_link_yaml_says_its_arithmetic():

@@ -13,7 +13,9 @@ from recipes.analysis.report import (
     correction_over_time,
     correction_table,
     grid_table,
+    leaderboard_table,
     paired_improvement,
+    ranks,
     slow_worker_table,
 )
 from recipes.cli import UserError
@@ -166,6 +168,7 @@ def test_along_table_compares_the_two_methods_at_every_shared_evaluation(tmp_pat
     assert (
         rows[4] == "| 0 | +0.00 | +5.00 | -10.00 |"
     )  # (6 - 5.7)/6 and (5 - 5.5)/5; the "time" eval is left out
+    assert (tmp_path / "out" / "heloco_vs_mla_along.png").stat().st_size > 0
 
 
 def test_along_table_names_a_missing_method(tmp_path):
@@ -232,3 +235,30 @@ def test_language_bars_start_at_zero_with_the_legend_outside_and_a_difference_pa
     heights = [p.get_height() for p in diff_ax.patches]
     np.testing.assert_allclose(heights, [-2.5, -1.25])  # (7.8 − 8) / 8, (7.9 − 8) / 8 in %
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
+
+
+def test_leaderboard_ranks_each_cell_and_budget_and_orders_by_mean_rank(tmp_path):
+    # moderate: a 5.0/5.2, b 6.0/5.0, c 5.5/5.5; extreme: a 7.0/7.0, b 6.0/6.0, c 8.0/8.0
+    for cell, rows in (
+        ("moderate", {"a": (5.0, 5.2), "b": (6.0, 5.0), "c": (5.5, 5.5)}),
+        ("extreme", {"a": (7.0, 7.0), "b": (6.0, 6.0), "c": (8.0, 8.0)}),
+    ):
+        for label, (final, at_time) in rows.items():
+            for seed in (0, 1):
+                fake_run(tmp_path / cell, label, seed, final=final, at_time=at_time)
+    fake_run(tmp_path / "moderate", "partial", 0, final=1.0, at_time=1.0)  # one cell only: not ranked
+    text = leaderboard_table(tmp_path, tmp_path / "out")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "method" not in line]
+    # columns: extreme tokens, extreme time, moderate tokens, moderate time
+    # ranks a: 2, 2, 1, 2 → 1.75; b: 1, 1, 3, 1 → 1.5; c: 3, 3, 2, 3 → 2.75
+    assert rows[0] == (
+        "| b | 6.0000 ± 0.0000 (1) | 6.0000 ± 0.0000 (1) | 6.0000 ± 0.0000 (3) | 5.0000 ± 0.0000 (1) | 1.5 |"
+    )
+    assert rows[1].startswith("| a |") and rows[1].endswith("| 1.8 |")
+    assert rows[2].startswith("| c |") and rows[2].endswith("| 2.8 |")
+    assert "Not ranked (missing a cell or a seed): partial." in text
+    assert (tmp_path / "out" / "leaderboard.png").stat().st_size > 0
+
+
+def test_ranks_share_the_better_rank_on_ties():
+    assert ranks({"a": 2.0, "b": 1.0, "c": 2.0}) == {"a": 2, "b": 1, "c": 2}

@@ -8,6 +8,8 @@ Split by who needs what, so each process loads only what it uses:
     server     DistributedServer: the aggregator on the server rank (one thread per remote worker)
     session    one remote worker's slot and serving thread (used by the server)
     client     DistributedTransport (a remote worker's end) and setup_transport
+    overlap    BackgroundExchange: an overlapped worker's exchange on a background thread
+    link       EmulatedLink: a transport that sleeps as a slow link would (experiments)
 
 This package imports none of them eagerly: ``from heloco.distributed import DistributedServer``
 loads the module that defines the name on first access.

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store
 
 from heloco.aggregator import Update
+from heloco.codecs import make_codec
 from heloco.distributed.wire import (
     MESSAGE_TAG,
     SERVER_PAIR_RANK,
@@ -64,6 +65,11 @@ class DistributedTransport:
         server_rank: the server's rank, for messages only (the pair group has its own ranks).
         wire_dtype, timeout, connect_timeout, prefix, info_capacity: as for ``DistributedServer``;
             both ends must use the same ``wire_dtype``, ``prefix`` and ``info_capacity``.
+        codec: a ``heloco.codecs`` codec (the server's must have the same ``config()``, checked at
+            HELLO): ``submit_encoded`` sends its messages, exactly their ``nbytes`` on the wire.
+            ``encoded_buffer()`` offers the send buffer's region to encode into (no copy), and
+            ``pseudo_grad_buffers()`` offers nothing (Δ must not live where it is encoded to).
+            The encoder (the codec, or an ``ErrorFeedback`` around it) lives on the worker.
 
     ``Update.params`` are CPU views into the transport's receive buffer in the wire dtype (no copy:
     on a loopback link a copy costs a third of the transfer): they stay valid until the next call on
@@ -90,6 +96,7 @@ class DistributedTransport:
         connect_timeout: float | datetime.timedelta = 300.0,
         prefix: str = "heloco",
         info_capacity: int = 4096,
+        codec: Any = None,
     ) -> None:
         if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
             raise ValueError(f"worker_id must be an int >= 0, got {worker_id!r}")
@@ -111,7 +118,8 @@ class DistributedTransport:
         self.prefix = prefix
         # Separate send and receive buffers, so the parameters of a reply survive the packing of
         # the next pseudo-gradient.
-        self.send_message = FlatMessage(shapes, self.wire_dtype, info_capacity)
+        self.codec = codec
+        self.send_message = FlatMessage(shapes, self.wire_dtype, info_capacity, codec=codec)
         self.recv_message = FlatMessage(shapes, self.wire_dtype, info_capacity)
         self.incarnation = store.add(incarnation_key(prefix, worker_id), 1)
         try:
@@ -179,6 +187,7 @@ class DistributedTransport:
             text = f"heloco server refused worker {self.worker_id}'s {what}: {header.info.get('error')}"
             kinds = {
                 "ValueError": ValueError,
+                "MalformedMessage": ValueError,  # an encoded Δ the server's codec refused
                 "TimeoutError": TimeoutError,
                 "QuorumUnreachable": QuorumUnreachable,
             }
@@ -211,8 +220,30 @@ class DistributedTransport:
     def pseudo_grad_buffers(self) -> list[Tensor]:
         """The send buffer's tensors (wire dtype, CPU). A worker that writes Δ straight into them
         (e.g. ``torch.sub(start, now, out=buf)``, which also converts to bf16) and submits them
-        saves one copy of the model per round."""
-        return list(self.send_message.views)
+        saves one copy of the model per round. None with a codec: the encoded message is written
+        into the same bytes, so Δ must be computed elsewhere."""
+        return [] if self.codec is not None else list(self.send_message.views)
+
+    def encoded_buffer(self) -> Tensor:
+        """Where to encode Δ (``codec.encode(Δ, out=...)``) so that ``submit_encoded`` copies
+        nothing: the send buffer's payload region (``ValueError`` without a codec)."""
+        return self.send_message.encoded_region()
+
+    def submit_encoded(self, worker_id: int, message: Any, base_version: int) -> Update:
+        """``submit`` of an encoded Δ (an ``EncodedMessage``, or its payload tensor): the server
+        decodes it to fp32 with its own codec before its outer step, and refuses (``ValueError``,
+        nothing changed) a message that does not decode."""
+        self._check_id(worker_id)
+        if isinstance(base_version, bool) or not isinstance(base_version, int) or base_version < 0:
+            raise ValueError(f"base_version must be an int >= 0, got {base_version!r}")
+        if self.codec is None:
+            raise ValueError(
+                "this transport has no codec; build it with DistributedTransport(..., codec=...)"
+            )
+        payload = getattr(message, "payload", message)
+        header = MessageHeader(MessageKind.SUBMIT, worker_id, version=base_version)
+        data = self.send_message.pack_encoded(header, payload)  # no copy if encoded in place
+        return self._update(self._exchange(data, "submit"))
 
     def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int) -> Update:
         """Send Δ computed from parameters of ``base_version``; return what to continue from."""
@@ -268,6 +299,7 @@ def setup_transport(
     num_workers: int | None = None,
     server_worker: int | None = None,
     serve_only: bool = False,
+    codec: Any = None,
 ) -> tuple[InProcessTransport | DistributedTransport | None, DistributedServer | None]:
     """Build this rank's transport once ``torch.distributed`` is initialised (any backend).
 
@@ -283,6 +315,10 @@ def setup_transport(
     ``num_workers``, and everyone names the server rank's own worker (``server_worker``). With
     ``serve_only`` (on every rank) the server rank runs no worker: it gets ``(None, server)`` and
     all ``num_workers`` workers connect to it.
+
+    ``codec`` (a ``heloco.codecs`` codec, the same on every rank): workers may send encoded Δ
+    (``submit_encoded``); the server decodes it, and the server rank's own worker gets an
+    ``InProcessTransport`` that decodes it in process, so every worker's Δ goes through the codec.
 
     The store is the TCPStore underneath the default group's store, so a restarted worker can reach
     the same keys with a plain ``TCPStore(MASTER_ADDR, MASTER_PORT, is_master=False)``.
@@ -324,8 +360,14 @@ def setup_transport(
             rejoin_timeout=rejoin_timeout,
             prefix=prefix,
             shrink_quorum=shrink_quorum,
+            codec=codec,
         ).start()
-        return (None if serve_only else InProcessTransport(server)), server
+        if serve_only:
+            return None, server
+        if codec is None:
+            return InProcessTransport(server), server
+        local_codec = make_codec(**codec.config())  # a codec serves one thread: this one is the worker's
+        return InProcessTransport(server, codec=local_codec, params_like=params_like), server
     transport = DistributedTransport(
         worker_id,
         params_like,
@@ -335,5 +377,6 @@ def setup_transport(
         timeout=timeout,
         connect_timeout=connect_timeout,
         prefix=prefix,
+        codec=codec,
     )
     return transport, None

@@ -82,6 +82,11 @@ class DistributedServer:
             rounds (``quorum > 1``), call its ``remove_worker`` so the others go on with a smaller
             quorum (waiting workers are released if their round now completes). ``False``: keep the
             quorum, and waiting workers get ``QuorumUnreachable`` once too few remain.
+        codec: a ``heloco.codecs`` codec (the workers' must have the same ``config()``, checked at
+            HELLO). A worker's encoded Δ is decoded into fp32 buffers by its session's own copy of
+            the codec before the aggregator sees it; a message that does not decode (wrong codec or
+            layout, truncated, oversized, NaN/Inf, indices out of range) is refused with an ERROR
+            and the global model is not touched. None (default): only wire-dtype tensors.
 
     Replies to an ``AggregatorLike`` are written straight into each worker's message buffer
     (``out=``), so no parameter copy is allocated per round.
@@ -110,6 +115,7 @@ class DistributedServer:
         prefix: str = "heloco",
         info_capacity: int = 4096,
         shrink_quorum: bool = True,
+        codec: Any = None,
     ) -> None:
         if not isinstance(aggregator, Server):
             raise ValueError(
@@ -171,6 +177,13 @@ class DistributedServer:
         self.rejoin_timeout = float(rejoin_timeout)
         self.prefix = prefix
         self.info_capacity = info_capacity
+        if codec is not None and not (
+            callable(getattr(codec, "config", None)) and callable(getattr(codec, "decode", None))
+        ):
+            raise ValueError(
+                f"codec must be a heloco.codecs codec (see make_codec), got {type(codec).__name__}"
+            )
+        self.codec = codec
         FlatMessage(shapes[:1], self.wire_dtype, info_capacity)  # validate the layout arguments now
 
         self._cond = threading.Condition()

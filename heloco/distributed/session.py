@@ -32,10 +32,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 from torch.distributed import ProcessGroupGloo, Store
 
 from heloco.aggregator import Update
+from heloco.codecs import Codec, make_codec
 from heloco.distributed.wire import (
     MESSAGE_TAG,
     SERVER_PAIR_RANK,
@@ -67,6 +69,7 @@ class SessionHost(Protocol):
     timeout: datetime.timedelta
     connect_timeout: datetime.timedelta
     rejoin_timeout: float
+    codec: Any  # a heloco.codecs codec, or None: encoded payloads are refused
 
     @property
     def stopped(self) -> bool: ...
@@ -167,6 +170,11 @@ class WorkerSession:
         self.cond = cond
         self.on_gone = on_gone
         self.stats_dropped = stats_dropped
+        self.decoder: Codec | None = None  # this thread's own codec (a codec serves one thread)
+        self.decoded: list[Tensor] | None = None  # fp32 buffers an encoded Δ is decoded into
+        if server.codec is not None:
+            self.decoder = make_codec(**server.codec.config())
+            self.decoded = [torch.empty(s, dtype=torch.float32) for s in server.shapes]
 
     def run(self) -> None:
         """Serve every incarnation of the worker until it is gone or the server stopped."""
@@ -237,7 +245,9 @@ class WorkerSession:
                 self._set_state("connecting", f"connect failed: {e}")
                 continue
             if slot.message is None:
-                slot.message = FlatMessage(server.shapes, server.wire_dtype, server.info_capacity)
+                slot.message = FlatMessage(
+                    server.shapes, server.wire_dtype, server.info_capacity, codec=server.codec
+                )
             self._set_state("alive")
             logger.info("worker %d connected (incarnation %d)", i, incarnation)
             try:
@@ -303,6 +313,12 @@ class WorkerSession:
                     return True
                 if header.kind == MessageKind.DISPATCH:
                     update = server.dispatch(i, out=msg.views)
+                elif header.kind == MessageKind.SUBMIT and header.encoded:
+                    # Decoded (and checked) before the aggregator sees anything: a message that
+                    # does not decode raises MalformedMessage (a ValueError), the model untouched.
+                    update = server.submit(
+                        i, self._decode(msg.encoded_payload(header)), header.version, out=msg.views
+                    )
                 elif header.kind == MessageKind.SUBMIT and header.has_payload:
                     # The aggregator converts Δ into its own buffers first, then writes the reply
                     # parameters into the same views: neither direction copies here.
@@ -321,6 +337,13 @@ class WorkerSession:
                 self._send(pg, self._error_header(RuntimeError("the server has no parameters to send")))
                 continue
             self._send(pg, _reply_header(i, update), update.params)
+
+    def _decode(self, payload: Tensor) -> list[Tensor]:
+        """An encoded Δ's fp32 values, in this session's buffers; ``ValueError`` if it is refused."""
+        if self.decoder is None or self.decoded is None:
+            raise ValueError("this server takes no encoded payloads (it has no codec)")
+        self.decoder.decode(payload, out=self.decoded)
+        return self.decoded
 
     def _error_header(self, error: BaseException) -> MessageHeader:
         text = str(error)[: self.server.info_capacity // 8]  # JSON may escape a character into 6 bytes

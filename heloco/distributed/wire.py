@@ -7,7 +7,10 @@ Wire format: one flat CPU byte buffer per message, preallocated once and reused:
 header (kind, worker id, version, staleness, weight, flags, payload size, wire dtype), a bounded JSON
 region for the statistics or an error text, then the tensors back to back in the wire dtype (the
 parameters' own dtype, or e.g. ``torch.bfloat16`` to halve the bytes). Messages without tensors send
-only the header. Nothing is copied that need not be: a ``DiLoCoWorker`` writes Δ straight into the
+only the header. With a codec (``heloco.codecs``), a SUBMIT may instead carry an *encoded* payload
+(flag ``encoded``): the codec's message bytes, exactly ``EncodedMessage.nbytes`` of them after the
+info region, not padded to the fp32 size; the buffer is sized for the larger of the two. Nothing is
+copied that need not be: a ``DiLoCoWorker`` writes Δ straight into the
 send buffer (``DistributedTransport.pseudo_grad_buffers()``), the server's aggregator reads it from
 the receive buffer and writes the reply parameters straight back into it (``out=``), and the worker
 loads them from its receive buffer. A connection starts with a HELLO carrying the worker's layout:
@@ -74,6 +77,7 @@ _ALIGN = 64  # the tensor payload starts on a 64-byte boundary
 _F_PAYLOAD = 1
 _F_APPLIED = 2
 _F_DROPPED = 4
+_F_ENCODED = 8  # the payload is a codec's message (its own header says which codec), not wire-dtype tensors
 
 
 class MessageKind(enum.IntEnum):
@@ -148,6 +152,8 @@ class MessageHeader:
     dropped: bool = False
     has_payload: bool = False
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # stats, or {"error": ..., "type": ...}
+    encoded: bool = False  # the payload is a codec's message (``FlatMessage.encoded_payload``)
+    encoded_nbytes: int = 0  # its size in bytes (set by ``read_header``)
 
 
 class FlatMessage:
@@ -156,6 +162,11 @@ class FlatMessage:
     ``views`` are the tensors inside the buffer, shaped like the global parameters; ``pack`` writes a
     header (and optionally tensors) and returns the slice to send; ``read_header`` parses and checks
     what was received; ``unpack`` copies the tensors out.
+
+    With a ``codec`` (anything with ``max_nbytes(shapes)`` and ``config()``: a ``heloco.codecs``
+    codec), the buffer also holds an encoded payload of up to ``codec.max_nbytes(shapes)`` bytes at
+    the same offset (``encoded_region``; ``pack_encoded`` sends it), and ``layout()`` names the codec,
+    so two ends with different codecs are refused at HELLO, before any payload travels.
     """
 
     def __init__(
@@ -163,6 +174,7 @@ class FlatMessage:
         shapes: Sequence[Sequence[int]],
         wire_dtype: torch.dtype = torch.float32,
         info_capacity: int = 4096,
+        codec: Any = None,
     ) -> None:
         check_wire_dtype(wire_dtype)
         if isinstance(info_capacity, bool) or not isinstance(info_capacity, int) or info_capacity < 64:
@@ -174,12 +186,18 @@ class FlatMessage:
         itemsize = torch.empty((), dtype=wire_dtype).element_size()
         self.payload_offset = -(-(_FIXED_BYTES + info_capacity) // _ALIGN) * _ALIGN
         self.payload_nbytes = sum(numels) * itemsize
+        self.codec_config: dict[str, Any] | None = None
+        self.encoded_capacity = 0  # the largest encoded payload this buffer takes (0: none)
+        if codec is not None:
+            self.codec_config = dict(codec.config())
+            self.encoded_capacity = int(codec.max_nbytes([tuple(s) for s in self.shapes]))
         self.nbytes = self.payload_offset + self.payload_nbytes
+        capacity = self.payload_offset + max(self.payload_nbytes, self.encoded_capacity)
         # torch's allocator aligns to 64 bytes (a bytearray's 16-byte alignment makes every copy into
         # the payload ~20% slower); struct writes the header through a ctypes window on that memory.
-        self.buffer = torch.zeros(self.nbytes, dtype=torch.uint8)
-        self._mv = memoryview((ctypes.c_ubyte * self.nbytes).from_address(self.buffer.data_ptr())).cast("B")
-        payload = self.buffer[self.payload_offset :].view(wire_dtype)
+        self.buffer = torch.zeros(capacity, dtype=torch.uint8)
+        self._mv = memoryview((ctypes.c_ubyte * capacity).from_address(self.buffer.data_ptr())).cast("B")
+        payload = self.buffer[self.payload_offset : self.nbytes].view(wire_dtype)
         self.views = [v.view(s) for v, s in zip(payload.split(numels), self.shapes, strict=True)]
 
     def holds(self, tensors: Sequence[Tensor]) -> bool:
@@ -201,11 +219,7 @@ class FlatMessage:
             payload = tensors is not None
         elif tensors is not None and not payload:
             raise ValueError("pack got tensors with payload=False; pass payload=True or no tensors")
-        info = json.dumps(header.info, separators=(",", ":")).encode() if header.info else b""
-        if len(info) > self.info_capacity:
-            raise ValueError(
-                f"message info is {len(info)} bytes, more than info_capacity={self.info_capacity}"
-            )
+        info = self._info_bytes(header)
         if tensors is not None and not self.holds(tensors):
             if len(tensors) != len(self.views):
                 raise ValueError(f"got {len(tensors)} tensors, the message layout has {len(self.views)}")
@@ -213,11 +227,20 @@ class FlatMessage:
                 if t.shape != v.shape:
                     raise ValueError(f"tensor {i} has shape {tuple(t.shape)}, expected {tuple(v.shape)}")
             torch._foreach_copy_(self.views, [t.detach() for t in tensors])
-        flags = (
-            (_F_PAYLOAD if payload else 0)
-            | (_F_APPLIED if header.applied else 0)
-            | (_F_DROPPED if header.dropped else 0)
-        )
+        self._write_header(header, info, _F_PAYLOAD if payload else 0, self.payload_nbytes if payload else 0)
+        end = self.nbytes if payload else _FIXED_BYTES + len(info)
+        return self.buffer[:end]
+
+    def _info_bytes(self, header: MessageHeader) -> bytes:
+        info = json.dumps(header.info, separators=(",", ":")).encode() if header.info else b""
+        if len(info) > self.info_capacity:
+            raise ValueError(
+                f"message info is {len(info)} bytes, more than info_capacity={self.info_capacity}"
+            )
+        return info
+
+    def _write_header(self, header: MessageHeader, info: bytes, flags: int, payload_nbytes: int) -> None:
+        flags |= (_F_APPLIED if header.applied else 0) | (_F_DROPPED if header.dropped else 0)
         _FIXED.pack_into(
             self._mv,
             0,
@@ -229,12 +252,42 @@ class FlatMessage:
             int(header.version),
             int(header.staleness),
             float(header.weight),
-            self.payload_nbytes if payload else 0,
+            payload_nbytes,
             len(info),
         )
         self._mv[_FIXED_BYTES : _FIXED_BYTES + len(info)] = info
-        end = self.nbytes if payload else _FIXED_BYTES + len(info)
-        return self.buffer[:end]
+
+    def encoded_region(self) -> Tensor:
+        """The bytes an encoded payload occupies (1-D uint8, 64-byte aligned): a codec that encodes
+        straight into it (``codec.encode(Δ, out=region)``) makes ``pack_encoded`` copy nothing."""
+        if not self.encoded_capacity:
+            raise ValueError("this message layout has no codec, so it carries no encoded payloads")
+        return self.buffer[self.payload_offset : self.payload_offset + self.encoded_capacity]
+
+    def pack_encoded(self, header: MessageHeader, payload: Tensor) -> Tensor:
+        """Write ``header`` and an encoded ``payload`` (1-D uint8: ``EncodedMessage.payload``);
+        return the bytes to send: header, info region and exactly ``payload.numel()`` payload bytes.
+        A payload already in ``encoded_region()`` is not copied."""
+        if not isinstance(payload, Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise ValueError("an encoded payload must be a 1-D torch.uint8 tensor (EncodedMessage.payload)")
+        n = payload.numel()
+        if not 0 < n <= self.encoded_capacity:
+            raise ValueError(
+                f"encoded payload of {n} bytes does not fit this layout (1 .. {self.encoded_capacity} "
+                f"bytes for codec {self.codec_config})"
+            )
+        info = self._info_bytes(header)
+        region = self.encoded_region()
+        if payload.data_ptr() != region.data_ptr():
+            region[:n].copy_(payload)
+        self._write_header(header, info, _F_PAYLOAD | _F_ENCODED, n)
+        return self.buffer[: self.payload_offset + n]
+
+    def encoded_payload(self, header: MessageHeader) -> Tensor:
+        """The received encoded payload (a view into the buffer, valid until the next message)."""
+        if not header.encoded:
+            raise ValueError(f"{header.kind.name} message carries no encoded payload")
+        return self.buffer[self.payload_offset : self.payload_offset + header.encoded_nbytes]
 
     def read_header(self) -> MessageHeader:
         """Parse the header in the buffer; ``ValueError`` if it is not a message of this layout."""
@@ -248,7 +301,16 @@ class FlatMessage:
         except ValueError:
             raise ValueError(f"unknown message kind {kind}; known: {[k.name for k in MessageKind]}") from None
         has_payload = bool(flags & _F_PAYLOAD)
-        if has_payload:
+        encoded = has_payload and bool(flags & _F_ENCODED)
+        if encoded:
+            if not 0 < payload <= self.encoded_capacity:
+                what = (
+                    "takes no encoded payloads (no codec)"
+                    if not self.encoded_capacity
+                    else (f"takes encoded payloads of 1 .. {self.encoded_capacity} bytes")
+                )
+                raise ValueError(f"encoded payload of {payload} bytes refused: this layout {what}")
+        elif has_payload:
             if code != WIRE_DTYPES[self.wire_dtype]:
                 peer = _DTYPE_OF_CODE.get(code, f"code {code}")
                 raise ValueError(
@@ -272,6 +334,8 @@ class FlatMessage:
             dropped=bool(flags & _F_DROPPED),
             has_payload=has_payload,
             info=info,
+            encoded=encoded,
+            encoded_nbytes=payload if encoded else 0,
         )
 
     def unpack(self, dtype: torch.dtype) -> list[Tensor]:
@@ -283,22 +347,31 @@ class FlatMessage:
     def layout(self) -> dict[str, Any]:
         """What both ends must agree on before any tensor travels (a larger message than the
         receiving buffer aborts the receiving process inside gloo, so this is checked first)."""
-        return {
+        layout = {
             "tensors": len(self.shapes),
             "payload_nbytes": self.payload_nbytes,
             "wire_dtype": str(self.wire_dtype),
             "info_capacity": self.info_capacity,
             "shapes_sha1": hashlib.sha1(repr([tuple(s) for s in self.shapes]).encode()).hexdigest(),
         }
+        if self.codec_config is not None:  # absent without a codec: the layout is what it always was
+            layout["codec"] = self.codec_config
+            layout["encoded_capacity"] = self.encoded_capacity
+        return layout
 
     def layout_mismatch(self, peer: dict[str, Any]) -> str | None:
         """``None`` if the peer's ``layout()`` equals ours, else which fields differ."""
         ours = self.layout()
-        diffs = [f"{k}: peer {peer.get(k)!r}, here {v!r}" for k, v in ours.items() if peer.get(k) != v]
+        keys = [*ours, *(k for k in ("codec", "encoded_capacity") if k in peer and k not in ours)]
+        diffs = [
+            f"{k}: peer {peer.get(k)!r}, here {ours.get(k)!r}" for k in keys if peer.get(k) != ours.get(k)
+        ]
         return "; ".join(diffs) if diffs else None
 
     def message_nbytes(self, header: MessageHeader) -> int:
         """Size of a received message with this header (for traffic statistics)."""
+        if header.encoded:
+            return self.payload_offset + header.encoded_nbytes
         if header.has_payload:
             return self.nbytes
         info = json.dumps(header.info, separators=(",", ":")).encode() if header.info else b""

@@ -243,6 +243,11 @@ def main(argv: list[str] | None = None) -> str:
         metavar="LABEL",
         help="run just these method labels and print their final losses (no plots, no table)",
     )
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="run nothing: tabulate and plot the runs that have finished (methods may have different seeds)",
+    )
     args = parser.parse_args(argv)
     spec = load_matrix(args.config)
     if args.output_dir:
@@ -260,12 +265,18 @@ def main(argv: list[str] | None = None) -> str:
     wallclock = equal_wallclock(spec["base"], seq_len)
     for _, _, values in runs:
         values["eval_times"] = [wallclock]
-    threads = args.threads or max(1, (os.cpu_count() or 2) // jobs)
-    print(f"{len(runs)} runs, {jobs} at a time; equal wall-clock = {wallclock:.1f} virtual s", flush=True)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for message, _ in pool.map(lambda r: launch(r[2], threads), runs):
-            print(f"  {message}  (total {time.perf_counter() - started:.0f} s)", flush=True)
+    if args.report_only:
+        runs = [r for r in runs if (Path(r[2]["output_dir"]) / "summary.json").exists()]
+        if not runs:
+            raise ConfigError(f"--report_only: no finished runs under {spec['output_dir']}")
+        print(f"{len(runs)} finished runs; equal wall-clock = {wallclock:.1f} virtual s", flush=True)
+    else:
+        threads = args.threads or max(1, (os.cpu_count() or 2) // jobs)
+        print(f"{len(runs)} runs, {jobs} at a time; equal wall-clock = {wallclock:.1f} virtual s", flush=True)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for message, _ in pool.map(lambda r: launch(r[2], threads), runs):
+                print(f"  {message}  (total {time.perf_counter() - started:.0f} s)", flush=True)
     paths: dict[str, dict[int, Path]] = {}
     for label, seed, values in runs:
         paths.setdefault(label, {})[seed] = Path(values["output_dir"])

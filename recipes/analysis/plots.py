@@ -338,10 +338,13 @@ def results_table(
                 cells.append("—")
                 continue
             rel = paired_improvement(table[method], table[reference])
-            cells.append(
-                f"{np.mean(rel):+.2f}%"
-                + (f" (per seed {', '.join(f'{r:+.2f}' for r in rel)})" if len(rel) > 1 else "")
-            )
+            paired = sorted(set(table[method]) & set(table[reference]))
+            if not rel:
+                cells.append("no common seed")
+            elif len(rel) == 1:
+                cells.append(f"{rel[0]:+.2f}% (seed {paired[0]} only)")
+            else:
+                cells.append(f"{np.mean(rel):+.2f}% (per seed {', '.join(f'{r:+.2f}' for r in rel)})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@
     python recipes/analysis/report.py grid outputs/results/grid docs/results/grid                # heterogeneity × data matrix
     python recipes/analysis/report.py slow_workers outputs/results/slow_workers docs/results/slow_workers  # heat maps
     python recipes/analysis/report.py along outputs/reproduction/moderate_noniid docs/paper_reproduction/moderate_noniid  # heloco vs mla per eval
+    python recipes/analysis/report.py leaderboard outputs/reproduction/leaderboard docs/paper_reproduction/leaderboard  # ranks per cell
 
 Labels of the form ``name@lr`` are read as (method, outer lr).
 """
@@ -363,6 +364,7 @@ def along_table(compare_dir: Path, out_dir: Path, reference: str = "heloco", bas
     if missing:
         raise UserError(f"{compare_dir}: no finished runs labelled {missing}; found {sorted(runs)}")
     lines = []
+    fig, ax = plt.subplots(figsize=(7, 3.6))
     for seed in sorted(set(runs[reference]) & set(runs[baseline])):
         losses = [
             {r["tokens"]: r["val_loss/mean"] for r in read_evals(runs[m][seed]) if r["reason"] != "time"}
@@ -370,6 +372,7 @@ def along_table(compare_dir: Path, out_dir: Path, reference: str = "heloco", bas
         ]
         tokens = sorted(set(losses[0]) & set(losses[1]))
         rel = [(losses[0][t] - losses[1][t]) / losses[0][t] * 100 for t in tokens]
+        ax.plot([t / 1e6 for t in tokens], rel, marker=".", label=f"seed {seed}")
         if not lines:
             lines = [
                 "| seed | " + " | ".join(f"{t / 1000:g}k" for t in tokens) + " |",
@@ -377,8 +380,84 @@ def along_table(compare_dir: Path, out_dir: Path, reference: str = "heloco", bas
             ]
         lines.append(f"| {seed} | " + " | ".join(f"{r:+.2f}" for r in rel) + " |")
     text = f"{reference} vs {baseline} (%) at each evaluation (tokens):\n\n" + "\n".join(lines)
+    ax.axhline(0.0, color="0.3", linewidth=0.8)
+    ax.set_xlabel("tokens (millions)")
+    ax.set_ylabel(f"(L_{baseline} − L_{reference}) / L_{baseline}, %")
+    ax.set_title(f"{reference} vs {baseline} along the run (above 0: {reference} is better)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{reference}_vs_{baseline}_along.md").write_text(text + "\n")
+    fig.savefig(out_dir / f"{reference}_vs_{baseline}_along.png", dpi=120)
+    plt.close(fig)
+    (out_dir / f"{reference}_vs_{baseline}_along.md").write_text(
+        text + f"\n\n![along the run]({reference}_vs_{baseline}_along.png)\n"
+    )
+    return text
+
+
+def ranks(means: dict[str, float]) -> dict[str, int]:
+    """1 for the lowest loss, 2 for the next, ...; ties share the better rank."""
+    ordered = sorted(means.values())
+    return {label: ordered.index(value) + 1 for label, value in means.items()}
+
+
+def leaderboard_table(root: Path, out_dir: Path) -> str:
+    """Every method × cell at equal tokens and at equal wall-clock: loss (mean ± std over seeds) and its
+    rank among the methods of that column, rows ordered by mean rank. Only methods run in every cell
+    with every seed of that cell are ranked (a method missing a seed would be compared on fewer)."""
+    cells = sorted(d.name for d in root.iterdir() if (d / "runs").is_dir())
+    if not cells:
+        raise UserError(f"{root}: no cell directories with runs/ inside")
+    losses = {cell: cell_losses(root / cell) for cell in cells}
+    seeds = {cell: set().union(*losses[cell]["tokens"].values()) for cell in cells}
+    methods = [
+        m
+        for m in dict.fromkeys(m for c in cells for m in losses[c]["tokens"])
+        if all(set(losses[c]["tokens"].get(m, {})) == seeds[c] for c in cells)
+    ]
+    if not methods:
+        raise UserError(f"{root}: no method has finished every seed of every cell ({cells})")
+    columns = [(c, b) for c in cells for b in ("tokens", "time")]
+    means = {
+        col: {m: float(np.mean(list(losses[col[0]][col[1]][m].values()))) for m in methods} for col in columns
+    }
+    rank = {col: ranks(means[col]) for col in columns}
+    mean_rank = {m: float(np.mean([rank[col][m] for col in columns])) for m in methods}
+    order = sorted(methods, key=lambda m: (mean_rank[m], m))
+    names = {"tokens": "equal tokens", "time": "equal wall-clock"}
+    lines = [
+        "| method | " + " | ".join(f"{c}, {names[b]}" for c, b in columns) + " | mean rank |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for m in order:
+        row = [f"{mean_std(list(losses[c][b][m].values()))} ({rank[(c, b)][m]})" for c, b in columns]
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {mean_rank[m]:.1f} |")
+    skipped = sorted({m for c in cells for m in losses[c]["tokens"]} - set(methods))
+    text = "\n".join(lines)
+    if skipped:
+        text += f"\n\nNot ranked (missing a cell or a seed): {', '.join(skipped)}."
+    fig, axes = plt.subplots(
+        1, len(columns), figsize=(3.6 * len(columns), 0.42 * len(order) + 1.6), sharey=True
+    )
+    for ax, col in zip(np.atleast_1d(axes), columns, strict=True):
+        for y, m in enumerate(order):
+            values = list(losses[col[0]][col[1]][m].values())
+            ax.plot(values, [y] * len(values), "o", color="0.6", markersize=4)
+            ax.plot([np.mean(values)], [y], "D", color="C3" if rank[col][m] == 1 else "C0")
+        ax.set_title(f"{col[0]}, {names[col[1]]}", fontsize=10)
+        ax.set_xlabel("pooled validation loss (lower is better)")
+        ax.grid(axis="x", alpha=0.3)
+    np.atleast_1d(axes)[0].set_yticks(range(len(order)), order)
+    np.atleast_1d(axes)[0].invert_yaxis()
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / "leaderboard.png", dpi=120)
+    plt.close(fig)
+    (out_dir / "leaderboard.md").write_text(
+        "Loss (mean ± std over seeds) and rank (1 = lowest) per column; grey dots are seeds, the diamond "
+        "their mean (red: the column's best).\n\n" + text + "\n\n![leaderboard](leaderboard.png)\n"
+    )
     return text
 
 
@@ -386,7 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["sweep", "corrections", "grid", "slow_workers", "along"])
+    parser.add_argument(
+        "what", choices=["sweep", "corrections", "grid", "slow_workers", "along", "leaderboard"]
+    )
     parser.add_argument("compare_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
@@ -398,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
         print(slow_worker_table(args.compare_dir, args.out_dir))
     elif args.what == "along":
         print(along_table(args.compare_dir, args.out_dir))
+    elif args.what == "leaderboard":
+        print(leaderboard_table(args.compare_dir, args.out_dir))
     else:
         print(correction_table(args.compare_dir, args.out_dir))
         correction_over_time(args.compare_dir, args.out_dir)

@@ -21,6 +21,7 @@ from recipes.common import load_data, make_inner_optimizer, make_model, warm_sta
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream
 from recipes.distributed.logs import JsonLines
+from recipes.distributed.network import emulated_link, wire_codec
 from recipes.distributed.pacing import slowdown_factors
 from recipes.distributed.setup import (
     REPORT_KEY,
@@ -100,6 +101,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
         wire_dtype=getattr(torch, o.wire_dtype),
         timeout=o.comm_timeout_s,
         connect_timeout=o.comm_timeout_s,
+        codec=wire_codec(config),
     )
     rank_log.write(
         {
@@ -116,7 +118,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
         config=config,
         rank=rank,
         loop=InnerLoop(config, model, optimizer, stream, shim, local_step),
-        transport=transport,
+        transport=emulated_link(config, transport, rank),
         steps=o.inner_steps,
         slowdown=slowdown_factors(o.worker_speeds)[rank],
         start=start,

@@ -91,6 +91,7 @@ from recipes.distributed.groups import (
     wrap_for_group,
 )
 from recipes.distributed.logs import JsonLines
+from recipes.distributed.network import emulated_link, wire_codec
 from recipes.distributed.pacing import measure_speed, slowdown_factors
 from recipes.distributed.rank0 import RankZero, WorkerOutcome
 from recipes.distributed.rejoin import REJOIN_ENV, rejoin_worker
@@ -277,9 +278,12 @@ def connect(config: RecipeConfig, job: Job, rank0: RankZero | None) -> tuple[Any
             num_workers=job.num_workers,
             server_worker=0,
             serve_only=o.server_process,
+            codec=wire_codec(config),
         )
     if job.group is not None:
         transport = GroupTransport(transport, job.group, job.layout.leader_of(job.worker), leader, params)
+    elif transport is not None:  # an emulated slow link, when the config sets one
+        transport = emulated_link(config, transport, job.worker)
     return transport, server
 
 
@@ -327,6 +331,7 @@ def run_worker(
             rank_log=rank_log,
             gate=rank0.gate if rank0 is not None else None,
             checkpoints=checkpoints,
+            group_size=size,
         )
     except KeyboardInterrupt:
         if rank0 is None:

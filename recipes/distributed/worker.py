@@ -1,6 +1,8 @@
 """Distributed mode, the worker side every rank runs: the round loop (``train_worker``: the same
-``InnerLoop.run`` then ``DiLoCoWorker.sync()`` as the simulator) and the ``RoundTimer`` that measures
-compute, emulated sleep and time blocked in the server call."""
+``InnerLoop.run`` then ``DiLoCoWorker.sync()`` as the simulator, or with ``overlap`` the exchange on
+a background thread during the next round) and the ``RoundTimer`` that measures compute, emulated
+sleep and time blocked in the server call (with overlap: waiting for a reply that has not arrived
+by the round's end, plus the merge and the encoding)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from heloco import DiLoCoWorker
+from heloco.distributed.link import EmulatedLink
+from heloco.distributed.overlap import BackgroundExchange
 from heloco.transport import QuorumUnreachable, ServerStopped
 from recipes.config import RecipeConfig
+from recipes.distributed.network import worker_encoder
 from recipes.distributed.pacing import emulate_slowdown, synchronize
 from recipes.schedule import budget_progress
 from recipes.worker_round import InnerLoop
@@ -22,7 +27,7 @@ from recipes.worker_round import InnerLoop
 if TYPE_CHECKING:
     from recipes.distributed.gate import Gate
     from recipes.distributed.logs import JsonLines
-    from recipes.distributed.worker_state import WorkerCheckpoints
+    from recipes.distributed.worker_state import WorkerCheckpoints, WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -126,24 +131,68 @@ def train_worker(
     rank_log: JsonLines,
     gate: Gate | None,
     checkpoints: WorkerCheckpoints,
+    group_size: int = 1,
 ) -> dict[str, Any]:
     """Rounds of ``steps`` inner steps until the server says stop; returns this rank's report.
-    Each round is ``loop.run`` then ``worker.sync()``, as in the simulator. After each submission
-    ``checkpoints`` keeps this worker's state and writes what the server asks for."""
-    t = config.train
+    Each round is ``loop.run`` then the worker's ``outgoing``/``send``/``receive`` (= ``sync()``), as
+    in the simulator; with ``overlap`` the exchange runs on a background thread during the next
+    round (``heloco.distributed.overlap``) and its reply is merged at that round's end. After each
+    submission ``checkpoints`` keeps this worker's state and writes what the server asks for.
+
+    A rank alone in its worker may stop early on what it knows itself (rank 0 sees the gate close, the
+    time budget runs out). The ranks of a group must stop together, or one would wait forever in a
+    collective of a round the others left: they stop only on what the leader relays from the server
+    to all of them (``stop`` in the statistics, or the server's error), so a round begun after the
+    deadline is finished and refused, as in the simulator."""
+    t, o = config.train, config.diloco
     timer = RoundTimer(slowdown, loop.accelerator.device)
     worker_id = rank if worker_id is None else worker_id  # a group's ranks share their worker's id
-    worker = DiLoCoWorker(loop.model, loop.optimizer, transport, worker_id, steps)  # explicit: pull, sync
+    worker = DiLoCoWorker(  # explicit: pull, outgoing/send/receive
+        loop.model,
+        loop.optimizer,
+        transport,
+        worker_id,
+        steps,
+        codec=worker_encoder(config),
+        overlap=o.overlap,
+    )
+    exchange = BackgroundExchange(worker) if o.overlap else None
+    in_flight: tuple[Any, int, WorkerState | None] | None = None  # overlap: the round being exchanged
     tokens_per_step = loop.stream.tokens_per_batch
     global_tokens = 0.0
     rounds = wasted = rejected = 0
+    uplink_bytes = 0
     reason = "unknown"
 
     def progress() -> float:
         return budget_progress(t.budget_tokens, t.budget_time, global_tokens, time.monotonic() - start)
 
+    alone = group_size == 1
+    own_gate = gate if alone else None  # see the docstring: a group's ranks decide together
+    own_budget_time = t.budget_time if alone else None
+
     def abandon() -> bool:  # rank 0 knows at once that the run stopped: no need to finish the round
-        return gate is not None and gate.closed.is_set()
+        return own_gate is not None and own_gate.closed.is_set()
+
+    def arrived(update: Any, result: Any, nbytes: int, state: WorkerState | None) -> bool:
+        """A submission was answered: count it, keep its state, log it; whether the run is over."""
+        nonlocal rounds, global_tokens, uplink_bytes
+        rounds += 1
+        uplink_bytes += nbytes
+        checkpoints.after_submission(loop.local_step, loop.optimizer, loop.stream, update.stats, state=state)
+        global_tokens = update.stats.get("tokens", global_tokens)
+        record = {
+            "event": "arrival",
+            "rank": rank,
+            "round": rounds,
+            "time": time.monotonic() - start,
+            "tokens": rounds * steps * tokens_per_step,
+            "global_tokens": global_tokens,
+            "train_loss": result.train_loss,
+            "uplink_bytes": nbytes,
+        }
+        rank_log.write(round_record(record, worker, update, timer.round))
+        return bool(update.stats.get("stop"))
 
     try:
         with timer.blocked():
@@ -152,7 +201,7 @@ def train_worker(
         steps = worker.sync_every = int(first.stats.get("inner_steps", steps))  # the server's count
         checkpoints.submissions = int(first.stats.get("submissions", checkpoints.submissions))
         while True:
-            stop = reason_to_stop(gate, t.budget_time, start)
+            stop = reason_to_stop(own_gate, own_budget_time, start)
             if stop is not None:
                 reason = stop
                 break
@@ -162,32 +211,49 @@ def train_worker(
                 wasted += 1
                 reason = gate.stop_reason or "stopped"
                 break
+            if exchange is not None and exchange.pending:  # overlap: the previous round's reply
+                previous, in_flight = in_flight, None
+                try:
+                    with timer.blocked():
+                        update = exchange.wait()
+                except ValueError as refused:
+                    skip_refused_round(worker, rank_log, rank, rounds, refused)  # held, merged below
+                    rejected += 1
+                else:
+                    worker.receive(update)  # held: merged into this round's end by outgoing()
+                    if arrived(update, *previous):
+                        wasted += 1  # this round's steps, done while the last one was answered
+                        reason = "budget_tokens"
+                        break
             try:
                 with timer.blocked():
-                    update = worker.sync()
+                    outgoing = worker.outgoing()
+                    if exchange is not None:
+                        state = checkpoints.snapshot(loop.local_step, loop.optimizer, loop.stream)
+                        exchange.start(outgoing)
+                        in_flight = (result, outgoing.nbytes, state)
+                        continue
+                    update = worker.send(outgoing)
+                    worker.receive(update)
             except ValueError as refused:
                 skip_refused_round(worker, rank_log, rank, rounds, refused)
                 rejected += 1
                 continue
-            rounds += 1
-            checkpoints.after_submission(loop.local_step, loop.optimizer, loop.stream, update.stats)
-            global_tokens = update.stats.get("tokens", global_tokens)
-            record = {
-                "event": "arrival",
-                "rank": rank,
-                "round": rounds,
-                "time": time.monotonic() - start,
-                "tokens": rounds * steps * tokens_per_step,
-                "global_tokens": global_tokens,
-                "train_loss": result.train_loss,
-            }
-            rank_log.write(round_record(record, worker, update, timer.round))
-            if update.stats.get("stop"):
+            if arrived(update, result, outgoing.nbytes, None):
                 reason = "budget_tokens"
                 break
     except (ServerStopped, QuorumUnreachable, TimeoutError) as e:  # the round in flight is lost
         wasted += 1
         reason = why_the_server_ended(e, gate, rank)
+    if exchange is not None and exchange.pending:  # overlap: the last Δ's answer, before leaving
+        try:
+            with timer.blocked():
+                update = exchange.wait()
+            worker.receive(update)
+            arrived(update, *in_flight)
+        except (ServerStopped, QuorumUnreachable, TimeoutError, ValueError) as e:
+            wasted += 1
+            logger.info("rank %d: the last overlapped round was not taken: %s", rank, e)
     wall = time.monotonic() - start
     busy = timer.compute + timer.sleep
     report = {
@@ -204,6 +270,11 @@ def train_worker(
         "sleep_s": timer.sleep,
         "wall_s": wall,
         "idle_fraction": timer.idle / (busy + timer.idle) if busy + timer.idle > 0 else 0.0,
+        "uplink_codec": o.uplink_codec,
+        "uplink_bytes": uplink_bytes,  # Δ's bytes as sent (encoded size with a codec)
+        "overlap": o.overlap,
     }
+    if isinstance(transport, EmulatedLink):
+        report.update(transport.stats())
     rank_log.write({"event": "end", **report})
     return report

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import re
 import shutil
@@ -177,19 +178,40 @@ class WorkerCheckpoints:
             enabled=t.save_every > 0,
         )
 
+    def snapshot(
+        self, local_step: int, optimizer: torch.optim.Optimizer, stream: TokenStream
+    ) -> WorkerState | None:
+        """The state as it stands now, for the submission about to be sent: an overlapped worker
+        gets its reply a round later, when its state has moved on, and hands this to
+        ``after_submission`` then. None when no checkpoint will ask."""
+        if not self.enabled:
+            return None
+        return WorkerState.take(
+            self.rank, self.submissions + 1, local_step, optimizer, stream, with_moments=self.keep_optimizer
+        )
+
     def after_submission(
-        self, local_step: int, optimizer: torch.optim.Optimizer, stream: TokenStream, stats: dict[str, float]
+        self,
+        local_step: int,
+        optimizer: torch.optim.Optimizer,
+        stream: TokenStream,
+        stats: dict[str, float],
+        state: WorkerState | None = None,
     ) -> None:
-        """Count the submission and keep its state; write what the reply asks for: this submission's
-        state (``checkpoint_submission``: a checkpoint was taken at this arrival) and/or the previous
+        """Count the submission and keep its state (``state``: taken by ``snapshot`` when it was
+        sent; otherwise now); write what the reply asks for: this submission's state
+        (``checkpoint_submission``: a checkpoint was taken at this arrival) and/or the previous
         one's (``checkpoint_previous``: one was taken while this worker computed its round)."""
         self.submissions += 1
         if not self.enabled:
             return
         previous = self.held
-        self.held = WorkerState.take(
-            self.rank, self.submissions, local_step, optimizer, stream, with_moments=self.keep_optimizer
-        )
+        if state is not None:
+            self.held = dataclasses.replace(state, submission=self.submissions)
+        else:
+            self.held = WorkerState.take(
+                self.rank, self.submissions, local_step, optimizer, stream, with_moments=self.keep_optimizer
+            )
         with sigterm_deferred():
             for key, candidate in (("checkpoint_submission", self.held), ("checkpoint_previous", previous)):
                 if key not in stats:
