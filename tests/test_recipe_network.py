@@ -202,13 +202,15 @@ def test_slow_link_yaml_says_its_arithmetic():
         assert 4 * 3_699_968 / bandwidth == pytest.approx(fast_round / 2, rel=1e-12)
     runs = run_configs(spec)
     assert {label for label, _, _ in runs} == {
-        "sync",
         "heloco",
         "heloco_overlap",
         "heloco_int8",
-        "heloco_topk",
+        "heloco_int8_overlap",
     }
-    assert [v.get("overlap", False) for label, _, v in runs if label == "heloco_overlap"] == [True] * 3
+    for label, _, values in runs:
+        assert values.get("overlap", False) == label.endswith("_overlap")
+        assert values.get("uplink_codec", "fp32") == ("int8" if "int8" in label else "fp32")
+    assert base["budget_tokens"] == 256_000  # the CPU budget of docs/paper_reproduction.md
 
 
 def test_delta_downlink_fp32_follows_params_and_int8_shortens_the_reply(tiny_shards, tmp_path):
