@@ -241,5 +241,5 @@ def test_stalled_worker_is_declared_dead_the_others_go_on_and_it_rejoins(tiny_sh
     print(
         f"\nstall noticed after {noticed_after:.1f} s; arrivals meanwhile {before} -> {during}; "
         f"stalled rank exited {stalled_code}; exits after SIGCONT {ended}; replacement rounds {summary['distributed']['ranks'][2]['rounds']}; "
-        f"run {summary['wall_time']:.0f} s, test {took:.0f} s"
+        f"run {summary['elapsed_s']:.0f} s, test {took:.0f} s"
     )
