@@ -25,14 +25,20 @@ from typing import Any
 import numpy as np
 
 
-def dylu_steps(speeds: Sequence[float], base_steps: int) -> list[int]:
+def dylu_steps(speeds: Sequence[float], base_steps: int, power: float = 1.0) -> list[int]:
     """Dynamic Local Updates (Liu et al. 2024, arXiv 2401.09135, Eq. 6): H_w = max(1, ⌊v_w / max v · H⌋),
-    so slow workers run fewer inner steps and arrive about as often as fast ones."""
+    so slow workers run fewer inner steps and arrive about as often as fast ones.
+
+    ``power`` α < 1 tempers it (ours): H_w = max(1, ⌊(v_w / max v)^α · H⌋), between DyLU (α = 1) and
+    equal rounds (α = 0): a slow worker's Δ is staler than under DyLU but made of more steps."""
     _check_speeds(speeds)
     if base_steps < 1:
         raise ValueError(f"base_steps (H) must be >= 1, got {base_steps}")
+    if not (isinstance(power, int | float) and 0.0 <= power <= 1.0):
+        raise ValueError(f"power (dylu_power) must be in [0, 1], got {power!r}")
     fastest = max(speeds)
-    return [max(1, math.floor(v / fastest * base_steps)) for v in speeds]
+    # the small epsilon keeps an exact product (e.g. (1/4)^0.5 · 20 = 10) from flooring to 9
+    return [max(1, math.floor((v / fastest) ** power * base_steps + 1e-9)) for v in speeds]
 
 
 def _check_speeds(speeds: Sequence[float]) -> None:

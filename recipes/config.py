@@ -102,6 +102,12 @@ class DiLoCoArguments:
     dylu: bool = field(
         default=False, metadata={"help": "Dynamic local updates: slow workers run fewer steps"}
     )
+    dylu_power: float = field(
+        default=1.0,
+        metadata={
+            "help": "With dylu: H_w = floor((v_w / max v)^power · H); 1 is DyLU, < 1 tempers it (ours)"
+        },
+    )
     outer_lr: float | None = field(
         default=None, metadata={"help": "Outer learning rate (method default if unset)"}
     )
@@ -661,6 +667,12 @@ def _validate_sizes_and_budget(config: RecipeConfig) -> None:
 def _validate_the_rest(config: RecipeConfig) -> None:
     """Learning rates, momentum, timeouts, staleness cap and the Hub."""
     o, t = config.diloco, config.train
+    if not (0.0 <= o.dylu_power <= 1.0):
+        raise ConfigError(f"dylu_power must be in [0, 1] (1: DyLU, 0: equal rounds), got {o.dylu_power}")
+    if o.dylu_power != 1.0 and not o.dylu:
+        raise ConfigError(
+            "dylu_power is only read with dylu: true; set dylu: true or leave dylu_power at 1.0"
+        )
     if not (0.0 <= o.speed_jitter < 1.0):
         raise ConfigError(f"speed_jitter must be in [0, 1), got {o.speed_jitter}")
     if config.outer_lr <= 0:

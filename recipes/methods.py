@@ -95,7 +95,11 @@ def dispatch_mode(config: RecipeConfig) -> str:
 def declared_rates(config: RecipeConfig) -> list[float]:
     """Each worker's arrivals per virtual second: its speed over its inner steps per round."""
     o = config.diloco
-    steps = dylu_steps(o.worker_speeds, o.inner_steps) if o.dylu else [o.inner_steps] * o.num_workers
+    steps = (
+        dylu_steps(o.worker_speeds, o.inner_steps, o.dylu_power)
+        if o.dylu
+        else [o.inner_steps] * o.num_workers
+    )
     return [speed / h for speed, h in zip(o.worker_speeds, steps, strict=True)]
 
 

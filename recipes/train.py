@@ -220,7 +220,11 @@ def build_simulator(
     its own shard's data stream, its round length and its codec state (error feedback), on a virtual
     clock of the configured speeds and network."""
     d, o, t = config.data, config.diloco, config.train
-    steps = dylu_steps(o.worker_speeds, o.inner_steps) if o.dylu else [o.inner_steps] * o.num_workers
+    steps = (
+        dylu_steps(o.worker_speeds, o.inner_steps, o.dylu_power)
+        if o.dylu
+        else [o.inner_steps] * o.num_workers
+    )
     buffer_device = torch.device("cpu") if o.offload_idle_workers else accelerator.device
     transport = server_transport(config, aggregator)  # decodes Δ; with downlink delta, encodes replies
     workers = []

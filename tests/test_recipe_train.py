@@ -132,6 +132,8 @@ def test_equal_wallclock_eval_is_recorded(tiny_shards, tmp_path):
         ({"budget_tokens": -5}, ValueError, "budget_tokens must be > 0"),
         ({"worker_speeds": [1.0, 0.0, 1.0]}, ValueError, r"worker_speeds\[1\]"),
         ({"staleness_weighting": "linear"}, ValueError, "staleness_weighting must be one of"),
+        ({"dylu": True, "dylu_power": 1.5}, ValueError, r"dylu_power must be in \[0, 1\]"),
+        ({"dylu_power": 0.5}, ValueError, "dylu_power is only read with dylu: true"),
     ],
 )
 def test_bad_config_is_rejected_before_anything_runs(overrides, error, match, tiny_shards, tmp_path):

@@ -85,6 +85,16 @@ def test_dylu_by_hand():
     assert dylu_steps([4.0, 0.1], 10) == [10, 1]
 
 
+def test_tempered_dylu_by_hand():
+    # (1/4)^0.5 · 20 = 10, (1/6)^0.5 · 20 = 8.16 → 8, (1/15)^0.5 · 20 = 5.16 → 5; power 0: equal rounds
+    assert dylu_steps([1.0, 0.25], 20, power=0.5) == [20, 10]
+    assert dylu_steps([1.0, 1 / 6, 1 / 15], 20, power=0.5) == [20, 8, 5]
+    assert dylu_steps([1.0, 1 / 6], 20, power=0.0) == [20, 20]
+    assert dylu_steps([1.0, 1 / 6], 20, power=1.0) == dylu_steps([1.0, 1 / 6], 20)
+    with pytest.raises(ValueError, match="dylu_power"):
+        dylu_steps([1.0], 20, power=1.5)
+
+
 @pytest.mark.parametrize(
     ("speeds", "jitter", "match"),
     [

@@ -196,7 +196,7 @@ def set_up(config: RecipeConfig) -> Job:
         per_worker = [
             min(m for m, w in zip(measured, worker_of, strict=True) if w == k) for k in range(o.num_workers)
         ]
-        steps = dylu_steps(per_worker, o.inner_steps)
+        steps = dylu_steps(per_worker, o.inner_steps, o.dylu_power)
     else:
         steps = [o.inner_steps] * o.num_workers
     return Job(
