@@ -339,3 +339,33 @@ def test_worker_states_follow_the_run_config(tmp_path):
             1, opt, stream(), {"checkpoint_submission": float(kept_all.submissions + 1)}
         )
     assert available_submissions(tmp_path, 0) == [1, 2, 3, 4, 5]  # keep_checkpoints 0 keeps all
+
+
+def test_error_feedback_residual_is_part_of_the_worker_state(tmp_path):
+    """With error feedback, what the codec did not send yet is state: the worker's checkpoint keeps it,
+    snapshot (overlap) and after_submission alike, and a resumed worker's encoder gets it back."""
+    from heloco.codecs import ErrorFeedback, Int8Codec
+
+    model = torch.nn.Linear(300, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    data = stream()
+    encoder = ErrorFeedback(Int8Codec(block=256))
+    checkpoints = WorkerCheckpoints(tmp_path, rank=0, keep=2)
+    checkpoints.encoder = encoder
+    encoder.encode([torch.randn(2, 300), torch.randn(2)])  # lossy: a residual is left
+    saved = [r.clone() for r in encoder.state_dict()["residuals"]]
+    assert any(r.abs().sum() > 0 for r in saved)
+    checkpoints.after_submission(3, opt, data, {"checkpoint_submission": 1.0})
+    encoder.encode([torch.randn(2, 300), torch.randn(2)])  # the residual moves on after the checkpoint
+    state = WorkerState.read(tmp_path, 0, 1)
+    fresh = ErrorFeedback(Int8Codec(block=256))
+    state.restore_encoder(fresh)
+    for a, b in zip(fresh.state_dict()["residuals"], saved, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="has no error feedback"):
+        state.restore_encoder(None)
+    snap = checkpoints.snapshot(3, opt, data)
+    assert snap is not None and snap.encoder is not None
+    plain = WorkerCheckpoints(tmp_path / "plain", rank=0, keep=2)  # no encoder: no residual saved
+    plain.after_submission(3, opt, data, {"checkpoint_submission": 1.0})
+    assert WorkerState.read(tmp_path / "plain", 0, 1).encoder is None

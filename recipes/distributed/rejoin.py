@@ -125,6 +125,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
         rank_log=rank_log,
         gate=None,
         checkpoints=WorkerCheckpoints.for_run(config, rank),  # its count: the server's first reply
+        resumed=resumed,
     )
     report["incarnation"] = transport.incarnation
     with contextlib.suppress(TransportError):

@@ -332,6 +332,7 @@ def run_worker(
             gate=rank0.gate if rank0 is not None else None,
             checkpoints=checkpoints,
             group_size=size,
+            resumed=resumed,
         )
     except KeyboardInterrupt:
         if rank0 is None:

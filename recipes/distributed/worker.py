@@ -132,6 +132,7 @@ def train_worker(
     gate: Gate | None,
     checkpoints: WorkerCheckpoints,
     group_size: int = 1,
+    resumed: WorkerState | None = None,
 ) -> dict[str, Any]:
     """Rounds of ``steps`` inner steps until the server says stop; returns this rank's report.
     Each round is ``loop.run`` then the worker's ``outgoing``/``send``/``receive`` (= ``sync()``), as
@@ -156,6 +157,9 @@ def train_worker(
         codec=worker_encoder(config),
         overlap=o.overlap,
     )
+    checkpoints.encoder = worker.codec  # its error-feedback residual goes into the worker's state
+    if resumed is not None:
+        resumed.restore_encoder(worker.codec)
     exchange = BackgroundExchange(worker) if o.overlap else None
     in_flight: tuple[Any, int, WorkerState | None] | None = None  # overlap: the round being exchanged
     tokens_per_step = loop.stream.tokens_per_batch

@@ -76,6 +76,7 @@ class WorkerState:
     optimizer: dict[str, Any]
     stream: dict[str, Any]
     rng: dict[str, Any]
+    encoder: dict[str, Any] | None = None  # error feedback's residual, when the worker keeps one
 
     @classmethod
     def take(
@@ -86,17 +87,23 @@ class WorkerState:
         optimizer: torch.optim.Optimizer,
         stream: TokenStream,
         with_moments: bool = True,
+        encoder: Any = None,
     ) -> WorkerState:
         """Copy the state now (the optimizer's tensors to the host), so training may go on.
         ``with_moments=False`` leaves the optimizer's per-parameter state out (a worker whose next
-        round starts from a fresh AdamW does not need it)."""
+        round starts from a fresh AdamW does not need it). ``encoder``: the worker's Δ encoder; with
+        error feedback its residual is part of the state (a resumed worker goes on with it)."""
         state = optimizer.state_dict()
         moments = state["state"] if with_moments else {}
         state = {
             "state": {k: {n: _host_copy(v) for n, v in s.items()} for k, s in moments.items()},
             "param_groups": copy.deepcopy(state["param_groups"]),
         }
-        return cls(rank, submission, local_step, state, stream.state_dict(), rng_state())
+        encoder_state = getattr(encoder, "state_dict", None)
+        kept = encoder_state() if callable(encoder_state) else None  # state_dict() returns copies
+        if kept is not None and kept.get("residuals") is not None:
+            kept = {"residuals": [_host_copy(r) for r in kept["residuals"]]}
+        return cls(rank, submission, local_step, state, stream.state_dict(), rng_state(), kept)
 
     def write(self, output_dir: Path, keep: int) -> Path:
         """Write atomically, then keep only this rank's ``keep`` newest parts (``keep <= 0``: all)."""
@@ -112,6 +119,7 @@ class WorkerState:
                     "optimizer": self.optimizer,
                     "stream": self.stream,
                     "rng": self.rng,
+                    **({"encoder": self.encoder} if self.encoder is not None else {}),
                 },
             )
             write_manifest(tmp)
@@ -127,14 +135,34 @@ class WorkerState:
         if state["rank"] != rank or state["submission"] != submission:
             raise ValueError(f"{path} holds rank {state['rank']} submission {state['submission']}")
         return cls(
-            rank, submission, int(state["local_step"]), state["optimizer"], state["stream"], state["rng"]
+            rank,
+            submission,
+            int(state["local_step"]),
+            state["optimizer"],
+            state["stream"],
+            state["rng"],
+            state.get("encoder"),
         )
 
     def restore(self, optimizer: torch.optim.Optimizer, stream: TokenStream) -> None:
-        """Load into the worker's optimizer and stream, and set this process's RNG."""
+        """Load into the worker's optimizer and stream, and set this process's RNG (the encoder's
+        residual is restored by ``restore_encoder`` once the worker's encoder exists)."""
         optimizer.load_state_dict(self.optimizer)
         stream.load_state_dict(self.stream)
         set_rng_state(self.rng)
+
+    def restore_encoder(self, encoder: Any) -> None:
+        """Give the worker's encoder its saved residual; a state saved without one (no error
+        feedback, or a run that had none) leaves the encoder as it is."""
+        if self.encoder is None:
+            return
+        load = getattr(encoder, "load_state_dict", None)
+        if not callable(load):
+            raise ValueError(
+                f"rank {self.rank}'s state after submission {self.submission} holds an error-feedback "
+                "residual, but this run's worker has no error feedback (set error_feedback as it was)"
+            )
+        load(self.encoder)
 
 
 def _host_copy(value: Any) -> Any:
@@ -162,6 +190,7 @@ class WorkerCheckpoints:
         self.submissions = submissions
         self.held: WorkerState | None = None
         self.written: list[int] = []
+        self.encoder: Any = None  # the worker's Δ encoder (error feedback's residual is kept with it)
 
     @classmethod
     def for_run(cls, config: RecipeConfig, rank: int, submissions: int = 0) -> WorkerCheckpoints:
@@ -187,7 +216,13 @@ class WorkerCheckpoints:
         if not self.enabled:
             return None
         return WorkerState.take(
-            self.rank, self.submissions + 1, local_step, optimizer, stream, with_moments=self.keep_optimizer
+            self.rank,
+            self.submissions + 1,
+            local_step,
+            optimizer,
+            stream,
+            with_moments=self.keep_optimizer,
+            encoder=self.encoder,
         )
 
     def after_submission(
@@ -210,7 +245,13 @@ class WorkerCheckpoints:
             self.held = dataclasses.replace(state, submission=self.submissions)
         else:
             self.held = WorkerState.take(
-                self.rank, self.submissions, local_step, optimizer, stream, with_moments=self.keep_optimizer
+                self.rank,
+                self.submissions,
+                local_step,
+                optimizer,
+                stream,
+                with_moments=self.keep_optimizer,
+                encoder=self.encoder,
             )
         with sigterm_deferred():
             for key, candidate in (("checkpoint_submission", self.held), ("checkpoint_previous", previous)):
