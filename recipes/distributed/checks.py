@@ -4,14 +4,10 @@ rank holding the same parameters."""
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
 
 import torch
 
 from recipes.config import RecipeConfig
-
-if TYPE_CHECKING:
-    pass
 
 
 def check_world_size(

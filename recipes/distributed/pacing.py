@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
-
-if TYPE_CHECKING:
-    pass
 
 
 def slowdown_factors(speeds: list[float]) -> list[float]:

@@ -4,12 +4,8 @@ attempt in the same store)."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch.distributed as dist
-
-if TYPE_CHECKING:
-    pass
 
 RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun's agent: > 0 after a restart
 
