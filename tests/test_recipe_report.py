@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recipes.analysis.leaderboard import leaderboard_table, ranks
 from recipes.analysis.plots import plot_curves
 from recipes.analysis.report import (
     along_table,
@@ -13,9 +14,7 @@ from recipes.analysis.report import (
     correction_over_time,
     correction_table,
     grid_table,
-    leaderboard_table,
     paired_improvement,
-    ranks,
     slow_worker_table,
 )
 from recipes.cli import UserError

@@ -13,7 +13,6 @@ Labels of the form ``name@lr`` are read as (method, outer lr).
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,8 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from recipes.analysis.cells import cell_losses, finished_runs
+from recipes.analysis.leaderboard import leaderboard_table
 from recipes.analysis.plots import (
-    eval_at_time,
     final_eval,
     mean_std,
     paired_improvement,
@@ -32,17 +32,6 @@ from recipes.analysis.plots import (
     read_evals,
 )
 from recipes.cli import UserError, run_cli
-
-
-def finished_runs(compare_dir: Path) -> dict[str, dict[int, Path]]:
-    """label → seed → run directory, for runs that finished (summary.json present)."""
-    runs: dict[str, dict[int, Path]] = defaultdict(dict)
-    for run_dir in sorted((compare_dir / "runs").iterdir()):
-        if not (run_dir / "summary.json").exists():
-            continue
-        label, seed = run_dir.name.rsplit("-seed", 1)
-        runs[label][int(seed)] = run_dir
-    return runs
 
 
 def sweep_table(compare_dir: Path, out_dir: Path) -> str:
@@ -169,19 +158,6 @@ def correction_over_time(compare_dir: Path, out_dir: Path, label: str = "heloco"
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_dir / "corrections_over_time.png", dpi=120)
     plt.close(fig)
-
-
-def cell_losses(compare_dir: Path) -> dict[str, dict[str, dict[int, float]]]:
-    """{"tokens"|"time": {label: {seed: final mean validation loss}}} for one comparison directory; the
-    wall-clock point is the one compare.py recorded (the time the async runs need for the budget)."""
-    out: dict[str, dict[str, dict[int, float]]] = {"tokens": defaultdict(dict), "time": defaultdict(dict)}
-    for label, seeds in finished_runs(compare_dir).items():
-        for seed, path in seeds.items():
-            evals = read_evals(path)
-            times = json.loads((path / "summary.json").read_text())["config"].get("eval_times") or [-1.0]
-            out["tokens"][label][seed] = final_eval(evals)["val_loss/mean"]
-            out["time"][label][seed] = eval_at_time(evals, times[0])["val_loss/mean"]
-    return out
 
 
 def _heatmap(ax, matrix: np.ndarray, rows: list[str], cols: list[str], title: str, fmt: str, **kw) -> None:
@@ -392,71 +368,6 @@ def along_table(compare_dir: Path, out_dir: Path, reference: str = "heloco", bas
     plt.close(fig)
     (out_dir / f"{reference}_vs_{baseline}_along.md").write_text(
         text + f"\n\n![along the run]({reference}_vs_{baseline}_along.png)\n"
-    )
-    return text
-
-
-def ranks(means: dict[str, float]) -> dict[str, int]:
-    """1 for the lowest loss, 2 for the next, ...; ties share the better rank."""
-    ordered = sorted(means.values())
-    return {label: ordered.index(value) + 1 for label, value in means.items()}
-
-
-def leaderboard_table(root: Path, out_dir: Path) -> str:
-    """Every method × cell at equal tokens and at equal wall-clock: loss (mean ± std over seeds) and its
-    rank among the methods of that column, rows ordered by mean rank. Only methods run in every cell
-    with every seed of that cell are ranked (a method missing a seed would be compared on fewer)."""
-    cells = sorted(d.name for d in root.iterdir() if (d / "runs").is_dir())
-    if not cells:
-        raise UserError(f"{root}: no cell directories with runs/ inside")
-    losses = {cell: cell_losses(root / cell) for cell in cells}
-    seeds = {cell: set().union(*losses[cell]["tokens"].values()) for cell in cells}
-    methods = [
-        m
-        for m in dict.fromkeys(m for c in cells for m in losses[c]["tokens"])
-        if all(set(losses[c]["tokens"].get(m, {})) == seeds[c] for c in cells)
-    ]
-    if not methods:
-        raise UserError(f"{root}: no method has finished every seed of every cell ({cells})")
-    columns = [(c, b) for c in cells for b in ("tokens", "time")]
-    means = {
-        col: {m: float(np.mean(list(losses[col[0]][col[1]][m].values()))) for m in methods} for col in columns
-    }
-    rank = {col: ranks(means[col]) for col in columns}
-    mean_rank = {m: float(np.mean([rank[col][m] for col in columns])) for m in methods}
-    order = sorted(methods, key=lambda m: (mean_rank[m], m))
-    names = {"tokens": "equal tokens", "time": "equal wall-clock"}
-    lines = [
-        "| method | " + " | ".join(f"{c}, {names[b]}" for c, b in columns) + " | mean rank |",
-        "|---|" + "---|" * (len(columns) + 1),
-    ]
-    for m in order:
-        row = [f"{mean_std(list(losses[c][b][m].values()))} ({rank[(c, b)][m]})" for c, b in columns]
-        lines.append(f"| {m} | " + " | ".join(row) + f" | {mean_rank[m]:.1f} |")
-    skipped = sorted({m for c in cells for m in losses[c]["tokens"]} - set(methods))
-    text = "\n".join(lines)
-    if skipped:
-        text += f"\n\nNot ranked (missing a cell or a seed): {', '.join(skipped)}."
-    fig, axes = plt.subplots(
-        1, len(columns), figsize=(3.6 * len(columns), 0.42 * len(order) + 1.6), sharey=True
-    )
-    for ax, col in zip(np.atleast_1d(axes), columns, strict=True):
-        for y, m in enumerate(order):
-            values = list(losses[col[0]][col[1]][m].values())
-            ax.plot(values, [y] * len(values), "o", color="0.6", markersize=4)
-            ax.plot([np.mean(values)], [y], "D", color="C3" if rank[col][m] == 1 else "C0")
-        ax.set_title(f"{col[0]}, {names[col[1]]}", fontsize=10)
-        ax.set_xlabel("pooled validation loss (lower is better)")
-        ax.grid(axis="x", alpha=0.3)
-    np.atleast_1d(axes)[0].set_yticks(range(len(order)), order)
-    np.atleast_1d(axes)[0].invert_yaxis()
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "leaderboard.png", dpi=120)
-    plt.close(fig)
-    (out_dir / "leaderboard.md").write_text(
-        "Loss (mean ± std over seeds) and rank (1 = lowest) per column; grey dots are seeds, the diamond "
-        "their mean (red: the column's best).\n\n" + text + "\n\n![leaderboard](leaderboard.png)\n"
     )
     return text
 
