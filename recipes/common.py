@@ -34,11 +34,18 @@ from recipes.model import build_model
 def inner_lr_factor(config: RecipeConfig, progress: float, worker_step: int = 0) -> float:
     """Inner learning-rate multiplier. ``cosine`` follows the run's progress in [0, 1] (the same for
     every method at equal progress, so schedules never favour one); ``worker_cosine`` follows the
-    worker's own inner steps, reaching the floor after ``cosine_steps`` and staying there."""
+    worker's own inner steps, reaching the floor after ``cosine_steps`` and staying there (the
+    paper's: a slow worker that makes fewer steps than ``cosine_steps`` never anneals);
+    ``worker_cosine_or_progress`` (ours) follows whichever of the two is further along,
+    x = max(worker_step / cosine_steps, progress), so every worker also reaches the floor by the end
+    of the run."""
     t = config.train
     if t.lr_schedule == "constant":
         return 1.0
-    x = progress if t.lr_schedule == "cosine" else worker_step / t.cosine_steps
+    own = worker_step / t.cosine_steps
+    x = {"cosine": progress, "worker_cosine": own, "worker_cosine_or_progress": max(own, progress)}[
+        t.lr_schedule
+    ]
     floor = t.min_lr_ratio
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(x, 1.0)))
 

@@ -36,7 +36,7 @@ REPORTERS = ("none", "tensorboard", "wandb", "trackio")
 PRECISIONS = ("no", "bf16")
 # constant; cosine over the run's progress (the same for every worker); worker_cosine: cosine over
 # each worker's own inner steps with period cosine_steps, no warm-up (the HeLoCo authors' schedule).
-SCHEDULES = ("constant", "cosine", "worker_cosine")
+SCHEDULES = ("constant", "cosine", "worker_cosine", "worker_cosine_or_progress")
 # p_k, a worker's share of the arrivals: observed (rate) or from worker_speeds / inner steps (declared)
 WORKER_WEIGHTINGS = ("none", "rate", "declared_rate")
 SERVER_MEMORIES = ("none", "latest")

@@ -66,7 +66,7 @@ class InnerLoop:
         each step and ends the round without a result when true (the run stopped meanwhile).
         """
         config, optimizer, device = self.config, self.optimizer, self.accelerator.device
-        per_step_lr = config.train.lr_schedule == "worker_cosine"
+        per_step_lr = config.train.lr_schedule in ("worker_cosine", "worker_cosine_or_progress")
         begin_round(config, optimizer)
         set_inner_lr(config, optimizer, progress(), self.local_step)
         loss_sum = torch.zeros((), device=device)

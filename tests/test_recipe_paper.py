@@ -95,6 +95,22 @@ def test_worker_cosine_by_hand():
     assert inner_lr_factor(c, progress=0.0, worker_step=5000) == pytest.approx(0.005)
 
 
+def test_worker_cosine_or_progress_follows_whichever_is_further_along():
+    """x = max(worker_step / cosine_steps, progress): the fast worker keeps the paper's schedule, a
+    slow one that makes few steps still reaches the floor at the run's end."""
+    c = config_from_dict(
+        values(lr_schedule="worker_cosine_or_progress", cosine_steps=200, min_lr_ratio=0.005)
+    )
+    assert inner_lr_factor(c, progress=0.0, worker_step=0) == 1.0
+    # a slow worker at its step 50 (x 0.25) when the run is half done: x = 0.5
+    assert inner_lr_factor(c, progress=0.5, worker_step=50) == pytest.approx(0.005 + 0.995 * 0.5)
+    # the fast worker at its step 150 (x 0.75) when the run is half done: its own steps lead
+    half = 0.5 * (1.0 + math.cos(math.pi * 0.75))
+    assert inner_lr_factor(c, progress=0.5, worker_step=150) == pytest.approx(0.005 + 0.995 * half)
+    # at the end of the run every worker is at the floor, whatever its steps
+    assert inner_lr_factor(c, progress=1.0, worker_step=3) == pytest.approx(0.005)
+
+
 def test_reset_inner_optimizer_starts_each_round_from_a_fresh_adamw():
     model = torch.nn.Linear(2, 1)
     config = config_from_dict(values(reset_inner_optimizer=True, fused_adamw=True))
