@@ -248,7 +248,8 @@ class InProcessTransport:
 
 class DeltaDownlink:
     """A transport whose replies carry the change of the parameters, encoded, instead of the
-    parameters (the simulator's ``downlink: delta``).
+    parameters (the simulator's ``downlink: delta``, and the server rank's own worker's in
+    distributed mode, whose remote workers get the same over the wire: ``heloco.distributed.downlink``).
 
     The reply to worker w is m = encode(θ − h_w), θ what the server answers (the global parameters
     or w's look-ahead point) and h_w the parameters w holds from its previous reply; w continues

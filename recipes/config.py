@@ -52,8 +52,8 @@ CODEC_OPTION_DEFAULTS = {
     "topk_chunk": 4096,
     "topk_scope": "chunk",
 }
-# What a reply carries down (recipes.simulator): the parameters, or their change since the worker's
-# copy encoded with downlink_codec (heloco.transport.DeltaDownlink)
+# What a reply carries down: the parameters, or their change since the worker's copy encoded with
+# downlink_codec (simulate: heloco.transport.DeltaDownlink; distributed: heloco.distributed.downlink)
 DOWNLINKS = ("params", "delta")
 
 
@@ -242,14 +242,15 @@ class DiLoCoArguments:
     downlink: str = field(
         default="params",
         metadata={
-            "help": "simulate: a reply carries the fp32 parameters (params) or their change since the "
-            "worker's copy, encoded with downlink_codec (delta)"
+            "help": "a reply carries the fp32 parameters (params) or their change since the worker's "
+            "copy, encoded with downlink_codec (delta; distributed: on the wire, the first reply of a "
+            "connection full)"
         },
     )
     downlink_codec: str = field(
         default="fp32",
         metadata={
-            "help": f"simulate, downlink delta: how the change is encoded, one of {', '.join(CODEC_NAMES)} "
+            "help": f"downlink delta: how the change is encoded, one of {', '.join(CODEC_NAMES)} "
             "(options: int8_block, topk_*)"
         },
     )
@@ -619,16 +620,11 @@ def _validate_network(config: RecipeConfig) -> None:
 
 
 def _validate_distributed_network(config: RecipeConfig) -> None:
-    """Distributed mode takes the codec (encoded Δ on the gloo wire), overlap (a background exchange)
-    and the link fields (an emulated slow link: each message sleeps latency + bytes / bandwidth), on
-    workers of one process each; server_step_time and downlink: delta stay simulate-only (the real
-    server takes its real time and replies with the parameters)."""
+    """Distributed mode takes the codec (encoded Δ on the gloo wire), ``downlink: delta`` (encoded
+    replies on the wire), overlap (a background exchange) and the link fields (an emulated slow
+    link: each message sleeps latency + bytes / bandwidth), on workers of one process each;
+    server_step_time stays simulate-only (the real server takes its real time)."""
     o = config.diloco
-    if o.downlink != "params":
-        raise ConfigError(
-            "downlink: delta is a simulate-mode option (mode=distributed replies with the parameters); "
-            "leave downlink at params"
-        )
     if o.server_step_time != 0.0:
         raise ConfigError(
             f"server_step_time={o.server_step_time} is a simulate-mode option (the real server takes its "

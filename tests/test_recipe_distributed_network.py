@@ -107,3 +107,27 @@ def test_overlap_hides_an_emulated_slow_link(shards2, warm2, capsys):
     assert sum(idle[True]) < 0.6 * sum(idle[False]), idle
     evals = [r for r in read_jsonl(warm2 / "link-overlap-True" / "metrics.jsonl") if r["event"] == "eval"]
     assert evals[-1]["val_loss/mean"] < evals[0]["val_loss/mean"] - 0.2
+
+
+def test_delta_downlink_in_int8_on_the_wire(shards2, warm2):
+    """``downlink: delta`` with int8 (the simulator's YAML keys): after a full first reply every
+    reply is the encoded change of the parameters, ≈3.9× fewer bytes than fp32, on the emulated link
+    too, and the run learns as usual."""
+    out = warm2 / "delta-int8"
+    v = two_workers(shards2, out, downlink="delta", downlink_codec="int8", downlink_bandwidth=[1e12])
+    summary = launch(v, warm2 / "delta-int8.log")
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "eval"]
+    assert evals[-1]["val_loss/mean"] < evals[0]["val_loss/mean"] - 0.2
+    assert summary["stop_reason"] == "budget_tokens"
+    shapes = parameter_shapes(v)
+    encoded = make_codec("int8").max_nbytes(shapes)
+    fp32 = 4 * sum(math.prod(s) for s in shapes)
+    assert encoded < fp32 / 3.5
+    for rank in summary["distributed"]["ranks"]:  # rank 0's worker too (in process, DeltaDownlink)
+        assert rank["downlink"] == "delta" and rank["rounds"] >= 2
+        assert rank["downlink_bytes"] == fp32 + rank["rounds"] * encoded  # one full reply, then changes
+        assert rank["downlink_bytes"] < (rank["rounds"] + 1) * fp32 / 3
+        assert rank["link_downlink_bytes"] == rank["downlink_bytes"]
+        assert rank["uplink_bytes"] == rank["rounds"] * fp32  # Δ still goes up in fp32
+    server = summary["distributed"]["server"][1]  # rank 1's replies as the server sent them
+    assert server["bytes_out"] < server["messages_out"] * 4160 + fp32 + (server["messages_out"] - 2) * encoded

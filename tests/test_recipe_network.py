@@ -156,7 +156,10 @@ def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, down
         ({"int8_block": 0}, r"int8_block must be an integer in \[1, 2\*\*24\]"),
         ({"error_feedback_decay": 1.5}, r"error_feedback_decay must be in \(0, 1\]"),
         ({"mode": "distributed", "server_step_time": 0.5}, "server_step_time=0.5 is a simulate-mode option"),
-        ({"mode": "distributed", "downlink": "delta"}, "downlink: delta is a simulate-mode option"),
+        (
+            {"mode": "distributed", "downlink": "delta", "downlink_codec": "int8", "group_sizes": [1, 2, 1]},
+            r"downlink, downlink_codec: in mode=distributed these need one process per worker",
+        ),
         (
             {"mode": "distributed", "overlap": True, "group_sizes": [2, 1, 1]},
             r"overlap: in mode=distributed these need one process per worker; group_sizes=\[2, 1, 1\]",
@@ -186,6 +189,9 @@ def test_distributed_mode_takes_the_codec_overlap_and_link_fields(tiny_shards, t
     values = {"uplink_codec": "topk", "topk_scope": "global", "error_feedback": True}
     config = config_from_dict(base_values(tiny_shards, tmp_path / "x", mode="distributed", **values))
     assert config.diloco.topk_scope == "global"
+    values = {"downlink": "delta", "downlink_codec": "int8"}  # the same keys as in simulate mode
+    config = config_from_dict(base_values(tiny_shards, tmp_path / "x", mode="distributed", **values))
+    assert config.diloco.downlink == "delta"
 
 
 def test_slow_link_yaml_says_its_arithmetic():

@@ -7,6 +7,7 @@ Split by who needs what, so each process loads only what it uses:
     wire       message kinds, header, FlatMessage buffers, wire dtypes, where the two ends meet
     server     DistributedServer: the aggregator on the server rank (one thread per remote worker)
     session    one remote worker's slot and serving thread (used by the server)
+    downlink   delta replies (downlink: delta): each end's copy of what a worker holds
     client     DistributedTransport (a remote worker's end) and setup_transport
     overlap    BackgroundExchange: an overlapped worker's exchange on a background thread
     link       EmulatedLink: a transport that sleeps as a slow link would (experiments)

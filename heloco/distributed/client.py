@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -28,6 +28,7 @@ from torch.distributed import PrefixStore, ProcessGroupGloo, Store
 
 from heloco.aggregator import Update
 from heloco.codecs import make_codec
+from heloco.distributed.downlink import MalformedReply, ReplyDecoder
 from heloco.distributed.wire import (
     MESSAGE_TAG,
     SERVER_PAIR_RANK,
@@ -41,12 +42,18 @@ from heloco.distributed.wire import (
     pair_store,
     shapes_and_dtype,
 )
-from heloco.transport import InProcessTransport, QuorumUnreachable, ServerStopped, TransportError
+from heloco.transport import (
+    DeltaDownlink,
+    InProcessTransport,
+    QuorumUnreachable,
+    ServerStopped,
+    TransportError,
+)
 
 if TYPE_CHECKING:
     from heloco.distributed.server import DistributedServer
 
-__all__ = ["DistributedTransport", "setup_transport"]
+__all__ = ["DistributedTransport", "local_transport", "setup_transport"]
 
 
 class DistributedTransport:
@@ -70,6 +77,14 @@ class DistributedTransport:
             ``encoded_buffer()`` offers the send buffer's region to encode into (no copy), and
             ``pseudo_grad_buffers()`` offers nothing (Δ must not live where it is encoded to).
             The encoder (the codec, or an ``ErrorFeedback`` around it) lives on the worker.
+        downlink_codec: ``downlink: delta`` (the server's must have the same ``config()``, checked
+            at HELLO): a reply may carry the change of the parameters since the worker's copy,
+            encoded with it, which the transport adds to that copy (``heloco.distributed.downlink``);
+            the first reply of a connection is full. ``Update.params`` are then that copy (fp32
+            CPU tensors, valid until the next reply). A reply it cannot apply (malformed,
+            oversized, non-finite) changes nothing and closes the connection (``MalformedReply``,
+            a ``TransportError``): the two ends' copies no longer agree, a new connection starts
+            again from a full reply. ``reply_nbytes()`` is the last reply's payload on the wire.
 
     ``Update.params`` are CPU views into the transport's receive buffer in the wire dtype (no copy:
     on a loopback link a copy costs a third of the transfer): they stay valid until the next call on
@@ -97,6 +112,7 @@ class DistributedTransport:
         prefix: str = "heloco",
         info_capacity: int = 4096,
         codec: Any = None,
+        downlink_codec: Any = None,
     ) -> None:
         if isinstance(worker_id, bool) or not isinstance(worker_id, int) or worker_id < 0:
             raise ValueError(f"worker_id must be an int >= 0, got {worker_id!r}")
@@ -119,8 +135,14 @@ class DistributedTransport:
         # Separate send and receive buffers, so the parameters of a reply survive the packing of
         # the next pseudo-gradient.
         self.codec = codec
-        self.send_message = FlatMessage(shapes, self.wire_dtype, info_capacity, codec=codec)
-        self.recv_message = FlatMessage(shapes, self.wire_dtype, info_capacity)
+        self.send_message = FlatMessage(
+            shapes, self.wire_dtype, info_capacity, codec=codec, reply_codec=downlink_codec
+        )
+        self.recv_message = FlatMessage(shapes, self.wire_dtype, info_capacity, reply_codec=downlink_codec)
+        self.replies: ReplyDecoder | None = None  # downlink: delta, what this worker holds
+        if downlink_codec is not None:
+            self.replies = ReplyDecoder(make_codec(**downlink_codec.config()), shapes)
+        self.last_reply_nbytes = 0
         self.incarnation = store.add(incarnation_key(prefix, worker_id), 1)
         try:
             self._pg: ProcessGroupGloo | None = ProcessGroupGloo(
@@ -179,7 +201,12 @@ class DistributedTransport:
                 f"(rank {self.server_rank}): {str(e).splitlines()[0]}"
             ) from e
         self._last_heard = time.monotonic()
-        header = self.recv_message.read_header()
+        try:
+            header = self.recv_message.read_header()
+        except ValueError as e:
+            if self.replies is None:
+                raise
+            self._close_on_bad_reply(e)  # the server may have moved its copy of ours on
         self.messages += 1
         self.bytes_sent += data.numel()
         self.bytes_received += self.recv_message.message_nbytes(header)
@@ -197,11 +224,44 @@ class DistributedTransport:
             raise ServerStopped(f"the heloco server was stopped; worker {self.worker_id} must end")
         return header
 
+    def _close_on_bad_reply(self, error: Exception) -> NoReturn:
+        self._pg = None
+        if self.replies is not None:
+            self.replies.forget()
+        raise MalformedReply(
+            f"worker {self.worker_id} refused the heloco server's reply and closed the connection (its "
+            f"copy of the parameters is unchanged; start the worker again to rejoin): {error}"
+        ) from error
+
+    def _reply_params(self, header: MessageHeader) -> list[Tensor]:
+        """The parameters a reply leaves this worker with: the receive buffer's views, or with
+        ``downlink: delta`` its held copy (set by a full reply, moved on by an encoded change)."""
+        if header.encoded:
+            replies = self.replies
+            assert replies is not None  # read_header refuses encoded replies without a reply codec
+            try:
+                params = replies.apply(self.recv_message.encoded_payload(header))
+            except MalformedReply as e:
+                self._close_on_bad_reply(e)
+            self.last_reply_nbytes = header.encoded_nbytes
+            return params
+        self.last_reply_nbytes = self.recv_message.payload_nbytes
+        if self.replies is not None:
+            return self.replies.take_full(self.recv_message.views)
+        return list(self.recv_message.views)
+
+    def reply_nbytes(self, worker_id: int | None = None) -> int:
+        """Bytes of the last reply's payload on the wire: the parameters in the wire dtype, or an
+        encoded change's ``nbytes`` (``downlink: delta``)."""
+        if worker_id is not None:
+            self._check_id(worker_id)
+        return self.last_reply_nbytes
+
     def _update(self, header: MessageHeader) -> Update:
         if header.kind != MessageKind.REPLY or not header.has_payload:
             raise TransportError(f"expected a REPLY with parameters, got {header.kind.name}")
         return Update(
-            params=list(self.recv_message.views),
+            params=self._reply_params(header),
             version=header.version,
             staleness=header.staleness,
             applied=header.applied,
@@ -300,7 +360,8 @@ def setup_transport(
     server_worker: int | None = None,
     serve_only: bool = False,
     codec: Any = None,
-) -> tuple[InProcessTransport | DistributedTransport | None, DistributedServer | None]:
+    downlink_codec: Any = None,
+) -> tuple[InProcessTransport | DeltaDownlink | DistributedTransport | None, DistributedServer | None]:
     """Build this rank's transport once ``torch.distributed`` is initialised (any backend).
 
     On ``server_rank`` the aggregator (or a zero-argument callable building it, so other ranks never
@@ -319,6 +380,9 @@ def setup_transport(
     ``codec`` (a ``heloco.codecs`` codec, the same on every rank): workers may send encoded Δ
     (``submit_encoded``); the server decodes it, and the server rank's own worker gets an
     ``InProcessTransport`` that decodes it in process, so every worker's Δ goes through the codec.
+    ``downlink_codec`` (``downlink: delta``, the same on every rank): replies are the encoded change
+    since each worker's copy; the server rank's own worker gets the same in process
+    (``DeltaDownlink``), so every worker's parameters come through the codec.
 
     The store is the TCPStore underneath the default group's store, so a restarted worker can reach
     the same keys with a plain ``TCPStore(MASTER_ADDR, MASTER_PORT, is_master=False)``.
@@ -361,13 +425,11 @@ def setup_transport(
             prefix=prefix,
             shrink_quorum=shrink_quorum,
             codec=codec,
+            downlink_codec=downlink_codec,
         ).start()
         if serve_only:
             return None, server
-        if codec is None:
-            return InProcessTransport(server), server
-        local_codec = make_codec(**codec.config())  # a codec serves one thread: this one is the worker's
-        return InProcessTransport(server, codec=local_codec, params_like=params_like), server
+        return local_transport(server, params_like, codec, downlink_codec), server
     transport = DistributedTransport(
         worker_id,
         params_like,
@@ -378,5 +440,20 @@ def setup_transport(
         connect_timeout=connect_timeout,
         prefix=prefix,
         codec=codec,
+        downlink_codec=downlink_codec,
     )
     return transport, None
+
+
+def local_transport(
+    server: DistributedServer, params_like: Sequence[Tensor], codec: Any, downlink_codec: Any
+) -> InProcessTransport | DeltaDownlink:
+    """The server rank's own worker's transport: in process, through the same codecs as the remote
+    workers' (each a copy of its own: a codec serves one thread, this one is the worker's)."""
+    if codec is None:
+        transport = InProcessTransport(server)
+    else:
+        transport = InProcessTransport(server, codec=make_codec(**codec.config()), params_like=params_like)
+    if downlink_codec is None:
+        return transport
+    return DeltaDownlink(transport, make_codec(**downlink_codec.config()), params_like)

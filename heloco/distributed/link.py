@@ -10,7 +10,8 @@ same meaning of the config fields: a message of ``n`` bytes to the server takes
 ``downlink_latency + m / downlink_bandwidth`` (``None`` bandwidth: no delay for the bytes).
 
 What counts as bytes: an encoded Δ's ``nbytes`` (the codec's message, exactly what the wire carries
-besides the fixed header), a plain Δ's or a reply's elements × the wire dtype's size; a request
+besides the fixed header), a plain Δ's or a reply's elements × the wire dtype's size, an encoded
+reply's ``nbytes`` (``downlink: delta``: the wrapped transport's ``reply_nbytes``); a request
 without a payload (dispatch) costs only the latency. The sleeps happen on the calling thread, in
 the transport call: an overlapped worker (``heloco.distributed.overlap``) sleeps in its background
 thread, so the link hides behind its next round exactly as a real one would.
@@ -29,12 +30,22 @@ from torch import Tensor
 
 from heloco.aggregator import Update
 
-__all__ = ["EmulatedLink", "link_seconds", "wire_itemsize"]
+__all__ = ["EmulatedLink", "link_seconds", "reply_payload_nbytes", "wire_itemsize"]
 
 
 def link_seconds(nbytes: int, bandwidth: float | None, latency: float) -> float:
     """Seconds a message of ``nbytes`` takes on a link: ``latency + nbytes / bandwidth``."""
     return latency + (0.0 if bandwidth is None else nbytes / bandwidth)
+
+
+def reply_payload_nbytes(transport: Any, worker_id: int, update: Update, wire_itemsize: int) -> int:
+    """Bytes of the payload of ``transport``'s latest reply (``update``): what the transport
+    measured when it can say (``reply_nbytes``: a ``DistributedTransport``, a ``DeltaDownlink``,
+    which may have sent an encoded change), else the parameters' elements × ``wire_itemsize``."""
+    measured = getattr(transport, "reply_nbytes", None)
+    if callable(measured):
+        return int(measured(worker_id))
+    return sum(p.numel() for p in update.params or []) * wire_itemsize
 
 
 def _check_link(name: str, value: float | None, *, bandwidth: bool) -> float | None:
@@ -54,9 +65,11 @@ class EmulatedLink:
     for each message as a link of the given bandwidths (bytes/s) and latencies (s) would take.
 
     Everything else is the wrapped transport's: ``writes_into_out``, ``pseudo_grad_buffers``,
-    ``encoded_buffer``, ``leave``. ``wire_itemsize``: bytes per element of a plain Δ or a reply on
-    the wire (4 for fp32, 2 for bf16). Counters (``uplink_bytes``, ``downlink_bytes``,
-    ``slept_s``) are written by the thread that calls the transport and read once it returned.
+    ``encoded_buffer``, ``reply_nbytes``, ``leave``. ``wire_itemsize``: bytes per element of a
+    plain Δ or a reply of parameters on the wire (4 for fp32, 2 for bf16); an encoded reply
+    (``downlink: delta``) costs what the wrapped transport's ``reply_nbytes`` says. Counters
+    (``uplink_bytes``, ``downlink_bytes``, ``slept_s``) are written by the thread that calls the
+    transport and read once it returned.
     """
 
     def __init__(
@@ -100,28 +113,23 @@ class EmulatedLink:
     def _up(self, nbytes: int) -> None:
         self._travel(nbytes, self.uplink_bandwidth, self.uplink_latency, up=True)
 
-    def _down(self, update: Update) -> Update:
-        params = update.params or []
-        self._travel(
-            sum(p.numel() for p in params) * self.wire_itemsize,
-            self.downlink_bandwidth,
-            self.downlink_latency,
-            up=False,
-        )
+    def _down(self, worker_id: int, update: Update) -> Update:
+        nbytes = reply_payload_nbytes(self.transport, worker_id, update, self.wire_itemsize)
+        self._travel(nbytes, self.downlink_bandwidth, self.downlink_latency, up=False)
         return update
 
     # -- the transport's calls ---------------------------------------------------------------------
     def dispatch(self, worker_id: int, **out: Any) -> Update:
         self._up(0)
-        return self._down(self.transport.dispatch(worker_id, **out))
+        return self._down(worker_id, self.transport.dispatch(worker_id, **out))
 
     def submit(self, worker_id: int, pseudo_grads: Sequence[Tensor], base_version: int, **out: Any) -> Update:
         self._up(sum(t.numel() for t in pseudo_grads) * self.wire_itemsize)
-        return self._down(self.transport.submit(worker_id, pseudo_grads, base_version, **out))
+        return self._down(worker_id, self.transport.submit(worker_id, pseudo_grads, base_version, **out))
 
     def submit_encoded(self, worker_id: int, message: Any, base_version: int, **out: Any) -> Update:
         self._up(int(message.nbytes))
-        return self._down(self.transport.submit_encoded(worker_id, message, base_version, **out))
+        return self._down(worker_id, self.transport.submit_encoded(worker_id, message, base_version, **out))
 
     def leave(self, worker_id: int | None = None) -> None:
         leave = self.transport.leave

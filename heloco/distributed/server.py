@@ -87,6 +87,10 @@ class DistributedServer:
             the codec before the aggregator sees it; a message that does not decode (wrong codec or
             layout, truncated, oversized, NaN/Inf, indices out of range) is refused with an ERROR
             and the global model is not touched. None (default): only wire-dtype tensors.
+        downlink_codec: ``downlink: delta``: a ``heloco.codecs`` codec (the workers' must have the
+            same, checked at HELLO) that encodes each reply as the change of the parameters since
+            what that worker holds, which its session keeps (``heloco.distributed.downlink``); the
+            first reply on every connection is full. None (default): replies are the parameters.
 
     Replies to an ``AggregatorLike`` are written straight into each worker's message buffer
     (``out=``), so no parameter copy is allocated per round.
@@ -116,6 +120,7 @@ class DistributedServer:
         info_capacity: int = 4096,
         shrink_quorum: bool = True,
         codec: Any = None,
+        downlink_codec: Any = None,
     ) -> None:
         if not isinstance(aggregator, Server):
             raise ValueError(
@@ -177,13 +182,15 @@ class DistributedServer:
         self.rejoin_timeout = float(rejoin_timeout)
         self.prefix = prefix
         self.info_capacity = info_capacity
-        if codec is not None and not (
-            callable(getattr(codec, "config", None)) and callable(getattr(codec, "decode", None))
-        ):
-            raise ValueError(
-                f"codec must be a heloco.codecs codec (see make_codec), got {type(codec).__name__}"
-            )
+        for name, given in (("codec", codec), ("downlink_codec", downlink_codec)):
+            if given is not None and not (
+                callable(getattr(given, "config", None)) and callable(getattr(given, "decode", None))
+            ):
+                raise ValueError(
+                    f"{name} must be a heloco.codecs codec (see make_codec), got {type(given).__name__}"
+                )
         self.codec = codec
+        self.downlink_codec = downlink_codec
         FlatMessage(shapes[:1], self.wire_dtype, info_capacity)  # validate the layout arguments now
 
         self._cond = threading.Condition()

@@ -5,6 +5,9 @@ aggregator, the lifecycle and the synchronous waiting, while everything that hap
 connection is here: waiting for each incarnation to register, connecting its pair group, the HELLO
 layout check, answering requests, noticing that the worker left, died or never came, and waiting for
 a rejoin. The server runs one ``WorkerSession`` per remote worker, each on its own daemon thread.
+With ``downlink: delta`` the session also keeps its worker's copy of the parameters
+(``heloco.distributed.downlink.ReplyEncoder``) and encodes each reply against it; every new
+connection starts again from a full reply.
 
 Why one gloo group *per worker* instead of the job's world group: in a shared group a dead peer goes
 unnoticed (an any-source ``recv`` keeps waiting, it does not fail), and the only way to find out is a
@@ -38,6 +41,7 @@ from torch.distributed import ProcessGroupGloo, Store
 
 from heloco.aggregator import Update
 from heloco.codecs import Codec, make_codec
+from heloco.distributed.downlink import ReplyEncoder
 from heloco.distributed.wire import (
     MESSAGE_TAG,
     SERVER_PAIR_RANK,
@@ -70,6 +74,7 @@ class SessionHost(Protocol):
     connect_timeout: datetime.timedelta
     rejoin_timeout: float
     codec: Any  # a heloco.codecs codec, or None: encoded payloads are refused
+    downlink_codec: Any  # a heloco.codecs codec: replies are encoded changes (downlink: delta); None: params
 
     @property
     def stopped(self) -> bool: ...
@@ -101,6 +106,7 @@ class WorkerSlot:
     error: str | None = None  # why the latest connection ended, if not by LEAVE
     thread: threading.Thread | None = None
     message: FlatMessage | None = None
+    replies: ReplyEncoder | None = None  # downlink: delta: the server's copy of what the worker holds
 
     @property
     def finished(self) -> bool:
@@ -175,6 +181,10 @@ class WorkerSession:
         if server.codec is not None:
             self.decoder = make_codec(**server.codec.config())
             self.decoded = [torch.empty(s, dtype=torch.float32) for s in server.shapes]
+        self.replies: ReplyEncoder | None = None  # downlink: delta, what this worker holds
+        if server.downlink_codec is not None:
+            self.replies = ReplyEncoder(make_codec(**server.downlink_codec.config()), server.shapes)
+            slot.replies = self.replies
 
     def run(self) -> None:
         """Serve every incarnation of the worker until it is gone or the server stopped."""
@@ -246,8 +256,14 @@ class WorkerSession:
                 continue
             if slot.message is None:
                 slot.message = FlatMessage(
-                    server.shapes, server.wire_dtype, server.info_capacity, codec=server.codec
+                    server.shapes,
+                    server.wire_dtype,
+                    server.info_capacity,
+                    codec=server.codec,
+                    reply_codec=server.downlink_codec,
                 )
+            if self.replies is not None:
+                self.replies.forget()  # a new connection holds nothing: its first reply is full
             self._set_state("alive")
             logger.info("worker %d connected (incarnation %d)", i, incarnation)
             try:
@@ -325,6 +341,9 @@ class WorkerSession:
                     update = server.submit(i, msg.views, header.version, out=msg.views)
                 else:
                     raise ValueError(f"unexpected {header.kind.name} message from worker {i}")
+                if update.params is None:  # only a misbehaving aggregator gets here
+                    raise RuntimeError("the server has no parameters to send")
+                encoded = self._encode_reply(update.params)
             except ServerStopped:
                 self._send(pg, MessageHeader(MessageKind.STOPPED, i))
                 return False
@@ -333,10 +352,26 @@ class WorkerSession:
                     logger.exception("worker %d's %s failed on the server", i, header.kind.name)
                 self._send(pg, self._error_header(e))
                 continue
-            if update.params is None:  # only a misbehaving aggregator gets here
-                self._send(pg, self._error_header(RuntimeError("the server has no parameters to send")))
+            if encoded is not None:
+                self._send(pg, _reply_header(i, update), encoded=encoded.payload)
                 continue
-            self._send(pg, _reply_header(i, update), update.params)
+            params = update.params
+            if self.replies is not None:  # a full reply: the worker will hold the views' values
+                if not msg.holds(params):
+                    torch._foreach_copy_(msg.views, [p.detach() for p in params])
+                self.replies.sent_full(msg.views)
+                params = msg.views
+            self._send(pg, _reply_header(i, update), params)
+
+    def _encode_reply(self, params: Sequence[Tensor]) -> Any:
+        """With ``downlink: delta`` and a full reply already sent on this connection, the change
+        since the worker's copy, encoded into the message (an ``EncodedMessage``); None: send
+        ``params`` in full."""
+        replies, msg = self.replies, self.slot.message
+        if replies is None or replies.wants_full:
+            return None
+        assert msg is not None
+        return replies.encode(params, out=msg.encoded_region(MessageKind.REPLY))
 
     def _decode(self, payload: Tensor) -> list[Tensor]:
         """An encoded Δ's fp32 values, in this session's buffers; ``ValueError`` if it is refused."""
@@ -356,19 +391,27 @@ class WorkerSession:
         pg: ProcessGroupGloo,
         header: MessageHeader,
         tensors: Sequence[Tensor] | None = None,
+        *,
+        encoded: Tensor | None = None,
     ) -> None:
+        """Send ``header`` with ``tensors`` (the parameters) or an ``encoded`` payload (already in
+        the message's encoded region), or neither."""
         slot = self.slot
         msg = slot.message
         assert msg is not None
+
+        def pack(header: MessageHeader) -> Tensor:
+            return msg.pack(header, tensors) if encoded is None else msg.pack_encoded(header, encoded)
+
         try:
-            data = msg.pack(header, tensors)
+            data = pack(header)
         except ValueError:  # statistics too large for the info region: send the rest without them
             if not self.stats_dropped.is_set():
                 self.stats_dropped.set()
                 logger.warning(
                     "update stats exceed info_capacity=%d bytes; sending without stats", msg.info_capacity
                 )
-            data = msg.pack(dataclasses.replace(header, info={}), tensors)
+            data = pack(dataclasses.replace(header, info={}))
         try:
             pg.send([data], WORKER_PAIR_RANK, MESSAGE_TAG).wait(self.server.timeout)
         except RuntimeError as e:

@@ -9,7 +9,9 @@ region for the statistics or an error text, then the tensors back to back in the
 parameters' own dtype, or e.g. ``torch.bfloat16`` to halve the bytes). Messages without tensors send
 only the header. With a codec (``heloco.codecs``), a SUBMIT may instead carry an *encoded* payload
 (flag ``encoded``): the codec's message bytes, exactly ``EncodedMessage.nbytes`` of them after the
-info region, not padded to the fp32 size; the buffer is sized for the larger of the two. Nothing is
+info region, not padded to the fp32 size; the buffer is sized for the larger of the two. With a
+reply codec (``downlink: delta``, ``heloco.distributed.downlink``) a REPLY may carry an encoded
+payload the same way: the change of the parameters since the worker's copy. Nothing is
 copied that need not be: a ``DiLoCoWorker`` writes Δ straight into the
 send buffer (``DistributedTransport.pseudo_grad_buffers()``), the server's aggregator reads it from
 the receive buffer and writes the reply parameters straight back into it (``out=``), and the worker
@@ -78,6 +80,19 @@ _F_PAYLOAD = 1
 _F_APPLIED = 2
 _F_DROPPED = 4
 _F_ENCODED = 8  # the payload is a codec's message (its own header says which codec), not wire-dtype tensors
+
+
+# Layout fields present only with a codec or delta replies, and what their absence means.
+_OPTIONAL_LAYOUT: dict[str, Any] = {
+    "codec": None,
+    "encoded_capacity": None,
+    "downlink": "params",
+    "downlink_codec": None,
+    "reply_capacity": None,
+}
+_LAYOUT_HINTS = {
+    "downlink": " (downlink is 'params' or 'delta'; the server and every worker must use the same)",
+}
 
 
 class MessageKind(enum.IntEnum):
@@ -166,7 +181,9 @@ class FlatMessage:
     With a ``codec`` (anything with ``max_nbytes(shapes)`` and ``config()``: a ``heloco.codecs``
     codec), the buffer also holds an encoded payload of up to ``codec.max_nbytes(shapes)`` bytes at
     the same offset (``encoded_region``; ``pack_encoded`` sends it), and ``layout()`` names the codec,
-    so two ends with different codecs are refused at HELLO, before any payload travels.
+    so two ends with different codecs are refused at HELLO, before any payload travels. A
+    ``reply_codec`` does the same for REPLY messages (``downlink: delta``): encoded replies of up to
+    ``reply_codec.max_nbytes(shapes)`` bytes, and ``layout()`` says ``downlink: delta`` and names it.
     """
 
     def __init__(
@@ -175,6 +192,7 @@ class FlatMessage:
         wire_dtype: torch.dtype = torch.float32,
         info_capacity: int = 4096,
         codec: Any = None,
+        reply_codec: Any = None,
     ) -> None:
         check_wire_dtype(wire_dtype)
         if isinstance(info_capacity, bool) or not isinstance(info_capacity, int) or info_capacity < 64:
@@ -191,8 +209,14 @@ class FlatMessage:
         if codec is not None:
             self.codec_config = dict(codec.config())
             self.encoded_capacity = int(codec.max_nbytes([tuple(s) for s in self.shapes]))
+        self.reply_codec_config: dict[str, Any] | None = None
+        self.reply_capacity = 0  # the largest encoded REPLY this buffer takes (0: replies are params)
+        if reply_codec is not None:
+            self.reply_codec_config = dict(reply_codec.config())
+            self.reply_capacity = int(reply_codec.max_nbytes([tuple(s) for s in self.shapes]))
         self.nbytes = self.payload_offset + self.payload_nbytes
-        capacity = self.payload_offset + max(self.payload_nbytes, self.encoded_capacity)
+        largest = max(self.payload_nbytes, self.encoded_capacity, self.reply_capacity)
+        capacity = self.payload_offset + largest
         # torch's allocator aligns to 64 bytes (a bytearray's 16-byte alignment makes every copy into
         # the payload ~20% slower); struct writes the header through a ctypes window on that memory.
         self.buffer = torch.zeros(capacity, dtype=torch.uint8)
@@ -257,12 +281,22 @@ class FlatMessage:
         )
         self._mv[_FIXED_BYTES : _FIXED_BYTES + len(info)] = info
 
-    def encoded_region(self) -> Tensor:
-        """The bytes an encoded payload occupies (1-D uint8, 64-byte aligned): a codec that encodes
-        straight into it (``codec.encode(Δ, out=region)``) makes ``pack_encoded`` copy nothing."""
-        if not self.encoded_capacity:
-            raise ValueError("this message layout has no codec, so it carries no encoded payloads")
-        return self.buffer[self.payload_offset : self.payload_offset + self.encoded_capacity]
+    def encoded_capacity_of(self, kind: MessageKind) -> int:
+        """The largest encoded payload a message of ``kind`` may carry here (0: none): a REPLY's
+        is the reply codec's, any other's the codec's."""
+        return self.reply_capacity if kind == MessageKind.REPLY else self.encoded_capacity
+
+    def encoded_region(self, kind: MessageKind = MessageKind.SUBMIT) -> Tensor:
+        """The bytes an encoded payload of a ``kind`` message occupies (1-D uint8, 64-byte aligned):
+        a codec that encodes straight into it (``codec.encode(Δ, out=region)``) makes
+        ``pack_encoded`` copy nothing. It overlaps ``views``."""
+        capacity = self.encoded_capacity_of(kind)
+        if not capacity:
+            what = "reply codec (downlink: delta)" if kind == MessageKind.REPLY else "codec"
+            raise ValueError(
+                f"this message layout has no {what}, so its {kind.name} carries no encoded payloads"
+            )
+        return self.buffer[self.payload_offset : self.payload_offset + capacity]
 
     def pack_encoded(self, header: MessageHeader, payload: Tensor) -> Tensor:
         """Write ``header`` and an encoded ``payload`` (1-D uint8: ``EncodedMessage.payload``);
@@ -271,13 +305,15 @@ class FlatMessage:
         if not isinstance(payload, Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
             raise ValueError("an encoded payload must be a 1-D torch.uint8 tensor (EncodedMessage.payload)")
         n = payload.numel()
-        if not 0 < n <= self.encoded_capacity:
+        capacity = self.encoded_capacity_of(header.kind)
+        if not 0 < n <= capacity:
+            codec = self.reply_codec_config if header.kind == MessageKind.REPLY else self.codec_config
             raise ValueError(
-                f"encoded payload of {n} bytes does not fit this layout (1 .. {self.encoded_capacity} "
-                f"bytes for codec {self.codec_config})"
+                f"encoded payload of {n} bytes does not fit this layout's {header.kind.name} (1 .. "
+                f"{capacity} bytes for codec {codec})"
             )
         info = self._info_bytes(header)
-        region = self.encoded_region()
+        region = self.encoded_region(header.kind)
         if payload.data_ptr() != region.data_ptr():
             region[:n].copy_(payload)
         self._write_header(header, info, _F_PAYLOAD | _F_ENCODED, n)
@@ -303,11 +339,12 @@ class FlatMessage:
         has_payload = bool(flags & _F_PAYLOAD)
         encoded = has_payload and bool(flags & _F_ENCODED)
         if encoded:
-            if not 0 < payload <= self.encoded_capacity:
+            capacity = self.encoded_capacity_of(kind)
+            if not 0 < payload <= capacity:
                 what = (
-                    "takes no encoded payloads (no codec)"
-                    if not self.encoded_capacity
-                    else (f"takes encoded payloads of 1 .. {self.encoded_capacity} bytes")
+                    f"takes no encoded {kind.name} payloads (no codec for them)"
+                    if not capacity
+                    else (f"takes encoded {kind.name} payloads of 1 .. {capacity} bytes")
                 )
                 raise ValueError(f"encoded payload of {payload} bytes refused: this layout {what}")
         elif has_payload:
@@ -357,14 +394,24 @@ class FlatMessage:
         if self.codec_config is not None:  # absent without a codec: the layout is what it always was
             layout["codec"] = self.codec_config
             layout["encoded_capacity"] = self.encoded_capacity
+        if self.reply_codec_config is not None:  # absent with replies of parameters, as before
+            layout["downlink"] = "delta"
+            layout["downlink_codec"] = self.reply_codec_config
+            layout["reply_capacity"] = self.reply_capacity
         return layout
 
     def layout_mismatch(self, peer: dict[str, Any]) -> str | None:
         """``None`` if the peer's ``layout()`` equals ours, else which fields differ."""
         ours = self.layout()
-        keys = [*ours, *(k for k in ("codec", "encoded_capacity") if k in peer and k not in ours)]
+        keys = [*ours, *(k for k in _OPTIONAL_LAYOUT if k in peer and k not in ours)]
+
+        def value(layout: dict[str, Any], key: str) -> Any:  # an absent field means its default
+            return layout.get(key, _OPTIONAL_LAYOUT.get(key))
+
         diffs = [
-            f"{k}: peer {peer.get(k)!r}, here {ours.get(k)!r}" for k in keys if peer.get(k) != ours.get(k)
+            f"{k}: peer {value(peer, k)!r}, here {value(ours, k)!r}{_LAYOUT_HINTS.get(k, '')}"
+            for k in keys
+            if peer.get(k) != ours.get(k)
         ]
         return "; ".join(diffs) if diffs else None
 

@@ -1,5 +1,6 @@
 """Distributed mode's network options, built the same way on every rank: the codec Δ travels in
-(``uplink_codec`` and its options; the server decodes with its own copy), this worker's encoder
+(``uplink_codec`` and its options; the server decodes with its own copy), the codec of the replies'
+change (``downlink: delta`` with ``downlink_codec``, as in the simulator), this worker's encoder
 (the codec, in an ``ErrorFeedback`` when ``error_feedback``) and the emulated slow link
 (``uplink_bandwidth``/``uplink_latency``/``downlink_bandwidth``/``downlink_latency``: the transport
 sleeps ``latency + bytes / bandwidth`` per message, ``heloco.distributed.link``)."""
@@ -14,14 +15,22 @@ from heloco.codecs import Codec
 from heloco.distributed.link import EmulatedLink, wire_itemsize
 from heloco.worker import Encoder
 from recipes.config import NETWORK_FIELDS, RecipeConfig
-from recipes.simulator import uplink_codec, uplink_encoder
+from recipes.simulator import configured_codec, uplink_codec, uplink_encoder
 
-__all__ = ["emulated_link", "wire_codec", "worker_encoder"]
+__all__ = ["emulated_link", "reply_codec", "wire_codec", "worker_encoder"]
 
 
 def wire_codec(config: RecipeConfig) -> Codec | None:
     """The codec on the wire, the same on the server and every worker (None: fp32, plain tensors)."""
     return uplink_codec(config)
+
+
+def reply_codec(config: RecipeConfig) -> Codec | None:
+    """``downlink: delta``: the codec of each reply's change (``downlink_codec`` with its options),
+    the same on the server and every worker; None with ``downlink: params`` (full parameters)."""
+    if config.diloco.downlink == "params":
+        return None
+    return configured_codec(config, config.diloco.downlink_codec)
 
 
 def worker_encoder(config: RecipeConfig) -> Encoder | None:

@@ -21,7 +21,7 @@ from recipes.common import load_data, make_inner_optimizer, make_model, warm_sta
 from recipes.config import RecipeConfig
 from recipes.data import TokenStream
 from recipes.distributed.logs import JsonLines
-from recipes.distributed.network import emulated_link, wire_codec
+from recipes.distributed.network import emulated_link, reply_codec, wire_codec
 from recipes.distributed.pacing import slowdown_factors
 from recipes.distributed.setup import (
     REPORT_KEY,
@@ -102,6 +102,7 @@ def rejoin_worker(config: RecipeConfig) -> dict[str, Any]:
         timeout=o.comm_timeout_s,
         connect_timeout=o.comm_timeout_s,
         codec=wire_codec(config),
+        downlink_codec=reply_codec(config),  # a new connection: its first reply is full
     )
     rank_log.write(
         {

@@ -91,7 +91,7 @@ from recipes.distributed.groups import (
     wrap_for_group,
 )
 from recipes.distributed.logs import JsonLines
-from recipes.distributed.network import emulated_link, wire_codec
+from recipes.distributed.network import emulated_link, reply_codec, wire_codec
 from recipes.distributed.pacing import measure_speed, slowdown_factors
 from recipes.distributed.rank0 import RankZero, WorkerOutcome
 from recipes.distributed.rejoin import REJOIN_ENV, rejoin_worker
@@ -279,6 +279,7 @@ def connect(config: RecipeConfig, job: Job, rank0: RankZero | None) -> tuple[Any
             server_worker=0,
             serve_only=o.server_process,
             codec=wire_codec(config),
+            downlink_codec=reply_codec(config),
         )
     if job.group is not None:
         transport = GroupTransport(transport, job.group, job.layout.leader_of(job.worker), leader, params)

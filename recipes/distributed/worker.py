@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from heloco import DiLoCoWorker
-from heloco.distributed.link import EmulatedLink
+from heloco.distributed.link import EmulatedLink, reply_payload_nbytes, wire_itemsize
 from heloco.distributed.overlap import BackgroundExchange
 from heloco.transport import QuorumUnreachable, ServerStopped
 from recipes.config import RecipeConfig
@@ -165,8 +165,16 @@ def train_worker(
     tokens_per_step = loop.stream.tokens_per_batch
     global_tokens = 0.0
     rounds = wasted = rejected = 0
-    uplink_bytes = 0
+    uplink_bytes = downlink_bytes = 0
+    itemsize = wire_itemsize(getattr(torch, o.wire_dtype))
     reason = "unknown"
+
+    def received(update: Any) -> int:
+        """Count a reply's payload bytes (an encoded change with ``downlink: delta``)."""
+        nonlocal downlink_bytes
+        nbytes = reply_payload_nbytes(transport, worker_id, update, itemsize)
+        downlink_bytes += nbytes
+        return nbytes
 
     def progress() -> float:
         return budget_progress(t.budget_tokens, t.budget_time, global_tokens, time.monotonic() - start)
@@ -183,6 +191,7 @@ def train_worker(
         nonlocal rounds, global_tokens, uplink_bytes
         rounds += 1
         uplink_bytes += nbytes
+        reply_nbytes = received(update)
         checkpoints.after_submission(loop.local_step, loop.optimizer, loop.stream, update.stats, state=state)
         global_tokens = update.stats.get("tokens", global_tokens)
         record = {
@@ -194,6 +203,7 @@ def train_worker(
             "global_tokens": global_tokens,
             "train_loss": result.train_loss,
             "uplink_bytes": nbytes,
+            "downlink_bytes": reply_nbytes,
         }
         rank_log.write(round_record(record, worker, update, timer.round))
         return bool(update.stats.get("stop"))
@@ -201,6 +211,7 @@ def train_worker(
     try:
         with timer.blocked():
             first = worker.pull()  # the global parameters, their version and the run's progress
+        received(first)
         global_tokens = first.stats.get("tokens", 0.0)
         steps = worker.sync_every = int(first.stats.get("inner_steps", steps))  # the server's count
         checkpoints.submissions = int(first.stats.get("submissions", checkpoints.submissions))
@@ -276,6 +287,8 @@ def train_worker(
         "idle_fraction": timer.idle / (busy + timer.idle) if busy + timer.idle > 0 else 0.0,
         "uplink_codec": o.uplink_codec,
         "uplink_bytes": uplink_bytes,  # Δ's bytes as sent (encoded size with a codec)
+        "downlink": o.downlink,
+        "downlink_bytes": downlink_bytes,  # the replies' payloads: the first pull and every arrival's
         "overlap": o.overlap,
     }
     if isinstance(transport, EmulatedLink):
