@@ -1100,18 +1100,55 @@ def top_per_chunk_by_groups(x: Tensor, real: Tensor, k: int, group: int) -> Tens
     return candidates.gather(1, magnitude.topk(k, dim=1, sorted=False).indices)
 
 
+SAMPLE = 2**16  # values sampled to guess a global top-k's threshold
+
+
+def floor_below_top(values: Tensor, kept: int) -> tuple[float, Tensor] | None:
+    """(floor, positions of the values ≥ floor) with at least ``kept`` such values, most likely only a
+    few percent more: the matching quantile of a strided sample of ``values`` (1-D), lowered by a
+    margin of four standard deviations of the sampling error. None when ``values`` is too small
+    for a sample to pay, the floor is not positive, or (unlikely) fewer than ``kept`` reach it: the
+    caller then ranks everything. Finding the floor costs a selection over the sample and one
+    comparison pass, where a top-k would rank all of ``values``."""
+    step = (values.numel() // SAMPLE) | 1  # odd: no aliasing with the chunks' row length
+    if step < 4:
+        return None
+    sample = values[::step]
+    expected = kept * sample.numel() / values.numel()
+    rank = math.ceil(expected + 4 * math.sqrt(expected) + 8)  # the rank-th largest of the sample
+    if rank >= sample.numel():
+        return None
+    floor = float(sample.kthvalue(sample.numel() - rank + 1).values)
+    if not floor > 0:
+        return None
+    above = (values >= floor).nonzero().squeeze(1)
+    return (floor, above) if above.numel() >= kept else None
+
+
 def top_global_by_groups(x: Tensor, real: Tensor, peaks: Tensor, kept: int, group: int) -> Tensor:
     """Positions (in the flat staged buffer ``x``, count × C) of the ``kept`` largest real
     magnitudes: the ``kept`` groups of largest peak (``group_peaks``) over all chunks, then a top-k
-    over their kept·S elements."""
+    over their kept·S elements.
+
+    Faster when ``floor_below_top`` finds a floor f ≤ the kept-th largest peak: the groups of
+    peak ≥ f hold every kept entry (each is ≥ the kept-th largest peak ≥ f, so is its group's
+    peak), and of their elements only those ≥ f can be kept, so the final top-k ranks those few
+    rather than all kept·S elements."""
     chunk = x.shape[1]
     columns = chunk // group
-    groups = peaks.view(-1).topk(kept, sorted=False).indices
+    found = floor_below_top(peaks.view(-1), kept)
+    groups = peaks.view(-1).topk(kept, sorted=False).indices if found is None else found[1]
     chunk_of, column = groups // columns, groups % columns
-    candidates = (chunk_of * chunk + column).unsqueeze(1) + columns * torch.arange(group)
+    candidates = ((chunk_of * chunk + column).unsqueeze(1) + columns * torch.arange(group)).view(-1)
     magnitude = x.view(-1)[candidates].abs_()
-    magnitude.masked_fill_(candidates - (chunk_of * chunk).unsqueeze(1) >= real[chunk_of].unsqueeze(1), -1.0)
-    return candidates.view(-1)[magnitude.view(-1).topk(kept, sorted=False).indices]
+    if found is not None:
+        reach = (magnitude >= found[0]).nonzero().squeeze(1)
+        candidates, magnitude = candidates[reach], magnitude[reach]
+    chunk_of = candidates // chunk
+    magnitude.masked_fill_(candidates - chunk_of * chunk >= real[chunk_of], -1.0)  # padding
+    if candidates.numel() == kept:
+        return candidates
+    return candidates[magnitude.topk(kept, sorted=False).indices]
 
 
 @dataclasses.dataclass(frozen=True)

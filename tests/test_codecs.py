@@ -597,6 +597,55 @@ def test_grouped_selection_keeps_what_a_full_sort_keeps(scope):
             assert torch.equal(w[:real] != 0, expected)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_global_selection_through_a_sampled_floor_keeps_what_a_full_sort_keeps(sparse, monkeypatch):
+    """Global top-k over many groups guesses a floor from a sample of the group maxima and ranks only
+    the elements reaching it; the kept entries are exactly a full ranking's, and a Δ that is mostly
+    zeros (the floor would not be positive) falls back to ranking every group."""
+    from heloco import codecs
+
+    found, floor_below_top = [], codecs.floor_below_top
+
+    def recording(values, kept):
+        result = floor_below_top(values, kept)
+        found.append(result is not None)
+        return result
+
+    monkeypatch.setattr(codecs, "SAMPLE", 2**12)
+    monkeypatch.setattr(codecs, "floor_below_top", recording)
+    codec = make_codec("topk", fraction=0.02, bits=8, chunk=512, scope="global")
+    gen = torch.Generator().manual_seed(4)
+    x = [torch.randn(150_000, generator=gen), torch.randn(300, 170, generator=gen)]
+    if sparse:
+        for t in x:
+            t[torch.rand(t.shape, generator=gen) < 0.995] = 0.0
+    out = decoded(codec, codec.encode(x), x)
+    flat = torch.cat([t.reshape(-1) for t in x])
+    kept = math.ceil(0.02 * flat.numel())
+    expected = torch.zeros(flat.numel(), dtype=torch.bool)
+    expected[flat.abs().topk(kept).indices] = True
+    got = torch.cat([t.reshape(-1) for t in out]) != 0
+    if sparse:  # fewer non-zeros than K: every one of them is kept (and some zeros)
+        assert bool(got[flat != 0].all()) and int(got.sum()) == kept
+    else:
+        assert torch.equal(got, expected)
+    assert found == [not sparse]
+
+
+def test_floor_below_top_has_at_least_kept_values_above_it():
+    from heloco.codecs import floor_below_top
+
+    values = torch.rand(500_000, generator=torch.Generator().manual_seed(6))
+    for kept in (1, 1000, 40_000, 400_000):
+        found = floor_below_top(values, kept)
+        assert found is not None
+        floor, above = found
+        assert torch.equal(above, (values >= floor).nonzero().squeeze(1))
+        assert kept <= above.numel() <= kept * 1.1 + 1000
+    assert floor_below_top(values[:1000], 10) is None  # too small to sample
+    assert floor_below_top(torch.zeros(500_000), 10) is None  # no positive floor
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_error_feedback_residual_is_exactly_what_decode_left(name):
     """e_new = (Δ + e_old) − decode(m) bit for bit: the encoder computes e from the decoder's values."""
