@@ -101,10 +101,11 @@ TILE = 2**18  # elements (1 MiB of fp32)
 Fill = Callable[[int, int], None]  # writes the values to encode into flat[start:stop]
 
 
-def tiles(numel: int, unit: int) -> list[tuple[int, int]]:
+def tiles(numel: int, unit: int, share: int = 1) -> list[tuple[int, int]]:
     """[start, stop) ranges of whole units (blocks, chunks) covering ``numel`` elements, each about
-    ``TILE`` elements long (read when called, so a test can shrink it)."""
-    step = max(1, TILE // unit) * unit
+    ``TILE / share`` elements long (``TILE`` read when called, so a test can shrink it): an encoder
+    keeping several tile-sized buffers at once takes a share so that they all stay in the cache."""
+    step = max(1, TILE // share // unit) * unit
     return [(start, min(start + step, numel)) for start in range(0, numel, step)]
 
 
@@ -618,15 +619,17 @@ class DenseCodec(Codec):
         wire = body.view(self.wire_dtype)
         roundtrip = residual and not self.lossless
         sent = self.workspace("sent", min(TILE, flat.numel()))[0] if roundtrip else None
-        for start, stop in tiles(flat.numel(), 1):
+        for start, stop in tiles(flat.numel(), 1, share=4):  # a, the wire and its round trip
             if fill is not None:
                 fill(start, stop)
             a, w = flat[start:stop], wire[start:stop]
             w.copy_(a)
-            if not all_finite(w):  # before this tile is touched: the tensors' values name the culprit
+            # the round trip in a cached fp32 scratch (mixed dtypes are slow), w's values summed faster
+            back = w if sent is None else sent[: stop - start].copy_(w)
+            if not all_finite(back):  # before this tile is touched: the tensors' values name the culprit
                 raise_not_finite(self.staging(shapes).views(flat), self.name)
-            if sent is not None:  # a − decode(m), the round trip in a cached scratch (mixed dtypes are slow)
-                a.sub_(sent[: stop - start].copy_(w))
+            if sent is not None:
+                a.sub_(back)  # a − decode(m)
         if residual and self.lossless:
             flat.zero_()
 
@@ -697,7 +700,7 @@ class Int8Codec(Codec):
         scales = body[: 4 * blocks.count].view(torch.float32)
         wire = body[4 * blocks.count :].view(torch.int8)
         scratch = self.workspace("scratch", min(TILE, flat.numel()))[0]
-        for start, stop in tiles(flat.numel(), self.block):
+        for start, stop in tiles(flat.numel(), self.block, share=2):  # a and q
             if fill is not None:
                 fill(start, stop)
             rows = slice(start // self.block, stop // self.block)
