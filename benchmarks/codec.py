@@ -15,9 +15,10 @@ bytes of fp32 over the codec's bytes and the median encode+decode time as a shar
 step (goal ≤ 0.05), then the worker/server split and the relative error ‖decode(m) − Δ‖ / ‖Δ‖ of the
 first message (what error feedback carries to the next round).
 
-``--baseline REF`` also times ``heloco/codecs.py`` as it is at git revision REF (e.g. ``main``),
-loaded from ``git show``, interleaved with the current one in the same run, so a change is measured
-under the same load: the machine's load moves both alike.
+``--baseline REF`` also times ``heloco.codecs`` as it is at git revision REF (e.g. ``main``; the single
+file ``heloco/codecs.py`` of old or the package ``heloco/codecs/``), imported from a copy of REF's
+``heloco`` (``git archive``), interleaved with the current one in the same run, so a change is
+measured under the same load: the machine's load moves both alike.
 
     python benchmarks/codec.py [--reps 5] [--warmup 1] [--threads N] [--baseline REF]
 """
@@ -25,9 +26,13 @@ under the same load: the machine's load moves both alike.
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import os
 import subprocess
 import sys
+import tarfile
+import tempfile
 import types
 
 import torch
@@ -50,14 +55,27 @@ CODECS = {
 
 
 def codecs_at(revision: str) -> types.ModuleType:
-    """``heloco/codecs.py`` as it is at git ``revision``, as a module of its own."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:heloco/codecs.py"], capture_output=True, check=True, text=True
-    ).stdout
-    module = types.ModuleType(f"codecs_at_{revision}")
-    sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source, f"{revision}:heloco/codecs.py", "exec"), module.__dict__)
-    return module
+    """``heloco.codecs`` as it is at git ``revision``, whichever its layout (one file or a package):
+    REF's ``heloco`` is extracted into a temporary folder and imported while the current ``heloco``
+    modules are set aside, then they are put back. The revision's modules keep their own globals,
+    so its codecs keep calling its own code."""
+
+    def ours(name: str) -> bool:
+        return name == "heloco" or name.startswith("heloco.")
+
+    archive = subprocess.run(["git", "archive", revision, "heloco"], capture_output=True, check=True).stdout
+    with tempfile.TemporaryDirectory(prefix="codecs_at_") as folder:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(folder, filter="data")
+        current = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}
+        sys.path.insert(0, folder)
+        try:
+            return importlib.import_module("heloco.codecs")
+        finally:
+            sys.path.remove(folder)
+            for name in [name for name in sys.modules if ours(name)]:
+                del sys.modules[name]
+            sys.modules.update(current)
 
 
 class Bench:

@@ -569,7 +569,7 @@ def test_global_topk_keeps_exactly_the_k_largest_with_bounded_error(x, setting):
 def test_grouped_selection_keeps_what_a_full_sort_keeps(scope):
     """Large enough chunks select through group maxima (group_size > 1); the kept entries are
     exactly those of a plain ranking (random normals: no ties), short chunks included."""
-    from heloco.codecs import group_size
+    from heloco.codecs.selection import group_size
 
     codec = make_codec("topk", fraction=0.02, bits=8, chunk=512, scope=scope)
     gen = torch.Generator().manual_seed(3)
@@ -602,17 +602,17 @@ def test_global_selection_through_a_sampled_floor_keeps_what_a_full_sort_keeps(s
     """Global top-k over many groups guesses a floor from a sample of the group maxima and ranks only
     the elements reaching it; the kept entries are exactly a full ranking's, and a Δ that is mostly
     zeros (the floor would not be positive) falls back to ranking every group."""
-    from heloco import codecs
+    from heloco.codecs import selection
 
-    found, floor_below_top = [], codecs.floor_below_top
+    found, floor_below_top = [], selection.floor_below_top
 
     def recording(values, kept):
         result = floor_below_top(values, kept)
         found.append(result is not None)
         return result
 
-    monkeypatch.setattr(codecs, "SAMPLE", 2**12)
-    monkeypatch.setattr(codecs, "floor_below_top", recording)
+    monkeypatch.setattr(selection, "SAMPLE", 2**12)
+    monkeypatch.setattr(selection, "floor_below_top", recording)
     codec = make_codec("topk", fraction=0.02, bits=8, chunk=512, scope="global")
     gen = torch.Generator().manual_seed(4)
     x = [torch.randn(150_000, generator=gen), torch.randn(300, 170, generator=gen)]
@@ -633,7 +633,7 @@ def test_global_selection_through_a_sampled_floor_keeps_what_a_full_sort_keeps(s
 
 
 def test_floor_below_top_has_at_least_kept_values_above_it():
-    from heloco.codecs import floor_below_top
+    from heloco.codecs.selection import floor_below_top
 
     values = torch.rand(500_000, generator=torch.Generator().manual_seed(6))
     for kept in (1, 1000, 40_000, 400_000):
@@ -700,7 +700,7 @@ def test_tiles_change_no_byte(name, monkeypatch):
     """Encoders work a tile at a time (error feedback's Δ + β·e filled in just before): with tiny
     tiles (many per tensor, tensors sharing one) every message and residual is the same, byte for
     byte, as with one tile for everything."""
-    from heloco import codecs
+    from heloco.codecs import tiling
 
     gen = torch.Generator().manual_seed(11)
     rounds = [
@@ -715,7 +715,7 @@ def test_tiles_change_no_byte(name, monkeypatch):
         return out, [e.clone() for e in ef.residuals]
 
     whole = run_rounds()
-    monkeypatch.setattr(codecs, "TILE", 8)
+    monkeypatch.setattr(tiling, "TILE", 8)
     tiled = run_rounds()
     for (a, b), (c, d) in zip(whole[0], tiled[0], strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
