@@ -6,9 +6,11 @@ For each codec (fp32, bf16, blockwise int8, top-1% in 2 bits per chunk of 4096 o
 rotates every repetition):
 
 (a) inner: one forward + backward + AdamW step + zero_grad on a batch of 2 × 128 random tokens;
-(b) encode+decode: the worker's ``ErrorFeedback.encode(Δ)`` (encode into a preallocated wire buffer
-    of ``max_nbytes``, as a transport would; decode of its own message for the residual; residual
-    update) plus the server's ``decode`` of the message into fp32 tensors (its own codec instance).
+(b) encode+decode: the worker's ``ErrorFeedback.encode(Δ)`` (Δ + β·e, encoded into a preallocated
+    wire buffer of ``max_nbytes`` as a transport would, and the residual update, which the encoder
+    does from the values it computed rather than by decoding its own message; none for fp32, which
+    is lossless) plus the server's ``decode`` of the message into fp32 tensors (its own codec
+    instance).
 
 Δ is a real pseudo-gradient: θ before minus θ after the warm-up inner steps. Prints, per codec, the
 bytes of fp32 over the codec's bytes and the median encode+decode time as a share of the median inner
