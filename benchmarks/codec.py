@@ -19,8 +19,8 @@ first message (what error feedback carries to the next round).
 
 ``--baseline REF`` also times ``heloco.codecs`` as it is at git revision REF (e.g. ``main``; the single
 file ``heloco/codecs.py`` of old or the package ``heloco/codecs/``), imported from a copy of REF's
-``heloco`` (``git archive``), interleaved with the current one in the same run, so a change is
-measured under the same load: the machine's load moves both alike.
+``heloco`` (``git archive``), each codec timed right after the current one in the same run, so a
+change is measured under the same load: the machine's load moves both alike.
 
     python benchmarks/codec.py [--reps 5] [--warmup 1] [--threads N] [--baseline REF]
 """
@@ -150,7 +150,8 @@ def main() -> None:
     sizes = {label: bench.first_message(label) for label in CODECS}
     fp32_bytes = sizes["fp32+ef"][0]
 
-    timed = tuple(bench.feedback)
+    # each codec's baseline right after it: the pair meets the same load, however it moves
+    timed = tuple(k for label in CODECS for k in (label, f"{label} @{args.baseline}") if k in bench.feedback)
     kinds = ("inner", *timed)
     worker: dict[str, list[float]] = {k: [] for k in kinds}
     server: dict[str, list[float]] = {k: [] for k in timed}
