@@ -6,18 +6,21 @@ For each codec (fp32, bf16, blockwise int8, top-1% in 2 bits per chunk of 4096 o
 rotates every repetition):
 
 (a) inner: one forward + backward + AdamW step + zero_grad on a batch of 2 × 128 random tokens;
-(b) encode+decode: the worker's ``ErrorFeedback.encode(Δ)`` (encode into a preallocated wire buffer
-    of ``max_nbytes``, as a transport would; decode of its own message for the residual; residual
-    update) plus the server's ``decode`` of the message into fp32 tensors (its own codec instance).
+(b) encode+decode: the worker's ``ErrorFeedback.encode(Δ)`` (Δ + β·e, encoded into a preallocated
+    wire buffer of ``max_nbytes`` as a transport would, and the residual update, which the encoder
+    does from the values it computed rather than by decoding its own message; none for fp32, which
+    is lossless) plus the server's ``decode`` of the message into fp32 tensors (its own codec
+    instance).
 
 Δ is a real pseudo-gradient: θ before minus θ after the warm-up inner steps. Prints, per codec, the
 bytes of fp32 over the codec's bytes and the median encode+decode time as a share of the median inner
 step (goal ≤ 0.05), then the worker/server split and the relative error ‖decode(m) − Δ‖ / ‖Δ‖ of the
 first message (what error feedback carries to the next round).
 
-``--baseline REF`` also times ``heloco/codecs.py`` as it is at git revision REF (e.g. ``main``),
-loaded from ``git show``, interleaved with the current one in the same run, so a change is measured
-under the same load: the machine's load moves both alike.
+``--baseline REF`` also times ``heloco.codecs`` as it is at git revision REF (e.g. ``main``; the single
+file ``heloco/codecs.py`` of old or the package ``heloco/codecs/``), imported from a copy of REF's
+``heloco`` (``git archive``), each codec timed right after the current one in the same run, so a
+change is measured under the same load: the machine's load moves both alike.
 
     python benchmarks/codec.py [--reps 5] [--warmup 1] [--threads N] [--baseline REF]
 """
@@ -25,9 +28,13 @@ under the same load: the machine's load moves both alike.
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import os
 import subprocess
 import sys
+import tarfile
+import tempfile
 import types
 
 import torch
@@ -50,14 +57,27 @@ CODECS = {
 
 
 def codecs_at(revision: str) -> types.ModuleType:
-    """``heloco/codecs.py`` as it is at git ``revision``, as a module of its own."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:heloco/codecs.py"], capture_output=True, check=True, text=True
-    ).stdout
-    module = types.ModuleType(f"codecs_at_{revision}")
-    sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source, f"{revision}:heloco/codecs.py", "exec"), module.__dict__)
-    return module
+    """``heloco.codecs`` as it is at git ``revision``, whichever its layout (one file or a package):
+    REF's ``heloco`` is extracted into a temporary folder and imported while the current ``heloco``
+    modules are set aside, then they are put back. The revision's modules keep their own globals,
+    so its codecs keep calling its own code."""
+
+    def ours(name: str) -> bool:
+        return name == "heloco" or name.startswith("heloco.")
+
+    archive = subprocess.run(["git", "archive", revision, "heloco"], capture_output=True, check=True).stdout
+    with tempfile.TemporaryDirectory(prefix="codecs_at_") as folder:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(folder, filter="data")
+        current = {name: sys.modules.pop(name) for name in list(sys.modules) if ours(name)}
+        sys.path.insert(0, folder)
+        try:
+            return importlib.import_module("heloco.codecs")
+        finally:
+            sys.path.remove(folder)
+            for name in [name for name in sys.modules if ours(name)]:
+                del sys.modules[name]
+            sys.modules.update(current)
 
 
 class Bench:
@@ -130,7 +150,8 @@ def main() -> None:
     sizes = {label: bench.first_message(label) for label in CODECS}
     fp32_bytes = sizes["fp32+ef"][0]
 
-    timed = tuple(bench.feedback)
+    # each codec's baseline right after it: the pair meets the same load, however it moves
+    timed = tuple(k for label in CODECS for k in (label, f"{label} @{args.baseline}") if k in bench.feedback)
     kinds = ("inner", *timed)
     worker: dict[str, list[float]] = {k: [] for k in kinds}
     server: dict[str, list[float]] = {k: [] for k in timed}

@@ -569,7 +569,7 @@ def test_global_topk_keeps_exactly_the_k_largest_with_bounded_error(x, setting):
 def test_grouped_selection_keeps_what_a_full_sort_keeps(scope):
     """Large enough chunks select through group maxima (group_size > 1); the kept entries are
     exactly those of a plain ranking (random normals: no ties), short chunks included."""
-    from heloco.codecs import group_size
+    from heloco.codecs.selection import group_size
 
     codec = make_codec("topk", fraction=0.02, bits=8, chunk=512, scope=scope)
     gen = torch.Generator().manual_seed(3)
@@ -595,6 +595,55 @@ def test_grouped_selection_keeps_what_a_full_sort_keeps(scope):
             expected = torch.zeros(real, dtype=torch.bool)
             expected[v[:real].abs().topk(min(codec.k, real)).indices] = True
             assert torch.equal(w[:real] != 0, expected)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_global_selection_through_a_sampled_floor_keeps_what_a_full_sort_keeps(sparse, monkeypatch):
+    """Global top-k over many groups guesses a floor from a sample of the group maxima and ranks only
+    the elements reaching it; the kept entries are exactly a full ranking's, and a Δ that is mostly
+    zeros (the floor would not be positive) falls back to ranking every group."""
+    from heloco.codecs import selection
+
+    found, floor_below_top = [], selection.floor_below_top
+
+    def recording(values, kept):
+        result = floor_below_top(values, kept)
+        found.append(result is not None)
+        return result
+
+    monkeypatch.setattr(selection, "SAMPLE", 2**12)
+    monkeypatch.setattr(selection, "floor_below_top", recording)
+    codec = make_codec("topk", fraction=0.02, bits=8, chunk=512, scope="global")
+    gen = torch.Generator().manual_seed(4)
+    x = [torch.randn(150_000, generator=gen), torch.randn(300, 170, generator=gen)]
+    if sparse:
+        for t in x:
+            t[torch.rand(t.shape, generator=gen) < 0.995] = 0.0
+    out = decoded(codec, codec.encode(x), x)
+    flat = torch.cat([t.reshape(-1) for t in x])
+    kept = math.ceil(0.02 * flat.numel())
+    expected = torch.zeros(flat.numel(), dtype=torch.bool)
+    expected[flat.abs().topk(kept).indices] = True
+    got = torch.cat([t.reshape(-1) for t in out]) != 0
+    if sparse:  # fewer non-zeros than K: every one of them is kept (and some zeros)
+        assert bool(got[flat != 0].all()) and int(got.sum()) == kept
+    else:
+        assert torch.equal(got, expected)
+    assert found == [not sparse]
+
+
+def test_floor_below_top_has_at_least_kept_values_above_it():
+    from heloco.codecs.selection import floor_below_top
+
+    values = torch.rand(500_000, generator=torch.Generator().manual_seed(6))
+    for kept in (1, 1000, 40_000, 400_000):
+        found = floor_below_top(values, kept)
+        assert found is not None
+        floor, above = found
+        assert torch.equal(above, (values >= floor).nonzero().squeeze(1))
+        assert kept <= above.numel() <= kept * 1.1 + 1000
+    assert floor_below_top(values[:1000], 10) is None  # too small to sample
+    assert floor_below_top(torch.zeros(500_000), 10) is None  # no positive floor
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -651,7 +700,7 @@ def test_tiles_change_no_byte(name, monkeypatch):
     """Encoders work a tile at a time (error feedback's Δ + β·e filled in just before): with tiny
     tiles (many per tensor, tensors sharing one) every message and residual is the same, byte for
     byte, as with one tile for everything."""
-    from heloco import codecs
+    from heloco.codecs import tiling
 
     gen = torch.Generator().manual_seed(11)
     rounds = [
@@ -666,7 +715,7 @@ def test_tiles_change_no_byte(name, monkeypatch):
         return out, [e.clone() for e in ef.residuals]
 
     whole = run_rounds()
-    monkeypatch.setattr(codecs, "TILE", 8)
+    monkeypatch.setattr(tiling, "TILE", 8)
     tiled = run_rounds()
     for (a, b), (c, d) in zip(whole[0], tiled[0], strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
