@@ -214,7 +214,7 @@ def _validate_the_rest(config: RecipeConfig) -> None:
     o, t = config.diloco, config.train
     if not (0.0 <= o.dylu_power <= 1.0):
         raise ConfigError(f"dylu_power must be in [0, 1] (1: DyLU, 0: equal rounds), got {o.dylu_power}")
-    if o.dylu_power != 1.0 and not o.dylu:
+    if o.dylu_power != 1.0 and not config.uses_dylu:
         raise ConfigError(
             "dylu_power is only read with dylu: true; set dylu: true or leave dylu_power at 1.0"
         )

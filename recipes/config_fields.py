@@ -338,6 +338,11 @@ class RecipeConfig:
         return [int(p) for p in sizes] if sizes is not None else [1] * self.diloco.num_workers
 
     @property
+    def uses_dylu(self) -> bool:
+        """Dynamic Local Updates: ``dylu: true``, or a method that has them built in (``heloco_dylu``)."""
+        return self.diloco.dylu or METHOD_SPECS[self.diloco.method].dylu
+
+    @property
     def outer_lr(self) -> float:
         d = self.diloco
         return d.outer_lr if d.outer_lr is not None else METHOD_SPECS[d.method].lr

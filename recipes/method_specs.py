@@ -20,6 +20,7 @@ class MethodSpec:
     dispatch: str = "plain"
     inverse_sqrt_k_weight: bool = False  # arrival weight ρ = 1/√K
     paper: bool = False  # defined as the HeLoCo authors define it
+    dylu: bool = False  # Dynamic Local Updates on (Liu et al. 2024): as `dylu: true` in the config
 
 
 METHOD_SPECS = MappingProxyType(
@@ -36,6 +37,9 @@ METHOD_SPECS = MappingProxyType(
         "async_ema": MethodSpec("heloco", 0.175),
         "heloco_tiny": MethodSpec("heloco", 0.175, variant="full", preset="tiny_sweep"),
         "heloco_project": MethodSpec("heloco", 0.175, variant="project", preset="tiny_sweep"),
+        "heloco_dylu": MethodSpec(
+            "heloco", 0.7, variant="full", dispatch="lookahead", inverse_sqrt_k_weight=True, dylu=True
+        ),
     }
 )
 METHODS = tuple(METHOD_SPECS)

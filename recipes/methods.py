@@ -97,7 +97,7 @@ def declared_rates(config: RecipeConfig) -> list[float]:
     o = config.diloco
     steps = (
         dylu_steps(o.worker_speeds, o.inner_steps, o.dylu_power)
-        if o.dylu
+        if config.uses_dylu
         else [o.inner_steps] * o.num_workers
     )
     return [speed / h for speed, h in zip(o.worker_speeds, steps, strict=True)]

@@ -222,7 +222,7 @@ def build_simulator(
     d, o, t = config.data, config.diloco, config.train
     steps = (
         dylu_steps(o.worker_speeds, o.inner_steps, o.dylu_power)
-        if o.dylu
+        if config.uses_dylu
         else [o.inner_steps] * o.num_workers
     )
     buffer_device = torch.device("cpu") if o.offload_idle_workers else accelerator.device

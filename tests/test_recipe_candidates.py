@@ -219,7 +219,8 @@ def test_candidates_yaml_is_the_moderate_cell_at_the_cpu_budget_on_the_dev_seed(
         "async_ema",
         "heloco_tiny",
         "heloco_project",
-    }  # fmt: skip  (no method registered for a candidate)
+        "heloco_dylu",
+    }  # fmt: skip  (heloco_dylu: registered from candidates_past_dylu.yaml, see its test below)
     assert len(run_configs(spec)) == len(labels)
 
 
@@ -266,3 +267,47 @@ def test_each_candidate_runs_and_its_loss_falls(label, five_languages, tmp_path)
     for field, stat in policy_stats.items():
         if field in spec["methods"][label]:
             assert all(stat in r for r in arrivals), (label, stat)
+
+
+def test_heloco_dylu_is_heloco_with_dylu_rounds_bit_for_bit(five_languages, tmp_path):
+    """The registered method is exactly ``method: heloco`` + ``dylu: true``: the same aggregator, the
+    same rounds, the same run."""
+    named = config_from_dict(values(method="heloco_dylu"))
+    spelled = config_from_dict(values(method="heloco", dylu=True))
+    assert named.uses_dylu and spelled.uses_dylu and not config_from_dict(values(method="heloco")).uses_dylu
+    assert named.outer_lr == spelled.outer_lr == 0.7
+    masters = [torch.zeros(3)]
+    a, b = build_aggregator(named, masters), build_aggregator(spelled, masters)
+    assert (
+        (a.dispatch_mode, a.arrival_weight)
+        == (b.dispatch_mode, b.arrival_weight)
+        == ("lookahead", pytest.approx(5**-0.5))
+    )
+    assert a.outer_optimizer.defaults == b.outer_optimizer.defaults
+    summaries = []
+    for name, overrides in (
+        ("named", {"method": "heloco_dylu"}),
+        ("spelled", {"method": "heloco", "dylu": True}),
+    ):
+        summaries.append(
+            run(
+                config_from_dict(
+                    values(
+                        **overrides,
+                        data_dir=str(five_languages),
+                        output_dir=str(tmp_path / name),
+                        model_size="tiny",
+                        inner_steps=6,
+                        inner_lr=3e-3,
+                        budget_tokens=12 * 6 * 2 * 32,
+                        eval_every=100,
+                        eval_sequences=4,
+                        progress=False,
+                    )
+                )
+            )
+        )
+    # DyLU: H_w = floor(v_w / max v · H) = [6, 1, 1, 1, 1]
+    assert summaries[0]["inner_steps"] == summaries[1]["inner_steps"] == [6, 1, 1, 1, 1]
+    assert summaries[0]["final_val_loss"] == summaries[1]["final_val_loss"]
+    assert summaries[0]["arrivals"] == summaries[1]["arrivals"] > 5

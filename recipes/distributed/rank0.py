@@ -216,7 +216,6 @@ class RankZero:
         elapsed: float,
         hub_history: Any,
     ) -> dict[str, Any]:
-        o = self.config.diloco
         gate, job = self.gate, self.job
         ranks = [reports.get(r) for r in range(job.world)]
         return gate.driver.summary(
@@ -233,7 +232,7 @@ class RankZero:
             distributed={
                 "world_size": job.world,
                 "ranks": ranks,
-                "measured_speeds": job.measured if o.dylu else None,
+                "measured_speeds": job.measured if self.config.uses_dylu else None,
                 "slowdown": job.slowdowns,
                 "server": server.worker_stats(),
             },

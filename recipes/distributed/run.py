@@ -180,7 +180,7 @@ def set_up(config: RecipeConfig) -> Job:
     rank, world = accelerator.process_index, accelerator.num_processes
     worker = rank if layout is None else layout.worker_of(rank)
     slowdowns = slowdown_factors(o.worker_speeds)  # per worker: every rank of a group sleeps alike
-    speed = probe_speed(config, accelerator, model, shards, slowdowns, worker) if o.dylu else 0.0
+    speed = probe_speed(config, accelerator, model, shards, slowdowns, worker) if config.uses_dylu else 0.0
     measured = check_identical_start(accelerator, model, speed)
     worker_of = [r if layout is None else layout.worker_of(r) for r in range(world)]
     resume = choose_resume_point(config, accelerator, worker_of)
@@ -192,7 +192,7 @@ def set_up(config: RecipeConfig) -> Job:
             if o.group_parallelism == "fsdp":  # fully_shard converts the module itself: keep a whole copy
                 model, replica = copy.deepcopy(model), model
             replica = wrap_for_group(replica or model, group, o.group_parallelism, accelerator.device)
-    if o.dylu:  # a group is as fast as its slowest rank
+    if config.uses_dylu:  # a group is as fast as its slowest rank
         per_worker = [
             min(m for m, w in zip(measured, worker_of, strict=True) if w == k) for k in range(o.num_workers)
         ]
