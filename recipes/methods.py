@@ -10,6 +10,8 @@ heloco          the correction (reference values) + the fixed look-ahead dispatc
 Ours (kept for the studies of docs/results.md; not the paper's definitions):
 async           naive async Nesterov without ρ, at our swept η 0.025
 async_dn        Delayed Nesterov (Liu et al. 2024); add `dylu: true` for DN + DyLU
+heloco_dylu     heloco with Dynamic Local Updates built in (= heloco + `dylu: true`), η 0.7 chosen on the
+                dev seed (docs/paper_reproduction/beyond.md)
 lookahead       the EMA-form step with our staleness-scaled dispatch θ − η·τ̂·μ·m, no ρ
 async_ema       the EMA-form step alone, no ρ (= mla without ρ)
 heloco_tiny     HeLoCo with the values our sweeps chose on the tiny model (preset "tiny_sweep"):
