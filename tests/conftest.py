@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import datetime
 import random
+import socket
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 LANGUAGES = ("de", "en", "es", "fr")
 _LETTERS = {"de": "aeinrstudhg", "en": "etaoinshrdl", "es": "eaosrnidlct", "fr": "esaitnrulod"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous or a store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tcp_store() -> dist.TCPStore:
+    """A master TCPStore on a free local port (the tests' rendezvous between threads)."""
+    return dist.TCPStore("127.0.0.1", free_port(), None, True, timeout=datetime.timedelta(seconds=30))
 
 
 def _synthetic_language(lang: str, rng: random.Random) -> list[str]:

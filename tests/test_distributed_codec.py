@@ -3,15 +3,12 @@ rounds, in one process (the server's threads and a worker's transport on a TCPSt
 Bad messages are hand-crafted and sent through the server's real receive path: each is refused with
 an ERROR before the aggregator sees it, the global model stays as it was, and the connection goes on."""
 
-import datetime
-import socket
 import struct
 import threading
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from heloco.aggregator import AsyncAggregator
 from heloco.codecs import ErrorFeedback, make_codec
@@ -22,20 +19,11 @@ from heloco.distributed.server import DistributedServer
 from heloco.distributed.wire import FlatMessage, MessageHeader, MessageKind
 from heloco.transport import InProcessTransport, TransportError
 from heloco.worker import DiLoCoWorker
+from tests.conftest import tcp_store
 
 pytestmark = pytest.mark.timeout(120)
 
 SHAPES = [(300,), (20, 30)]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _store():
-    return dist.TCPStore("127.0.0.1", _free_port(), None, True, timeout=datetime.timedelta(seconds=30))
 
 
 def _masters():
@@ -50,7 +38,7 @@ def _delta(scale=0.01):
 @pytest.fixture
 def served():
     """A server with an int8 codec over an SGD(lr=1) aggregator, and worker 1's connected transport."""
-    store = _store()
+    store = tcp_store()
     params = _masters()
     aggregator = AsyncAggregator(params, torch.optim.SGD(params, lr=1.0), 2)
     server = DistributedServer(aggregator, store, 2, timeout=30, connect_timeout=30, codec=make_codec("int8"))
@@ -156,7 +144,7 @@ def test_a_malformed_encoded_message_is_refused_before_anything_changes(served, 
 
 @pytest.mark.parametrize("worker_codec", [make_codec("int8", block=64), None])
 def test_a_worker_with_another_codec_is_refused_at_hello(worker_codec):
-    store = _store()
+    store = tcp_store()
     params = _masters()
     aggregator = AsyncAggregator(params, torch.optim.SGD(params, lr=1.0), 2)
     server = DistributedServer(aggregator, store, 2, timeout=30, connect_timeout=30, codec=make_codec("int8"))

@@ -5,13 +5,11 @@ bad replies come from a hand-made server end and go through the worker's real re
 
 import datetime
 import math
-import socket
 import struct
 import threading
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed import ProcessGroupGloo
 
 from heloco.aggregator import AsyncAggregator
@@ -32,22 +30,13 @@ from heloco.distributed.wire import (
 )
 from heloco.transport import DeltaDownlink
 from heloco.worker import DiLoCoWorker
+from tests.conftest import tcp_store
 
 pytestmark = pytest.mark.timeout(120)
 
 SHAPES = [(300,), (20, 30)]
 FP32_NBYTES = 4 * sum(math.prod(s) for s in SHAPES)
 INT8_NBYTES = make_codec("int8").max_nbytes(SHAPES)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _store():
-    return dist.TCPStore("127.0.0.1", _free_port(), None, True, timeout=datetime.timedelta(seconds=30))
 
 
 def _masters():
@@ -73,7 +62,7 @@ def _worker(store, **kwargs):
 @pytest.fixture
 def served():
     """A delta-downlink server (int8) over an SGD(lr=1) aggregator, and worker 1's transport."""
-    store = _store()
+    store = tcp_store()
     params = _masters()
     aggregator = AsyncAggregator(params, torch.optim.SGD(params, lr=1.0), 2)
     server = _server(store, aggregator, rejoin_timeout=30)
@@ -174,7 +163,7 @@ def test_a_rejoined_worker_starts_again_from_a_full_reply(served):
     ],
 )
 def test_the_downlink_is_agreed_at_hello(server_side, worker_side, match):
-    store = _store()
+    store = tcp_store()
     params = _masters()
     aggregator = AsyncAggregator(params, torch.optim.SGD(params, lr=1.0), 2)
     server = _server(store, aggregator, **server_side)
@@ -254,7 +243,7 @@ def _bad_replies():
 @pytest.mark.parametrize("case", list(_bad_replies()))
 def test_a_bad_reply_is_refused_without_touching_the_workers_copy(case):
     reply, match = _bad_replies()[case]
-    store = _store()
+    store = tcp_store()
     server = _bad_reply_server(store, reply)
     worker = _worker(store)
     update = worker.dispatch(1)

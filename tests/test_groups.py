@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from recipes.config import config_from_dict
 from recipes.data import TokenStream
 from recipes.distributed.checks import check_world_size
 from recipes.distributed.groups import GroupLayout, GroupSlice
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,12 +101,6 @@ def test_the_simulator_counts_a_group_worker_s_global_batch(tmp_path):
 
 
 # -- real process groups ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_script(code: str, world: int, tmp_path: Path, timeout: float = 240) -> None:
@@ -257,10 +251,9 @@ def test_two_machines_on_this_host_run_groups_2_1_1(tmp_path):
 
 
 def start_ranks(v: dict, world: int, log_prefix: Path) -> list[subprocess.Popen]:
-    from tests.test_recipe_distributed import free_port as port_for
     from tests.test_recipe_distributed import start_rank
 
-    port = port_for()
+    port = free_port()
     return [start_rank(v, r, world, port, Path(f"{log_prefix}-{r}.log")) for r in range(world)]
 
 

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from recipes.distributed import pacing
 from recipes.distributed.checks import check_distributed_options, check_world_size, parameter_checksum
 from recipes.distributed.gate import Gate
 from recipes.distributed.pacing import emulate_slowdown, slowdown_factors
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -284,12 +284,6 @@ def accelerate_launch(v: dict, log: Path, num_processes: int = 3) -> subprocess.
     ]
     with open(log, "w") as f:
         return subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=240)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_rank(v: dict, rank: int, world: int, port: int, log: Path, **env: str) -> subprocess.Popen:

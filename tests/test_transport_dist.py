@@ -5,7 +5,6 @@ through DiLoCoWorker, a worker killed mid-run, and a killed worker that rejoins 
 import datetime
 import logging
 import os
-import socket
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from torch import nn
 from heloco.aggregator import AsyncAggregator
 from heloco.distributed.client import DistributedTransport, setup_transport
 from heloco.worker import DiLoCoWorker
+from tests.conftest import free_port, tcp_store
 
 # About 6-10 s each here (three processes importing torch): the async and kill runs stay in the
 # default suite so CI exercises real processes; the others are marked slow.
@@ -41,12 +41,6 @@ class _Records(logging.Handler):
 
     def emit(self, record):
         self.lines.append(record.getMessage())
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _async_rounds(transport, rank, rounds, delay, die_after=None):
@@ -152,7 +146,7 @@ def _rejoin_main(port, queue):
 def _launch(scenario, world=3, expect=None):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, scenario, queue)) for r in range(world)]
     omp = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # the children's environment (copied at start)
@@ -244,7 +238,7 @@ def test_a_worker_silent_past_the_timeout_is_refused_at_once_not_blocked():
     from heloco.distributed.server import DistributedServer
     from heloco.transport import TransportError
 
-    store = dist.TCPStore("127.0.0.1", _free_port(), None, True, timeout=datetime.timedelta(seconds=30))
+    store = tcp_store()
     params = masters()
     aggregator = AsyncAggregator(params, torch.optim.SGD(params, lr=1.0), 2)
     server = DistributedServer(aggregator, store, 2, timeout=2.0, connect_timeout=TIMEOUT).start()
