@@ -14,11 +14,12 @@ from torch.distributed import ProcessGroupGloo
 
 from heloco.aggregator import AsyncAggregator
 from heloco.codecs import make_codec
-from heloco.distributed.client import DistributedTransport, local_transport
+from heloco.distributed.client import DistributedTransport
 from heloco.distributed.downlink import MalformedReply, ReplyDecoder, ReplyEncoder
 from heloco.distributed.link import EmulatedLink
 from heloco.distributed.overlap import BackgroundExchange
 from heloco.distributed.server import DistributedServer
+from heloco.distributed.setup import local_transport
 from heloco.distributed.wire import (
     MESSAGE_TAG,
     SERVER_PAIR_RANK,

@@ -65,7 +65,7 @@ def test_distributed_package_resolves_names_on_first_use():
 
 
 def test_a_worker_rank_does_not_load_the_server():
-    modules = loaded_after("from heloco.distributed.client import DistributedTransport, setup_transport")
+    modules = loaded_after("from heloco.distributed.setup import setup_transport")
     assert "heloco.distributed.wire" in modules
     assert "heloco.distributed.server" not in modules and "heloco.distributed.session" not in modules
 

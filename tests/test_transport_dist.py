@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from heloco.aggregator import AsyncAggregator
-from heloco.distributed.client import DistributedTransport, setup_transport
+from heloco.distributed.client import DistributedTransport
+from heloco.distributed.setup import setup_transport
 from heloco.worker import DiLoCoWorker
 from tests.conftest import free_port, tcp_store
 

@@ -8,7 +8,8 @@ Split by who needs what, so each process loads only what it uses:
     server     DistributedServer: the aggregator on the server rank (one thread per remote worker)
     session    one remote worker's slot and serving thread (used by the server)
     downlink   delta replies (downlink: delta): each end's copy of what a worker holds
-    client     DistributedTransport (a remote worker's end) and setup_transport
+    client     DistributedTransport (a remote worker's end)
+    setup      setup_transport: the end each rank gets (the server on the server rank)
     overlap    BackgroundExchange: an overlapped worker's exchange on a background thread
     link       EmulatedLink: a transport that sleeps as a slow link would (experiments)
 
@@ -22,8 +23,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from heloco.distributed.client import DistributedTransport, setup_transport
+    from heloco.distributed.client import DistributedTransport
     from heloco.distributed.server import DistributedServer
+    from heloco.distributed.setup import setup_transport
     from heloco.distributed.wire import WIRE_DTYPES, FlatMessage, MessageHeader, MessageKind
     from heloco.transport import (
         AggregatorLike,
@@ -53,7 +55,7 @@ _MODULE_OF = {
     "MessageKind": "heloco.distributed.wire",
     "DistributedServer": "heloco.distributed.server",
     "DistributedTransport": "heloco.distributed.client",
-    "setup_transport": "heloco.distributed.client",
+    "setup_transport": "heloco.distributed.setup",
 }
 
 __all__ = [

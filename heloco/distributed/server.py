@@ -1,6 +1,6 @@
 """The server rank's side of distributed mode: ``DistributedServer``, the aggregator behind gloo.
 
-A module of its own, imported only on the server rank (``setup_transport`` loads it there), because
+A module of its own, imported only on the server rank (``heloco.distributed.setup`` loads it there), because
 only that rank runs the aggregator, the serving threads and the synchronous-round bookkeeping. What
 happens on one worker's connection lives in ``heloco.distributed.session``.
 

@@ -68,7 +68,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
-from heloco.distributed.client import setup_transport
+from heloco.distributed.setup import setup_transport
 from heloco.simulation import dylu_steps
 from heloco.transport import ServerHandle, TransportError
 from recipes.common import (
