@@ -25,6 +25,7 @@ __all__ = [
     "AggregatorLike",
     "BufferedTransport",
     "Decoder",
+    "DeltaDownlink",
     "InProcessTransport",
     "QuorumUnreachable",
     "Server",
@@ -32,6 +33,7 @@ __all__ = [
     "ServerStopped",
     "Transport",
     "TransportError",
+    "encode_change",
 ]
 
 
@@ -246,6 +248,29 @@ class InProcessTransport:
             leave(worker_id)
 
 
+@torch.no_grad()
+def encode_change(
+    codec: Any,
+    params: Sequence[Tensor],
+    held: list[Tensor],
+    change: list[Tensor],
+    decoded: list[Tensor],
+    out: Tensor | None = None,
+) -> Any:
+    """One delta reply, the rule both modes share: m = encode(θ − h) (into ``out`` if given), then
+    h ← h + decode(m), exactly what the receiving worker computes from m's bytes. ``params`` (θ) may
+    live in ``out``'s bytes: the change is taken before anything is written. ``change`` and
+    ``decoded`` are scratch tensors shaped like θ. A ``ValueError`` from the codec (a non-finite
+    change) leaves ``held`` as it was."""
+    for c, p in zip(change, params, strict=True):
+        c.copy_(p)
+    torch._foreach_sub_(change, held)
+    message = codec.encode(change, out=out)
+    codec.decode(message, decoded)
+    torch._foreach_add_(held, decoded)
+    return message
+
+
 class DeltaDownlink:
     """A transport whose replies carry the change of the parameters, encoded, instead of the
     parameters (the simulator's ``downlink: delta``, and the server rank's own worker's in
@@ -324,11 +349,7 @@ class DeltaDownlink:
             self.held[worker_id] = [p.detach().to("cpu", torch.float32, copy=True) for p in update.params]
             self.nbytes[worker_id] = self.full_nbytes
             return update
-        for change, p, h in zip(self.change, update.params, held, strict=True):
-            torch.sub(change.copy_(p), h, out=change)
-        message = self.codec.encode(self.change)
-        self.codec.decode(message, self.decoded)
-        torch._foreach_add_(held, self.decoded)
+        message = encode_change(self.codec, update.params, held, self.change, self.decoded)
         for p, h in zip(update.params, held, strict=True):
             p.copy_(h)
         self.nbytes[worker_id] = int(message.nbytes)

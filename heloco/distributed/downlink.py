@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from heloco.codecs import EncodedMessage
-from heloco.transport import TransportError
+from heloco.transport import TransportError, encode_change
 
 __all__ = ["MalformedReply", "ReplyDecoder", "ReplyEncoder"]
 
@@ -81,17 +81,11 @@ class ReplyEncoder:
         change) leaves nothing held, so the next reply is full."""
         if self.held is None:
             raise ValueError("no full reply went out on this connection yet: the next reply must be full")
-        for change, p in zip(self.change, params, strict=True):
-            change.copy_(p)
-        torch._foreach_sub_(self.change, self.held)
         try:
-            message = self.codec.encode(self.change, out=out)
+            return encode_change(self.codec, params, self.held, self.change, self.decoded, out=out)
         except ValueError:
             self.held = None
             raise
-        self.codec.decode(message, self.decoded)
-        torch._foreach_add_(self.held, self.decoded)
-        return message
 
 
 class ReplyDecoder:
