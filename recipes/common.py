@@ -42,10 +42,12 @@ def inner_lr_factor(config: RecipeConfig, progress: float, worker_step: int = 0)
     t = config.train
     if t.lr_schedule == "constant":
         return 1.0
-    own = worker_step / t.cosine_steps
-    x = {"cosine": progress, "worker_cosine": own, "worker_cosine_or_progress": max(own, progress)}[
-        t.lr_schedule
-    ]
+    if t.lr_schedule == "cosine":
+        x = progress
+    else:
+        x = worker_step / t.cosine_steps
+        if t.lr_schedule == "worker_cosine_or_progress":
+            x = max(x, progress)
     floor = t.min_lr_ratio
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(x, 1.0)))
 
