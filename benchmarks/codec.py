@@ -12,10 +12,15 @@ rotates every repetition):
     is lossless) plus the server's ``decode`` of the message into fp32 tensors (its own codec
     instance).
 
+(c) floor: what any error-fed codec must do however fast its own work, on buffers of Δ's size: the
+    worker's one pass a = Δ + e (read Δ and e, write a, which becomes the next e but for the entries
+    sent) and the server's one write of the fp32 Δ it hands to the outer step. Memory traffic
+    only, so it tells how far a codec's time is from what this machine's memory allows.
+
 Δ is a real pseudo-gradient: θ before minus θ after the warm-up inner steps. Prints, per codec, the
 bytes of fp32 over the codec's bytes and the median encode+decode time as a share of the median inner
-step (goal ≤ 0.05), then the worker/server split and the relative error ‖decode(m) − Δ‖ / ‖Δ‖ of the
-first message (what error feedback carries to the next round).
+step (goal ≤ 0.05) and as a multiple of the floor, then the worker/server split and the relative
+error ‖decode(m) − Δ‖ / ‖Δ‖ of the first message (what error feedback carries to the next round).
 
 ``--baseline REF`` also times ``heloco.codecs`` as it is at git revision REF (e.g. ``main``; the single
 file ``heloco/codecs.py`` of old or the package ``heloco/codecs/``), imported from a copy of REF's
@@ -97,6 +102,11 @@ class Bench:
             self.inner_step()
         self.delta = [s - p.detach() for s, p in zip(start, self.params, strict=True)]
         self.received = [torch.empty_like(d) for d in self.delta]
+        numel = sum(d.numel() for d in self.delta)
+        self.flat_delta = torch.cat([d.reshape(-1) for d in self.delta])
+        self.flat_residual = torch.randn(numel, generator=gen)
+        self.flat_accumulated = torch.empty(numel)
+        self.flat_received = torch.empty(numel)
         self.feedback = {label: ErrorFeedback(make_codec(**cfg)) for label, cfg in CODECS.items()}
         self.server_codec = {label: make_codec(**cfg) for label, cfg in CODECS.items()}
         if baseline is not None:
@@ -118,6 +128,10 @@ class Bench:
         loss.backward()
         self.inner_opt.step()
         self.inner_opt.zero_grad()
+
+    def floor(self) -> None:
+        torch.add(self.flat_delta, self.flat_residual, out=self.flat_accumulated)
+        self.flat_received.zero_()
 
     def worker(self, label: str) -> None:
         self.message = self.feedback[label].encode(self.delta, out=self.wire[label])
@@ -152,24 +166,28 @@ def main() -> None:
 
     # each codec's baseline right after it: the pair meets the same load, however it moves
     timed = tuple(k for label in CODECS for k in (label, f"{label} @{args.baseline}") if k in bench.feedback)
-    kinds = ("inner", *timed)
+    kinds = ("inner", "floor", *timed)
     worker: dict[str, list[float]] = {k: [] for k in kinds}
     server: dict[str, list[float]] = {k: [] for k in timed}
     for rep in range(args.warmup + args.reps):
         order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
         for kind in order:
-            if kind == "inner":
-                ms = time_ms(bench.inner_step)
+            if kind in ("inner", "floor"):
+                ms = time_ms(bench.inner_step if kind == "inner" else bench.floor)
             else:
                 ms = time_ms(lambda kind=kind: bench.worker(kind))
                 if rep >= args.warmup:
                     server[kind].append(time_ms(lambda kind=kind: bench.server(kind)))
             if rep >= args.warmup:
                 worker[kind].append(ms)
-    inner = median(worker["inner"])
+    inner, floor = median(worker["inner"]), median(worker["floor"])
     print(
         f"codec on the paper's model ({num_params(bench.model) / 1e6:.1f}M params, vocab {VOCAB}, "
         f"batch {BATCH} × {SEQ_LEN}): one inner step {inner:.1f} ms"
+    )
+    print(
+        f"floor of an error-fed codec (a = Δ + e, and the server's write of fp32 Δ): {floor:.1f} ms = "
+        f"{floor / inner:.3f} of one inner step"
     )
     for label in CODECS:
         nbytes, rel_err = sizes[label]
@@ -177,7 +195,7 @@ def main() -> None:
         total = median([w + s for w, s in zip(worker[label], server[label], strict=True)])
         print(
             f"{label}: {fp32_bytes / nbytes:.2f}x fewer bytes, encode+decode {total:.1f} ms = "
-            f"{total / inner:.3f} of one inner step (goal <= {GOAL})"
+            f"{total / inner:.3f} of one inner step (goal <= {GOAL}) = {total / floor:.1f}x the floor"
         )
         print(
             f"  {nbytes} bytes; worker ErrorFeedback.encode {enc:.1f} ms + server decode {dec:.1f} ms; "

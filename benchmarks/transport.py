@@ -299,8 +299,10 @@ def measure_encoded(
     raw: tuple,
     rounds: int,
     per_block: int,
-) -> dict[str, list[float]]:
-    """Rank 1, encoded: interleaved blocks of raw and heloco round trips (bytes/s per block)."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Rank 1, encoded: interleaved blocks of raw and heloco round trips (bytes/s per block), and
+    the two pieces of server work that raw gloo does not do, timed alone (ms): decoding the message
+    into fp32 and copying the parameters into the reply."""
     raw_pg, raw_in, raw_out = raw
     moved = raw_in.numel() + raw_out.numel()
     transports = {
@@ -324,12 +326,19 @@ def measure_encoded(
         "encoded, transport only": lambda: direct.submit_encoded(1, message, version),
         "encoded, ordinary": ordinary.sync,
     }
+    server_codec = make_codec(**codec.config())
+    decoded, reply = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
+    pieces: dict[str, Callable[[], object]] = {
+        "decode": lambda: server_codec.decode(message, decoded),
+        "reply copy": lambda: torch._foreach_copy_(reply, params),
+    }
 
     def raw_round_trip() -> None:
         raw_pg.send([raw_in], 0, 0).wait()
         raw_pg.recv([raw_out], 0, 0).wait()
 
     rates: dict[str, list[float]] = {"raw": [], **{m: [] for m in ENCODED_MODES}}
+    piece_ms: dict[str, list[float]] = {k: [] for k in pieces}
     for _ in range(rounds):
         for mode, step in {"raw": raw_round_trip, **steps}.items():
             step()  # warm-up
@@ -337,9 +346,11 @@ def measure_encoded(
             for _ in range(per_block):
                 step()
             rates[mode].append(moved * per_block / (time.perf_counter() - t0))
+        for piece, fn in pieces.items():
+            piece_ms[piece].append(ms(fn))
     for t in transports.values():
         t.leave()
-    return rates
+    return rates, piece_ms
 
 
 def run_encoded(
@@ -357,7 +368,7 @@ def run_encoded(
         if rank == 0:
             serve_encoded(store, tag, params, codec, raw, rounds * (per_block + 1))
             continue
-        rates = measure_encoded(store, tag, params, codec, raw, rounds, per_block)
+        rates, piece_ms = measure_encoded(store, tag, params, codec, raw, rounds, per_block)
         raw_rate = statistics.median(rates["raw"])
         label = f"transport {numel / 1e6:.1f}M params {codec_name} up ({encoded / 4 / numel:.2f} of fp32) fp32 down"
         for mode in ENCODED_MODES:
@@ -367,6 +378,17 @@ def run_encoded(
                 f"{label}, {mode}: heloco/raw = {ratio:.2f} (heloco {rate / 1e6:.0f} MB/s, raw "
                 f"{raw_rate / 1e6:.0f} MB/s; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})"
             )
+        moved = encoded + 4 * numel
+        raw_ms = moved / raw_rate * 1e3
+        ours_ms = moved / statistics.median(rates["encoded, transport only"]) * 1e3
+        added = {k: statistics.median(v) for k, v in piece_ms.items()}
+        wire_ms = ours_ms - sum(added.values())
+        out.put(
+            f"{label}, breakdown of transport only: {ours_ms:.1f} ms per round trip = server work "
+            f"{sum(added.values()):.1f} ms ({', '.join(f'{k} {v:.1f}' for k, v in added.items())}) + "
+            f"the rest {wire_ms:.1f} ms, against raw {raw_ms:.1f} ms for the same bytes "
+            f"(raw/rest = {raw_ms / wire_ms:.2f})"
+        )
 
 
 def run(rank: int, port: int, rounds: int, per_block: int, out: mp.Queue, codec: str = "none") -> None:
