@@ -32,10 +32,20 @@ back), measured in the same run, in interleaved blocks:
   only copies its parameters answers: the wire and the server's decode.
 - encoded, ordinary: ``DiLoCoWorker.sync()`` with ``ErrorFeedback(codec)``: Δ, error feedback and
   encoding on the worker, then the above with a real ``AsyncAggregator`` (no-op outer step).
+- encoded, transport only, link B Gbit/s (``--link-gbps B ...``): the transport-only round trip
+  through ``EmulatedLink`` (the wrapper distributed runs use: it sleeps encoded bytes / B up and
+  reply bytes / B down), against raw gloo that sleeps as long for the same bytes. On loopback the
+  bytes cost a memory copy, so the server's decode and reply copy weigh as much as the wire; a
+  link slower than memory is the regime DiLoCo is for, and these lines measure the transport there.
+
+A ceiling line gives the best ratio any server could reach on loopback while doing the two pieces of
+work raw gloo does not: raw / (raw + decode + reply copy). The reply copy is not optional: replies
+are sent from a snapshot because another connection's outer step may change the parameters
+while this one's reply is on the wire.
 
 The machine's load average is printed with the numbers (they move with it).
 
-    python benchmarks/transport.py [--rounds 7] [--per-block 3] [--codec int8]
+    python benchmarks/transport.py [--rounds 7] [--per-block 3] [--codec int8] [--link-gbps 10 1]
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 from heloco.aggregator import AsyncAggregator, Update
 from heloco.codecs import CODEC_NAMES, Codec, ErrorFeedback, make_codec
 from heloco.distributed.client import DistributedTransport
+from heloco.distributed.link import EmulatedLink, link_seconds
 from heloco.distributed.server import DistributedServer
 from heloco.worker import DiLoCoWorker
 
@@ -299,10 +310,12 @@ def measure_encoded(
     raw: tuple,
     rounds: int,
     per_block: int,
+    links_gbps: Sequence[float] = (),
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Rank 1, encoded: interleaved blocks of raw and heloco round trips (bytes/s per block), and
-    the two pieces of server work that raw gloo does not do, timed alone (ms): decoding the message
-    into fp32 and copying the parameters into the reply."""
+    """Rank 1, encoded: interleaved blocks of raw and heloco round trips (bytes/s per block; each
+    heloco mode is paired with the raw mode of the same link), and the two pieces of server work
+    that raw gloo does not do, timed alone (ms): decoding the message into fp32 and copying the
+    parameters into the reply."""
     raw_pg, raw_in, raw_out = raw
     moved = raw_in.numel() + raw_out.numel()
     transports = {
@@ -333,14 +346,23 @@ def measure_encoded(
         "reply copy": lambda: torch._foreach_copy_(reply, params),
     }
 
-    def raw_round_trip() -> None:
+    def raw_round_trip(bandwidth: float | None = None) -> None:
+        time.sleep(link_seconds(raw_in.numel(), bandwidth, 0.0))
         raw_pg.send([raw_in], 0, 0).wait()
         raw_pg.recv([raw_out], 0, 0).wait()
+        time.sleep(link_seconds(raw_out.numel(), bandwidth, 0.0))
 
-    rates: dict[str, list[float]] = {"raw": [], **{m: [] for m in ENCODED_MODES}}
+    steps["raw"] = raw_round_trip
+    for gbps in links_gbps:
+        link = EmulatedLink(direct, uplink_bandwidth=gbps * 1.25e8, downlink_bandwidth=gbps * 1.25e8)
+        steps[f"raw, link {gbps:g} Gbit/s"] = lambda b=gbps * 1.25e8: raw_round_trip(b)
+        steps[f"encoded, transport only, link {gbps:g} Gbit/s"] = lambda e=link: e.submit_encoded(
+            1, message, version
+        )
+    rates: dict[str, list[float]] = {mode: [] for mode in steps}
     piece_ms: dict[str, list[float]] = {k: [] for k in pieces}
     for _ in range(rounds):
-        for mode, step in {"raw": raw_round_trip, **steps}.items():
+        for mode, step in steps.items():
             step()  # warm-up
             t0 = time.perf_counter()
             for _ in range(per_block):
@@ -354,9 +376,16 @@ def measure_encoded(
 
 
 def run_encoded(
-    rank: int, store: TCPStore, codec_name: str, rounds: int, per_block: int, out: mp.Queue
+    rank: int,
+    store: TCPStore,
+    codec_name: str,
+    rounds: int,
+    per_block: int,
+    out: mp.Queue,
+    links_gbps: Sequence[float] = (),
 ) -> None:
-    """The encoded lines: per model, our encoded round trip against raw gloo moving the same bytes."""
+    """The encoded lines: per model, our encoded round trip against raw gloo moving the same bytes
+    (on loopback, then on each emulated link)."""
     for name, cfg in MODELS.items():
         params = llama_like(**cfg)
         numel = sum(p.numel() for p in params)
@@ -366,17 +395,21 @@ def run_encoded(
         raw_pg = ProcessGroupGloo(PrefixStore(f"raw/{tag}", store), rank, 2, TIMEOUT)
         raw = (raw_pg, torch.empty(encoded, dtype=torch.uint8), torch.empty(4 * numel, dtype=torch.uint8))
         if rank == 0:
-            serve_encoded(store, tag, params, codec, raw, rounds * (per_block + 1))
+            serve_encoded(store, tag, params, codec, raw, rounds * (per_block + 1) * (1 + len(links_gbps)))
             continue
-        rates, piece_ms = measure_encoded(store, tag, params, codec, raw, rounds, per_block)
+        rates, piece_ms = measure_encoded(store, tag, params, codec, raw, rounds, per_block, links_gbps)
         raw_rate = statistics.median(rates["raw"])
         label = f"transport {numel / 1e6:.1f}M params {codec_name} up ({encoded / 4 / numel:.2f} of fp32) fp32 down"
-        for mode in ENCODED_MODES:
-            ratio = statistics.median(h / r for h, r in zip(rates[mode], rates["raw"], strict=True))
-            rate = statistics.median(rates[mode])
+        paired = {mode: "raw" for mode in ENCODED_MODES}
+        paired |= {
+            f"encoded, transport only, link {g:g} Gbit/s": f"raw, link {g:g} Gbit/s" for g in links_gbps
+        }
+        for mode, raw_mode in paired.items():
+            ratio = statistics.median(h / r for h, r in zip(rates[mode], rates[raw_mode], strict=True))
+            rate, raw_mode_rate = statistics.median(rates[mode]), statistics.median(rates[raw_mode])
             out.put(
                 f"{label}, {mode}: heloco/raw = {ratio:.2f} (heloco {rate / 1e6:.0f} MB/s, raw "
-                f"{raw_rate / 1e6:.0f} MB/s; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})"
+                f"{raw_mode_rate / 1e6:.0f} MB/s; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})"
             )
         moved = encoded + 4 * numel
         raw_ms = moved / raw_rate * 1e3
@@ -387,11 +420,20 @@ def run_encoded(
             f"{label}, breakdown of transport only: {ours_ms:.1f} ms per round trip = server work "
             f"{sum(added.values()):.1f} ms ({', '.join(f'{k} {v:.1f}' for k, v in added.items())}) + "
             f"the rest {wire_ms:.1f} ms, against raw {raw_ms:.1f} ms for the same bytes "
-            f"(raw/rest = {raw_ms / wire_ms:.2f})"
+            f"(raw/rest = {raw_ms / wire_ms:.2f}); ceiling on loopback with that server work: raw / (raw + "
+            f"server work) = {raw_ms / (raw_ms + sum(added.values())):.2f}"
         )
 
 
-def run(rank: int, port: int, rounds: int, per_block: int, out: mp.Queue, codec: str = "none") -> None:
+def run(
+    rank: int,
+    port: int,
+    rounds: int,
+    per_block: int,
+    out: mp.Queue,
+    codec: str = "none",
+    links_gbps: Sequence[float] = (),
+) -> None:
     torch.manual_seed(0)
     store = TCPStore("127.0.0.1", port, 2, rank == 0, timeout=TIMEOUT)
     for name, cfg in MODELS.items():
@@ -425,13 +467,15 @@ def run(rank: int, port: int, rounds: int, per_block: int, out: mp.Queue, codec:
                 f"+ added work {sum(added.values()):.1f} ms ({parts})"
             )
     if codec != "none":
-        run_encoded(rank, store, codec, rounds, per_block, out)
+        run_encoded(rank, store, codec, rounds, per_block, out, links_gbps)
 
 
-def run_codec_only(rank: int, port: int, rounds: int, per_block: int, out: mp.Queue, codec: str) -> None:
+def run_codec_only(
+    rank: int, port: int, rounds: int, per_block: int, out: mp.Queue, codec: str, links_gbps: Sequence[float]
+) -> None:
     torch.manual_seed(0)
     store = TCPStore("127.0.0.1", port, 2, rank == 0, timeout=TIMEOUT)
-    run_encoded(rank, store, "int8" if codec == "none" else codec, rounds, per_block, out)
+    run_encoded(rank, store, "int8" if codec == "none" else codec, rounds, per_block, out, links_gbps)
 
 
 def main() -> None:
@@ -445,16 +489,28 @@ def main() -> None:
         help="also measure Δ encoded with this codec against raw gloo of the same bytes (none: skip)",
     )
     parser.add_argument("--only-codec", action="store_true", help="only the encoded lines")
+    parser.add_argument(
+        "--link-gbps",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also time the encoded transport-only round trip through EmulatedLink at these Gbit/s, "
+        "against raw gloo sleeping as long for the same bytes",
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.per_block < 1:
         parser.error("--rounds and --per-block must be >= 1")
+    if any(not g > 0 for g in args.link_gbps):
+        parser.error(f"--link-gbps must be > 0 Gbit/s, got {args.link_gbps}")
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
     target = run_codec_only if args.only_codec else run
     procs = [
-        ctx.Process(target=target, args=(r, port, args.rounds, args.per_block, out, args.codec))
+        ctx.Process(
+            target=target, args=(r, port, args.rounds, args.per_block, out, args.codec, args.link_gbps)
+        )
         for r in (0, 1)
     ]
     for p in procs:
