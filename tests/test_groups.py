@@ -11,14 +11,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from heloco.aggregator import Update
+from heloco.codecs import ErrorFeedback, make_codec
 from recipes.config import config_from_dict
 from recipes.data import TokenStream
 from recipes.distributed.checks import check_world_size
-from recipes.distributed.groups import GroupLayout, GroupSlice
+from recipes.distributed.groups import GroupLayout, GroupSlice, GroupTransport
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,6 +223,43 @@ def test_an_async_run_with_groups_2_1_completes_its_budget(parallelism, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_a_group_sends_an_int8_delta_with_error_feedback_over_an_emulated_link(parallelism, tmp_path):
+    """Groups [2, 1] with uplink_codec int8 + error feedback and an emulated link: the run completes
+    its budget and its loss falls; the group's leader (rank 0) logs each Δ at its encoded size (under
+    0.3 of the fp32 reply it gets back), its other rank logs the same rounds and sizes, and the
+    leader's link slept for the bytes."""
+    from recipes.common import prepare
+    from tests.conftest import build_tiny_shards
+    from tests.test_recipe_distributed import ACCELERATE, child_env, cli, read_jsonl, values
+
+    shards = build_tiny_shards(tmp_path / "data", num_workers=2)
+    out = tmp_path / "run"
+    v = values(shards, out, num_workers=2, worker_speeds=[1.0, 1.0], group_sizes=[2, 1])
+    v.update(budget_tokens=6000, group_parallelism=parallelism, uplink_codec="int8", error_feedback=True)
+    v.update(uplink_bandwidth=[5e7], downlink_bandwidth=[5e7])
+    prepare(config_from_dict({**v, "mode": "simulate", "group_sizes": None}))  # the warm-start cache
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml")]
+    cmd += ["--num_processes", "3", "recipes/train.py", *cli(v)]
+    with open(tmp_path / "launch.log", "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=800)
+    assert proc.returncode == 0, (tmp_path / "launch.log").read_text()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "budget_tokens"
+    ranks = [read_jsonl(out / f"metrics-rank{r}.jsonl") for r in range(3)]
+    leader, member = ([x for x in rank if x["event"] == "arrival"] for rank in ranks[:2])
+    assert leader and [x["uplink_bytes"] for x in leader] == [x["uplink_bytes"] for x in member]
+    assert all(0 < x["uplink_bytes"] < 0.3 * x["downlink_bytes"] for x in leader)
+    end = next(x for x in ranks[0] if x["event"] == "end")
+    assert end["uplink_codec"] == "int8" and end["link_sleep_s"] > 0
+    logged, largest = sum(x["uplink_bytes"] for x in leader), max(x["uplink_bytes"] for x in leader)
+    assert logged <= end["link_uplink_bytes"] <= logged + largest  # + the round the stop cut off
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "eval"]
+    assert evals[-1]["val_loss/mean"] < evals[0]["val_loss/mean"] - 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_two_machines_on_this_host_run_groups_2_1_1(tmp_path):
     """Two `accelerate launch` invocations as two machines (--num_machines 2, --machine_rank 0/1,
     --main_process_ip 127.0.0.1), two processes each: machine 0 holds the group of 2 (worker 0),
@@ -332,3 +373,57 @@ def test_the_server_can_run_in_a_process_of_its_own(tmp_path):
     assert {r["worker"] for r in arrivals} == {0, 1}
     assert summary["distributed"]["ranks"][0]["reason"] == "budget_tokens"
     assert not any(r["event"] == "arrival" for r in read_jsonl(out / "metrics-rank0.jsonl"))
+
+
+class RecordingTransport:
+    """The leader's inner transport: keeps each encoded message and answers with fixed parameters."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.messages: list[Any] = []
+
+    def submit_encoded(self, worker_id: int, message: Any, base_version: int) -> Update:
+        self.messages.append((worker_id, message, base_version))
+        return Update(params=self.params, version=base_version + 1)
+
+
+def test_a_group_leader_encodes_the_delta_and_keeps_the_residual():
+    """GroupTransport with an int8 ErrorFeedback encoder, in a one-rank gloo group: the leader sends
+    ``submit_encoded``, its size is relayed as ``uplink_nbytes`` (a quarter of fp32 plus scales),
+    what was sent plus what is kept equals Δ (error feedback's identity), and the next round sends
+    Δ₂ + e₁. A non-finite Δ is refused before anything is sent."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        params = [torch.zeros(64, 8), torch.zeros(300)]
+        inner = RecordingTransport([p + 1 for p in params])
+        encoder = ErrorFeedback(make_codec("int8", block=64))
+        group = GroupTransport(inner, dist.group.WORLD, 0, True, params, encoder=encoder)
+        gen = torch.Generator().manual_seed(0)
+        delta = [torch.randn(p.shape, generator=gen) for p in params]
+        update = group.submit(3, delta, base_version=7)
+        assert update.version == 8 and torch.equal(update.params[0], torch.ones(64, 8))
+        worker_id, message, base = inner.messages[0]
+        assert (worker_id, base) == (3, 7)
+        assert group.uplink_nbytes == message.nbytes < 4 * 812 / 3
+        sent = [torch.empty_like(p) for p in params]
+        make_codec("int8", block=64).decode(message, sent)
+        for d, s, e in zip(delta, sent, encoder.residuals, strict=True):
+            torch.testing.assert_close(s + e, d, rtol=0, atol=1e-6)
+            assert e.abs().max() > 0  # int8 is lossy: something was kept back
+        kept = [e.clone() for e in encoder.residuals]
+        group.submit(3, delta, base_version=8)
+        make_codec("int8", block=64).decode(inner.messages[1][1], sent)
+        for d, s, e, k in zip(delta, sent, encoder.residuals, kept, strict=True):
+            torch.testing.assert_close(s + e, d + k, rtol=0, atol=1e-6)
+        bad = [delta[0].clone(), delta[1].clone()]
+        bad[1][5] = float("nan")
+        with pytest.raises(ValueError):
+            group.submit(3, bad, base_version=9)
+        assert len(inner.messages) == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_the_leader_may_hold_an_encoder():
+    with pytest.raises(ValueError, match="only the group's leader encodes"):
+        GroupTransport(None, None, 0, False, [torch.zeros(2)], encoder=ErrorFeedback(make_codec("int8")))

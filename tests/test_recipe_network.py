@@ -169,9 +169,10 @@ def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, down
                 "mode": "distributed",
                 "uplink_bandwidth": [1e6],
                 "error_feedback": True,
+                "overlap": True,
                 "group_sizes": [1, 1, 2],
             },
-            "uplink_bandwidth, error_feedback: in mode=distributed these need one process per worker",
+            r"^overlap: in mode=distributed these need one process per worker; group_sizes=\[1, 1, 2\]",
         ),
     ],
 )
@@ -192,6 +193,20 @@ def test_distributed_mode_takes_the_codec_overlap_and_link_fields(tiny_shards, t
     values = {"downlink": "delta", "downlink_codec": "int8"}  # the same keys as in simulate mode
     config = config_from_dict(base_values(tiny_shards, tmp_path / "x", mode="distributed", **values))
     assert config.diloco.downlink == "delta"
+
+
+def test_groups_take_the_codec_error_feedback_and_link_fields(tiny_shards, tmp_path):
+    """A worker of several processes: its leader encodes Δ and sleeps for the link
+    (recipes/distributed/groups.py), so these are accepted with group_sizes; overlap is not."""
+    values = {
+        "uplink_codec": "topk",
+        "error_feedback": True,
+        "uplink_bandwidth": [1e6],
+        "downlink_latency": [0.01],
+        "group_sizes": [2, 1, 1],
+    }
+    config = config_from_dict(base_values(tiny_shards, tmp_path / "x", mode="distributed", **values))
+    assert config.diloco.uplink_codec == "topk" and config.diloco.group_sizes == [2, 1, 1]
 
 
 def test_slow_link_yaml_says_its_arithmetic():

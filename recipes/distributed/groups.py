@@ -150,7 +150,14 @@ class GroupTransport:
     worker's real transport) and broadcasts each answer to the group: a small header (version,
     statistics, or the error the server raised) and the parameters as one flat buffer. On the other
     ranks ``dispatch``/``submit`` wait for that broadcast, so every rank's ``DiLoCoWorker.sync()``
-    returns the same ``Update`` (or raises the same error) at the same point of the round."""
+    returns the same ``Update`` (or raises the same error) at the same point of the round.
+
+    With an ``encoder`` (the leader's: ``uplink_codec``, in an ``ErrorFeedback`` with error
+    feedback) the leader encodes the group's Δ and sends it with ``submit_encoded``, so the group
+    keeps one error-feedback residual, on the rank that talks to the server; ``uplink_nbytes`` (the
+    message's size, relayed to every rank) is what the round put on the wire. ``inner`` may be an
+    ``EmulatedLink`` around the leader's transport: the leader sleeps for the bytes, the others wait
+    for its broadcast."""
 
     def __init__(
         self,
@@ -159,8 +166,13 @@ class GroupTransport:
         leader: int,
         is_leader: bool,
         params_like: list[Tensor],
+        encoder: Any = None,
     ) -> None:
+        if encoder is not None and not is_leader:
+            raise ValueError("only the group's leader encodes Δ; give the other ranks encoder=None")
         self.inner = inner
+        self.encoder = encoder
+        self.uplink_nbytes: int | None = None  # the last submission's encoded size (None: plain Δ)
         self.group = group
         self.leader = leader
         self.is_leader = is_leader
@@ -182,7 +194,18 @@ class GroupTransport:
             pseudo_grads = [d.full_tensor() for d in pseudo_grads]
         if not self.is_leader:  # its Δ equals the leader's (DDP) or was gathered by it (FSDP)
             return self.relay(None)
-        return self.relay(lambda: self.inner.submit(worker_id, pseudo_grads, base_version))
+        if self.encoder is None:
+            return self.relay(lambda: self.inner.submit(worker_id, pseudo_grads, base_version))
+        return self.relay(lambda: self.submit_encoded(worker_id, pseudo_grads, base_version))
+
+    def submit_encoded(self, worker_id: int, deltas: Any, base_version: int) -> Update:
+        """The leader's encoded submission: Δ on the CPU (where codecs work), encoded into the inner
+        transport's send buffer when it offers one, as ``DiLoCoWorker.outgoing`` does."""
+        deltas = [d.detach().to("cpu") for d in deltas]
+        wire = getattr(self.inner, "encoded_buffer", None)
+        message = self.encoder.encode(deltas, out=wire()) if callable(wire) else self.encoder.encode(deltas)
+        self.uplink_nbytes = int(message.nbytes)
+        return self.inner.submit_encoded(worker_id, message, base_version)
 
     def leave(self, worker_id: int | None = None) -> None:
         if self.is_leader:
@@ -192,9 +215,10 @@ class GroupTransport:
         header: list[Any] = [None]
         update = None
         if self.is_leader:
+            self.uplink_nbytes = None  # set by an encoded submission
             try:
                 update = call()
-                header[0] = ("ok", self.describe(update))
+                header[0] = ("ok", {**self.describe(update), "uplink_nbytes": self.uplink_nbytes})
             except tuple(_ERRORS.values()) as e:
                 header[0] = (
                     "error",
@@ -208,6 +232,7 @@ class GroupTransport:
         if kind == "error":
             raise _ERRORS[rest[0]](rest[1])
         meta = rest[0]
+        self.uplink_nbytes = meta["uplink_nbytes"]
         if meta["has_params"]:
             if self.is_leader:
                 torch._foreach_copy_(

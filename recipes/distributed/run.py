@@ -91,7 +91,7 @@ from recipes.distributed.groups import (
     wrap_for_group,
 )
 from recipes.distributed.logs import JsonLines
-from recipes.distributed.network import emulated_link, reply_codec, wire_codec
+from recipes.distributed.network import emulated_link, reply_codec, wire_codec, worker_encoder
 from recipes.distributed.pacing import measure_speed, slowdown_factors
 from recipes.distributed.rank0 import RankZero, WorkerOutcome
 from recipes.distributed.rejoin import REJOIN_ENV, rejoin_worker
@@ -281,10 +281,13 @@ def connect(config: RecipeConfig, job: Job, rank0: RankZero | None) -> tuple[Any
             codec=wire_codec(config),
             downlink_codec=reply_codec(config),
         )
-    if job.group is not None:
-        transport = GroupTransport(transport, job.group, job.layout.leader_of(job.worker), leader, params)
-    elif transport is not None:  # an emulated slow link, when the config sets one
+    if transport is not None and job.worker is not None:  # an emulated slow link, when the config sets one
         transport = emulated_link(config, transport, job.worker)
+    if job.group is not None:  # the leader encodes the group's Δ (one error-feedback residual)
+        encoder = worker_encoder(config) if leader else None
+        transport = GroupTransport(
+            transport, job.group, job.layout.leader_of(job.worker), leader, params, encoder=encoder
+        )
     return transport, server
 
 

@@ -154,12 +154,15 @@ def train_worker(
         transport,
         worker_id,
         steps,
-        codec=worker_encoder(config),
+        codec=worker_encoder(config)
+        if group_size == 1
+        else None,  # a group's leader encodes in its transport
         overlap=o.overlap,
     )
-    checkpoints.encoder = worker.codec  # its error-feedback residual goes into the worker's state
+    encoder = worker.codec if group_size == 1 else getattr(transport, "encoder", None)
+    checkpoints.encoder = encoder  # its error-feedback residual goes into the worker's state
     if resumed is not None:
-        resumed.restore_encoder(worker.codec)
+        resumed.restore_encoder(encoder)
     exchange = BackgroundExchange(worker) if o.overlap else None
     in_flight: tuple[Any, int, WorkerState | None] | None = None  # overlap: the round being exchanged
     tokens_per_step = loop.stream.tokens_per_batch
@@ -254,7 +257,8 @@ def train_worker(
                 skip_refused_round(worker, rank_log, rank, rounds, refused)
                 rejected += 1
                 continue
-            if arrived(update, result, outgoing.nbytes, None):
+            sent = getattr(transport, "uplink_nbytes", None)  # a group's: the leader's encoded size
+            if arrived(update, result, outgoing.nbytes if sent is None else sent, None):
                 reason = "budget_tokens"
                 break
     except (ServerStopped, QuorumUnreachable, TimeoutError) as e:  # the round in flight is lost
@@ -291,7 +295,8 @@ def train_worker(
         "downlink_bytes": downlink_bytes,  # the replies' payloads: the first pull and every arrival's
         "overlap": o.overlap,
     }
-    if isinstance(transport, EmulatedLink):
-        report.update(transport.stats())
+    link = getattr(transport, "inner", transport)  # a group's leader: the link inside its GroupTransport
+    if isinstance(link, EmulatedLink):
+        report.update(link.stats())
     rank_log.write({"event": "end", **report})
     return report
