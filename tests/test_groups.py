@@ -349,6 +349,55 @@ def test_a_rank_killed_inside_a_group_takes_the_group_out_and_a_resume_restores_
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_a_group_leader_s_error_feedback_residual_is_checkpointed_and_resumed(tmp_path):
+    """Groups [2, 1] with int8 + error feedback, ranks as separate processes: rank 0 crashes after 5
+    arrivals; the group's leader (rank 0) saved a non-zero residual in its worker state, the group's
+    other rank (rank 1) none (it holds no residual); every rank resumes from the checkpoint and the
+    run ends at its budget with no arrival counted twice."""
+    from recipes.common import prepare
+    from recipes.distributed.worker_state import WorkerState, available_submissions
+    from tests.conftest import build_tiny_shards
+    from tests.test_recipe_distributed import read_jsonl, values
+
+    shards = build_tiny_shards(tmp_path / "data", num_workers=2)
+    common = dict(
+        worker_speeds=[1.0, 1.0],
+        group_sizes=[2, 1],
+        num_workers=2,
+        comm_timeout_s=30.0,
+        uplink_codec="int8",
+        error_feedback=True,
+        save_every=2,
+    )
+    prepare(
+        config_from_dict(
+            {**values(shards, tmp_path / "x", **common), "mode": "simulate", "group_sizes": None}
+        )
+    )
+    out = tmp_path / "run"
+    procs = start_ranks(values(shards, out, stop_after_arrivals=5, **common), 3, tmp_path / "crash")
+    codes = [p.wait(400) for p in procs]
+    assert codes[0] == -9 and not (out / "summary.json").exists(), codes
+    leader = [WorkerState.read(out, 0, s) for s in available_submissions(out, 0)]
+    member = [WorkerState.read(out, 1, s) for s in available_submissions(out, 1)]
+    assert leader and member, "no worker state was written before the crash"
+    assert all(state.encoder is not None for state in leader)
+    assert all(any(r.abs().max() > 0 for r in state.encoder["residuals"]) for state in leader)
+    assert all(state.encoder is None for state in member)
+
+    procs = start_ranks(values(shards, out, resume_from="latest", **common), 3, tmp_path / "resume")
+    codes = [p.wait(400) for p in procs]
+    logs = "\n".join((tmp_path / f"resume-{r}.log").read_text()[-1500:] for r in range(3))
+    assert codes == [0, 0, 0], logs
+    summary = json.loads((out / "summary.json").read_text())
+    arrivals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "arrival"]
+    assert [r["arrival"] for r in arrivals] == list(range(1, summary["arrivals"] + 1))  # none twice
+    resumed = [r for r in read_jsonl(out / "metrics-rank0.jsonl") if r["event"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["submissions"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_the_server_can_run_in_a_process_of_its_own(tmp_path):
     """server_process: rank 0 only serves, workers [2, 1] are ranks 1-2 and 3 (4 processes); the run
     completes its budget, every arrival counted once, and rank 0 trained nothing."""
