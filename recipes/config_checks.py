@@ -168,14 +168,11 @@ def _validate_network(config: RecipeConfig) -> None:
         _validate_distributed_network(config)
 
 
-ONE_PROCESS_PER_WORKER = ("overlap", "downlink", "downlink_codec")  # distributed options refused for groups
-
-
 def _validate_distributed_network(config: RecipeConfig) -> None:
     """Distributed mode takes the codec (encoded Δ on the gloo wire), ``downlink: delta`` (encoded
     replies on the wire), overlap (a background exchange) and the link fields (an emulated slow
-    link: each message sleeps latency + bytes / bandwidth); the codec, error feedback and the link
-    also on workers that are groups of processes, the rest on workers of one process each;
+    link: each message sleeps latency + bytes / bandwidth); all but overlap also on workers that are
+    groups of processes (the leader encodes, holds the replies' copy and sleeps for the link);
     server_step_time stays simulate-only (the real server takes its real time)."""
     o = config.diloco
     if o.server_step_time != 0.0:
@@ -184,15 +181,13 @@ def _validate_distributed_network(config: RecipeConfig) -> None:
             "real time); leave it at 0 for mode=distributed"
         )
     grouped = o.group_sizes is not None and any(p != 1 for p in o.group_sizes)
-    # A group's leader encodes and sleeps for the link itself; an overlapped exchange would broadcast
-    # to the group on a background thread beside DDP's/FSDP's collectives, and delta replies are
-    # untested there.
-    per_process = [name for name in network_options_set(config) if name in ONE_PROCESS_PER_WORKER]
-    if grouped and per_process:
+    if grouped and o.overlap:
         raise ConfigError(
-            f"{', '.join(per_process)}: in mode=distributed these need one process per worker; "
-            f"group_sizes={o.group_sizes} makes workers of several processes (unset group_sizes or "
-            "these fields; uplink_codec, error_feedback and the link fields work with groups)"
+            f"overlap: in mode=distributed it needs one process per worker; group_sizes={o.group_sizes} "
+            "makes workers of several processes, whose leader would broadcast each answer to its group "
+            "from a background thread beside DDP's/FSDP's collectives on the same group (unset "
+            "group_sizes or overlap; the codecs, error_feedback, downlink: delta and the link fields "
+            "work with groups)"
         )
 
 

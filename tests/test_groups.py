@@ -223,21 +223,35 @@ def test_an_async_run_with_groups_2_1_completes_its_budget(parallelism, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_a_group_sends_an_int8_delta_with_error_feedback_over_an_emulated_link(parallelism, tmp_path):
-    """Groups [2, 1] with uplink_codec int8 + error feedback and an emulated link: the run completes
-    its budget and its loss falls; the group's leader (rank 0) logs each Δ at its encoded size (under
-    0.3 of the fp32 reply it gets back), its other rank logs the same rounds and sizes, and the
-    leader's link slept for the bytes."""
+@pytest.mark.parametrize(
+    ("parallelism", "group_sizes", "downlink"),
+    [
+        ("ddp", [2, 1], "params"),
+        ("fsdp", [2, 1], "params"),
+        ("ddp", [1, 2], "delta"),
+        ("fsdp", [1, 2], "delta"),
+    ],
+)
+def test_a_group_sends_an_int8_delta_with_error_feedback_over_an_emulated_link(
+    parallelism, group_sizes, downlink, tmp_path
+):
+    """A group of 2 with uplink_codec int8 + error feedback and an emulated link: the run completes
+    its budget and its loss falls; the group's leader logs each Δ at its encoded size (under 0.3 of
+    fp32), its other rank logs the same rounds and sizes, and the leader's link slept for the bytes.
+    Groups [2, 1]: the leader is rank 0 (the server's in-process transport); [1, 2] with
+    ``downlink: delta`` in int8: the leader is rank 1 (gloo to the server), it holds the replies'
+    copy, and both ranks count each encoded change (under 0.3 of fp32) as the link does."""
     from recipes.common import prepare
     from tests.conftest import build_tiny_shards
     from tests.test_recipe_distributed import ACCELERATE, child_env, cli, read_jsonl, values
 
     shards = build_tiny_shards(tmp_path / "data", num_workers=2)
     out = tmp_path / "run"
-    v = values(shards, out, num_workers=2, worker_speeds=[1.0, 1.0], group_sizes=[2, 1])
+    v = values(shards, out, num_workers=2, worker_speeds=[1.0, 1.0], group_sizes=group_sizes)
     v.update(budget_tokens=6000, group_parallelism=parallelism, uplink_codec="int8", error_feedback=True)
-    v.update(uplink_bandwidth=[5e7], downlink_bandwidth=[5e7])
+    v.update(uplink_bandwidth=[5e7], downlink_bandwidth=[5e7], downlink=downlink)
+    if downlink == "delta":
+        v.update(downlink_codec="int8")
     prepare(config_from_dict({**v, "mode": "simulate", "group_sizes": None}))  # the warm-start cache
     cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml")]
     cmd += ["--num_processes", "3", "recipes/train.py", *cli(v)]
@@ -246,14 +260,24 @@ def test_a_group_sends_an_int8_delta_with_error_feedback_over_an_emulated_link(p
     assert proc.returncode == 0, (tmp_path / "launch.log").read_text()[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "budget_tokens"
+    first = 0 if group_sizes[0] == 2 else 1  # the group's leader
     ranks = [read_jsonl(out / f"metrics-rank{r}.jsonl") for r in range(3)]
-    leader, member = ([x for x in rank if x["event"] == "arrival"] for rank in ranks[:2])
+    leader, member = ([x for x in rank if x["event"] == "arrival"] for rank in ranks[first : first + 2])
     assert leader and [x["uplink_bytes"] for x in leader] == [x["uplink_bytes"] for x in member]
-    assert all(0 < x["uplink_bytes"] < 0.3 * x["downlink_bytes"] for x in leader)
-    end = next(x for x in ranks[0] if x["event"] == "end")
+    assert [x["downlink_bytes"] for x in leader] == [x["downlink_bytes"] for x in member]
+    end = next(x for x in ranks[first] if x["event"] == "end")
+    fp32 = end["downlink_bytes"] - sum(x["downlink_bytes"] for x in leader)  # the first pull: in full
+    if downlink == "params":
+        assert all(x["downlink_bytes"] == fp32 for x in leader)
+    else:  # then each reply is an encoded change
+        assert all(0 < x["downlink_bytes"] < 0.3 * fp32 for x in leader)
+    assert end["link_downlink_bytes"] == end["downlink_bytes"]
+    assert all(0 < x["uplink_bytes"] < 0.3 * fp32 for x in leader)
     assert end["uplink_codec"] == "int8" and end["link_sleep_s"] > 0
     logged, largest = sum(x["uplink_bytes"] for x in leader), max(x["uplink_bytes"] for x in leader)
     assert logged <= end["link_uplink_bytes"] <= logged + largest  # + the round the stop cut off
+    member_end = next(x for x in ranks[first + 1] if x["event"] == "end")
+    assert "link_sleep_s" not in member_end  # it sent nothing: the leader slept for the group
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["event"] == "eval"]
     assert evals[-1]["val_loss/mean"] < evals[0]["val_loss/mean"] - 0.2
 
@@ -435,6 +459,10 @@ class RecordingTransport:
         self.messages.append((worker_id, message, base_version))
         return Update(params=self.params, version=base_version + 1)
 
+    def reply_nbytes(self, worker_id: int) -> int:
+        """As a ``downlink: delta`` transport measures it: a reply smaller than fp32."""
+        return 100 + worker_id
+
 
 def test_a_group_leader_encodes_the_delta_and_keeps_the_residual():
     """GroupTransport with an int8 ErrorFeedback encoder, in a one-rank gloo group: the leader sends
@@ -454,6 +482,7 @@ def test_a_group_leader_encodes_the_delta_and_keeps_the_residual():
         worker_id, message, base = inner.messages[0]
         assert (worker_id, base) == (3, 7)
         assert group.uplink_nbytes == message.nbytes < 4 * 812 / 3
+        assert group.reply_nbytes(3) == 103 and group.link is inner  # what the worker's records read
         sent = [torch.empty_like(p) for p in params]
         make_codec("int8", block=64).decode(message, sent)
         for d, s, e in zip(delta, sent, encoder.residuals, strict=True):
@@ -476,3 +505,6 @@ def test_a_group_leader_encodes_the_delta_and_keeps_the_residual():
 def test_only_the_leader_may_hold_an_encoder():
     with pytest.raises(ValueError, match="only the group's leader encodes"):
         GroupTransport(None, None, 0, False, [torch.zeros(2)], encoder=ErrorFeedback(make_codec("int8")))
+    member = GroupTransport(None, None, 0, False, [torch.zeros(2), torch.zeros(3)])
+    assert member.link is None  # it sends nothing: no link of its own
+    assert member.reply_nbytes() == 4 * 5  # before any relayed size: the fp32 parameters

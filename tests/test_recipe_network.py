@@ -157,12 +157,9 @@ def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, down
         ({"error_feedback_decay": 1.5}, r"error_feedback_decay must be in \(0, 1\]"),
         ({"mode": "distributed", "server_step_time": 0.5}, "server_step_time=0.5 is a simulate-mode option"),
         (
-            {"mode": "distributed", "downlink": "delta", "downlink_codec": "int8", "group_sizes": [1, 2, 1]},
-            r"downlink, downlink_codec: in mode=distributed these need one process per worker",
-        ),
-        (
             {"mode": "distributed", "overlap": True, "group_sizes": [2, 1, 1]},
-            r"overlap: in mode=distributed these need one process per worker; group_sizes=\[2, 1, 1\]",
+            r"overlap: in mode=distributed it needs one process per worker; group_sizes=\[2, 1, 1\] .* "
+            "beside DDP's/FSDP's collectives",
         ),
         (
             {
@@ -172,7 +169,7 @@ def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, down
                 "overlap": True,
                 "group_sizes": [1, 1, 2],
             },
-            r"^overlap: in mode=distributed these need one process per worker; group_sizes=\[1, 1, 2\]",
+            r"^overlap: in mode=distributed it needs one process per worker; group_sizes=\[1, 1, 2\]",
         ),
     ],
 )
@@ -195,9 +192,10 @@ def test_distributed_mode_takes_the_codec_overlap_and_link_fields(tiny_shards, t
     assert config.diloco.downlink == "delta"
 
 
-def test_groups_take_the_codec_error_feedback_and_link_fields(tiny_shards, tmp_path):
-    """A worker of several processes: its leader encodes Δ and sleeps for the link
-    (recipes/distributed/groups.py), so these are accepted with group_sizes; overlap is not."""
+def test_groups_take_the_codec_error_feedback_delta_replies_and_link_fields(tiny_shards, tmp_path):
+    """A worker of several processes: its leader encodes Δ, holds the replies' copy and sleeps for
+    the link (recipes/distributed/groups.py), so these are accepted with group_sizes; overlap is not
+    (test_bad_network_config_is_refused)."""
     values = {
         "uplink_codec": "topk",
         "error_feedback": True,
@@ -207,6 +205,9 @@ def test_groups_take_the_codec_error_feedback_and_link_fields(tiny_shards, tmp_p
     }
     config = config_from_dict(base_values(tiny_shards, tmp_path / "x", mode="distributed", **values))
     assert config.diloco.uplink_codec == "topk" and config.diloco.group_sizes == [2, 1, 1]
+    values = {"downlink": "delta", "downlink_codec": "int8", "group_sizes": [1, 2, 1]}
+    config = config_from_dict(base_values(tiny_shards, tmp_path / "x", mode="distributed", **values))
+    assert config.diloco.downlink == "delta" and config.diloco.group_sizes == [1, 2, 1]
 
 
 def test_slow_link_yaml_says_its_arithmetic():

@@ -156,8 +156,10 @@ class GroupTransport:
     feedback) the leader encodes the group's Δ and sends it with ``submit_encoded``, so the group
     keeps one error-feedback residual, on the rank that talks to the server; ``uplink_nbytes`` (the
     message's size, relayed to every rank) is what the round put on the wire. ``inner`` may be an
-    ``EmulatedLink`` around the leader's transport: the leader sleeps for the bytes, the others wait
-    for its broadcast."""
+    ``EmulatedLink`` around the leader's transport (``link``): the leader sleeps for the bytes, the
+    others wait for its broadcast. With ``downlink: delta`` the leader's transport keeps the held
+    copy and rebuilds the full parameters, which the group gets as always; ``reply_nbytes`` relays
+    the size the reply had on the wire, so every rank counts the encoded change."""
 
     def __init__(
         self,
@@ -173,6 +175,7 @@ class GroupTransport:
         self.inner = inner
         self.encoder = encoder
         self.uplink_nbytes: int | None = None  # the last submission's encoded size (None: plain Δ)
+        self.last_reply_nbytes: int | None = None  # the last reply's size on the leader's wire
         self.group = group
         self.leader = leader
         self.is_leader = is_leader
@@ -187,16 +190,16 @@ class GroupTransport:
         ]
 
     def dispatch(self, worker_id: int) -> Update:
-        return self.relay(lambda: self.inner.dispatch(worker_id))
+        return self.relay(worker_id, lambda: self.inner.dispatch(worker_id))
 
     def submit(self, worker_id: int, pseudo_grads: Any, base_version: int) -> Update:
         if self.sharded:  # FSDP: the group gathers the full Δ on every rank (one collective each)
             pseudo_grads = [d.full_tensor() for d in pseudo_grads]
         if not self.is_leader:  # its Δ equals the leader's (DDP) or was gathered by it (FSDP)
-            return self.relay(None)
+            return self.relay(worker_id, None)
         if self.encoder is None:
-            return self.relay(lambda: self.inner.submit(worker_id, pseudo_grads, base_version))
-        return self.relay(lambda: self.submit_encoded(worker_id, pseudo_grads, base_version))
+            return self.relay(worker_id, lambda: self.inner.submit(worker_id, pseudo_grads, base_version))
+        return self.relay(worker_id, lambda: self.submit_encoded(worker_id, pseudo_grads, base_version))
 
     def submit_encoded(self, worker_id: int, deltas: Any, base_version: int) -> Update:
         """The leader's encoded submission: Δ on the CPU (where codecs work), encoded into the inner
@@ -207,18 +210,36 @@ class GroupTransport:
         self.uplink_nbytes = int(message.nbytes)
         return self.inner.submit_encoded(worker_id, message, base_version)
 
+    @property
+    def link(self) -> Any:
+        """The leader's transport as the worker talks to it (an ``EmulatedLink`` when the config sets
+        one); None on the other ranks, which send nothing."""
+        return self.inner if self.is_leader else None
+
+    def reply_nbytes(self, worker_id: int | None = None) -> int:
+        """Bytes of the last reply's payload on the leader's wire (relayed to every rank); the fp32
+        parameters when the leader's transport does not measure it."""
+        if self.last_reply_nbytes is None:
+            return self.flat.numel() * self.flat.element_size()
+        return self.last_reply_nbytes
+
     def leave(self, worker_id: int | None = None) -> None:
         if self.is_leader:
             self.inner.leave(worker_id) if worker_id is not None else self.inner.leave()
 
-    def relay(self, call: Any) -> Update:
+    def relay(self, worker_id: int, call: Any) -> Update:
         header: list[Any] = [None]
         update = None
         if self.is_leader:
             self.uplink_nbytes = None  # set by an encoded submission
             try:
                 update = call()
-                header[0] = ("ok", {**self.describe(update), "uplink_nbytes": self.uplink_nbytes})
+                measured = getattr(self.inner, "reply_nbytes", None)
+                sizes = {
+                    "uplink_nbytes": self.uplink_nbytes,
+                    "reply_nbytes": int(measured(worker_id)) if callable(measured) else None,
+                }
+                header[0] = ("ok", {**self.describe(update), **sizes})
             except tuple(_ERRORS.values()) as e:
                 header[0] = (
                     "error",
@@ -232,7 +253,7 @@ class GroupTransport:
         if kind == "error":
             raise _ERRORS[rest[0]](rest[1])
         meta = rest[0]
-        self.uplink_nbytes = meta["uplink_nbytes"]
+        self.uplink_nbytes, self.last_reply_nbytes = meta["uplink_nbytes"], meta["reply_nbytes"]
         if meta["has_params"]:
             if self.is_leader:
                 torch._foreach_copy_(

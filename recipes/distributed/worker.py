@@ -19,6 +19,7 @@ from heloco.distributed.link import EmulatedLink, reply_payload_nbytes, wire_ite
 from heloco.distributed.overlap import BackgroundExchange
 from heloco.transport import QuorumUnreachable, ServerStopped
 from recipes.config import RecipeConfig
+from recipes.distributed.groups import GroupTransport
 from recipes.distributed.network import worker_encoder
 from recipes.distributed.pacing import emulate_slowdown, synchronize
 from recipes.schedule import budget_progress
@@ -148,18 +149,17 @@ def train_worker(
     t, o = config.train, config.diloco
     timer = RoundTimer(slowdown, loop.accelerator.device)
     worker_id = rank if worker_id is None else worker_id  # a group's ranks share their worker's id
+    grouped = isinstance(transport, GroupTransport)
     worker = DiLoCoWorker(  # explicit: pull, outgoing/send/receive
         loop.model,
         loop.optimizer,
         transport,
         worker_id,
         steps,
-        codec=worker_encoder(config)
-        if group_size == 1
-        else None,  # a group's leader encodes in its transport
+        codec=None if grouped else worker_encoder(config),  # a group's leader encodes in its transport
         overlap=o.overlap,
     )
-    encoder = worker.codec if group_size == 1 else getattr(transport, "encoder", None)
+    encoder = transport.encoder if grouped else worker.codec  # a group's: its leader's, else None
     checkpoints.encoder = encoder  # its error-feedback residual goes into the worker's state
     if resumed is not None:
         resumed.restore_encoder(encoder)
@@ -257,7 +257,7 @@ def train_worker(
                 skip_refused_round(worker, rank_log, rank, rounds, refused)
                 rejected += 1
                 continue
-            sent = getattr(transport, "uplink_nbytes", None)  # a group's: the leader's encoded size
+            sent = transport.uplink_nbytes if grouped else None  # a group's: the leader's encoded size
             if arrived(update, result, outgoing.nbytes if sent is None else sent, None):
                 reason = "budget_tokens"
                 break
@@ -295,7 +295,7 @@ def train_worker(
         "downlink_bytes": downlink_bytes,  # the replies' payloads: the first pull and every arrival's
         "overlap": o.overlap,
     }
-    link = getattr(transport, "inner", transport)  # a group's leader: the link inside its GroupTransport
+    link = transport.link if grouped else transport  # a group's leader: the link inside GroupTransport
     if isinstance(link, EmulatedLink):
         report.update(link.stats())
     rank_log.write({"event": "end", **report})
