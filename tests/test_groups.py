@@ -184,6 +184,20 @@ def test_ddp_and_fsdp_groups_of_two_give_the_delta_of_one_process(tmp_path, monk
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)  # Adam steps are ~1e-2
 
 
+def launch_three_processes(v: dict, tmp_path: Path) -> None:
+    """Build the warm-start cache, then run ``v`` as 3 processes under ``accelerate launch``; fail
+    with the end of the log if the launch does not exit 0."""
+    from recipes.common import prepare
+    from tests.test_recipe_distributed import ACCELERATE, child_env, cli
+
+    prepare(config_from_dict({**v, "mode": "simulate", "group_sizes": None}))  # the warm-start cache
+    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml")]
+    cmd += ["--num_processes", "3", "recipes/train.py", *cli(v)]
+    with open(tmp_path / "launch.log", "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=800)
+    assert proc.returncode == 0, (tmp_path / "launch.log").read_text()[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
@@ -191,20 +205,14 @@ def test_an_async_run_with_groups_2_1_completes_its_budget(parallelism, tmp_path
     """Three processes under `accelerate launch`: worker 0 is a group of 2 (DDP or FSDP2 inside),
     worker 1 a single process. The run reaches its token budget, every arrival is counted once, a
     group's arrival counts its global batch, and both ranks of the group log the same rounds."""
-    from recipes.common import prepare
     from tests.conftest import build_tiny_shards
-    from tests.test_recipe_distributed import ACCELERATE, child_env, cli, read_jsonl, values
+    from tests.test_recipe_distributed import read_jsonl, values
 
     shards = build_tiny_shards(tmp_path / "data", num_workers=2)
     out = tmp_path / "run"
     v = values(shards, out, num_workers=2, worker_speeds=[1.0, 1.0], group_sizes=[2, 1])
     v.update(budget_tokens=6000, group_parallelism=parallelism)
-    prepare(config_from_dict({**v, "mode": "simulate", "group_sizes": None}))  # the warm-start cache
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml")]
-    cmd += ["--num_processes", "3", "recipes/train.py", *cli(v)]
-    with open(tmp_path / "launch.log", "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=800)
-    assert proc.returncode == 0, (tmp_path / "launch.log").read_text()[-3000:]
+    launch_three_processes(v, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "budget_tokens" and summary["tokens"] >= 6000
     records = read_jsonl(out / "metrics.jsonl")
@@ -241,9 +249,8 @@ def test_a_group_sends_an_int8_delta_with_error_feedback_over_an_emulated_link(
     Groups [2, 1]: the leader is rank 0 (the server's in-process transport); [1, 2] with
     ``downlink: delta`` in int8: the leader is rank 1 (gloo to the server), it holds the replies'
     copy, and both ranks count each encoded change (under 0.3 of fp32) as the link does."""
-    from recipes.common import prepare
     from tests.conftest import build_tiny_shards
-    from tests.test_recipe_distributed import ACCELERATE, child_env, cli, read_jsonl, values
+    from tests.test_recipe_distributed import read_jsonl, values
 
     shards = build_tiny_shards(tmp_path / "data", num_workers=2)
     out = tmp_path / "run"
@@ -252,12 +259,7 @@ def test_a_group_sends_an_int8_delta_with_error_feedback_over_an_emulated_link(
     v.update(uplink_bandwidth=[5e7], downlink_bandwidth=[5e7], downlink=downlink)
     if downlink == "delta":
         v.update(downlink_codec="int8")
-    prepare(config_from_dict({**v, "mode": "simulate", "group_sizes": None}))  # the warm-start cache
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml")]
-    cmd += ["--num_processes", "3", "recipes/train.py", *cli(v)]
-    with open(tmp_path / "launch.log", "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT, timeout=800)
-    assert proc.returncode == 0, (tmp_path / "launch.log").read_text()[-3000:]
+    launch_three_processes(v, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "budget_tokens"
     first = 0 if group_sizes[0] == 2 else 1  # the group's leader

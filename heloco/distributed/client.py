@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -47,9 +47,6 @@ from heloco.transport import (
     ServerStopped,
     TransportError,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["DistributedTransport"]
 
