@@ -72,6 +72,7 @@ def heloco_step(
     momentum: float,
     weight: float | None,
     foreach: bool,
+    reference: list[Tensor] | None = None,
 ) -> None:
     """HeLoCo's update of one param group: Δ̂ = Δ corrected as ``plan`` says (corrected blocks
     written to ``correction_out``, ``grads`` then only read; with ``correction_out=None`` they are
@@ -79,11 +80,15 @@ def heloco_step(
 
         m ← μ·m + (1 − μ)·G
         θ ← θ − η·(G + μ·m)
+
+    ``reference`` is what the plan compared Δ with (Δ̂_b = s_b·Δ_b + r_b·reference_b); ``None``: the
+    momentum buffers, as in the paper.
     """
     updates = grads
     if plan is not None and plan.corrected:
+        ref = momentum_buffers if reference is None else reference
         with record_function("heloco.correction"):
-            updates = apply_correction(plan, grads, momentum_buffers, out=correction_out, foreach=foreach)
+            updates = apply_correction(plan, grads, ref, out=correction_out, foreach=foreach)
     impl = _multi_tensor_heloco if foreach else _single_tensor_heloco
     impl(params, updates, momentum_buffers, lr=lr, mu=momentum, weight=weight)
 

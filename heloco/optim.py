@@ -27,10 +27,17 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from heloco.correction import CorrectionHParams, CorrectionStats, validate_correction_hparams
 from heloco.functional import delayed_nesterov_step, heloco_step, plan_heloco_correction
-from heloco.presets import DELAYED_NESTEROV_DEFAULTS, HELOCO_DEFAULTS, HELOCO_PRESETS, HELOCO_VARIANTS
+from heloco.presets import (
+    CORRECTION_SUPPORTS,
+    DELAYED_NESTEROV_DEFAULTS,
+    HELOCO_DEFAULTS,
+    HELOCO_PRESETS,
+    HELOCO_VARIANTS,
+)
 from heloco.validation import check_number, is_int
 
 __all__ = [
+    "CORRECTION_SUPPORTS",
     "DELAYED_NESTEROV_DEFAULTS",
     "HELOCO_DEFAULTS",
     "HELOCO_PRESETS",
@@ -110,6 +117,12 @@ class HeLoCo(Optimizer):
         m ← μ·m + (1 − μ)·G
         θ ← θ − η·(G + μ·m)
 
+    ``correction_support="nonzero"`` (ours, for sparse codecs such as top-k) compares Δ with the
+    momentum only where Δ is non-zero, m_S = m·1[Δ ≠ 0], and corrects with it (Δ̂_b = s_b·Δ_b +
+    r_b·m_S,b), so the corrected Δ keeps Δ's support. With "all" (the paper) a Δ that is 99% zeros
+    has a cosine of at most ‖m_S‖/‖m‖ against m even where it agrees with m, so nearly every block is
+    reoriented, and the reorientation adds a dense piece of m. On a Δ without zeros the two agree.
+
     ``HeLoCo(params)`` is the authors' method with their values (``HELOCO_DEFAULTS``);
     ``HeLoCo.from_preset(params, "tiny_sweep")`` gives our swept values (``HELOCO_PRESETS``).
     ``p.grad`` is never modified: corrected blocks go to per-parameter scratch buffers that are
@@ -135,6 +148,7 @@ class HeLoCo(Optimizer):
         cos_bad: float = HELOCO_DEFAULTS["cos_bad"],
         weight_before_correction: bool = HELOCO_DEFAULTS["weight_before_correction"],
         variant: str = HELOCO_DEFAULTS["variant"],
+        correction_support: str = HELOCO_DEFAULTS["correction_support"],
         foreach: bool | None = None,
     ) -> None:
         defaults = {
@@ -151,11 +165,13 @@ class HeLoCo(Optimizer):
             "cos_bad": cos_bad,
             "weight_before_correction": weight_before_correction,
             "variant": variant,
+            "correction_support": correction_support,
             "foreach": foreach,
         }
         self._validate(defaults)
         self.last_stats: CorrectionStats | None = None
         self._scratch: dict[Tensor, Tensor] = {}
+        self._support_scratch: dict[Tensor, Tensor] = {}
         super().__init__(params, defaults)
 
     @classmethod
@@ -165,20 +181,42 @@ class HeLoCo(Optimizer):
             raise ValueError(f"preset must be one of {list(HELOCO_PRESETS)}, got {preset!r}")
         return cls(params, **{**HELOCO_PRESETS[preset], **overrides})
 
-    def _scratch_for(self, p: Tensor, grad: Tensor) -> Tensor:
-        """A reusable buffer for p's corrected pseudo-gradient (kept outside ``state``, so it is
-        neither checkpointed nor seen by code that reads the optimizer state)."""
-        buf = self._scratch.get(p)
-        if buf is None or buf.shape != grad.shape or buf.dtype != grad.dtype or buf.device != grad.device:
-            buf = torch.empty_like(grad, memory_format=torch.preserve_format)
-            self._scratch[p] = buf
+    @staticmethod
+    def _buffer_in(scratch: dict[Tensor, Tensor], p: Tensor, like: Tensor) -> Tensor:
+        """A reusable buffer shaped like ``like`` (kept outside ``state``, so it is neither
+        checkpointed nor seen by code that reads the optimizer state)."""
+        buf = scratch.get(p)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty_like(like, memory_format=torch.preserve_format)
+            scratch[p] = buf
         return buf
+
+    def _scratch_for(self, p: Tensor, grad: Tensor) -> Tensor:
+        """A reusable buffer for p's corrected pseudo-gradient."""
+        return self._buffer_in(self._scratch, p, grad)
+
+    def _reference(self, g: _Gathered) -> list[Tensor] | None:
+        """What the group's correction compares Δ with: ``None`` (the momentum itself) for
+        ``correction_support="all"``, else m_S = m·1[Δ ≠ 0] in reusable buffers."""
+        if g.group["correction_support"] == "all" or g.group["variant"] == "none":
+            return None
+        out = []
+        for p, d, m in zip(g.params, g.grads, g.momentum_buffers, strict=True):
+            buf = self._buffer_in(self._support_scratch, p, m)
+            torch.where(d != 0, m, torch.zeros((), dtype=m.dtype, device=m.device), out=buf)
+            out.append(buf)
+        return out
 
     @staticmethod
     def _validate(group: Mapping[str, Any]) -> None:
         check_number("lr", group["lr"], 0.0)
         check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         validate_correction_hparams(**_correction_kwargs(group), variants=HELOCO_VARIANTS)
+        if group["correction_support"] not in CORRECTION_SUPPORTS:
+            raise ValueError(
+                f"correction_support must be one of {list(CORRECTION_SUPPORTS)}, "
+                f"got {group['correction_support']!r}"
+            )
         for flag in ("correct_fresh", "weight_before_correction"):
             if not isinstance(group[flag], bool):
                 raise ValueError(f"{flag} must be True or False, got {group[flag]!r}")
@@ -196,6 +234,7 @@ class HeLoCo(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("last_stats", None)
         self.__dict__.setdefault("_scratch", {})
+        self.__dict__.setdefault("_support_scratch", {})
         for group in self.param_groups:
             for key, value in HELOCO_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -219,10 +258,11 @@ class HeLoCo(Optimizer):
 
         # Validate: gather and plan every group's correction (raises on NaN/Inf; nothing changes).
         gathered = [g for g in (_Gathered(self, group) for group in self.param_groups) if g.params]
+        references = [self._reference(g) for g in gathered]
         plans = [
             plan_heloco_correction(
                 g.grads,
-                g.momentum_buffers,
+                g.momentum_buffers if ref is None else ref,
                 CorrectionHParams(**_correction_kwargs(g.group)),
                 staleness=staleness,
                 weight=weight,
@@ -230,10 +270,10 @@ class HeLoCo(Optimizer):
                 weight_before_correction=g.group["weight_before_correction"],
                 foreach=g.foreach,
             )
-            for g in gathered
+            for g, ref in zip(gathered, references, strict=True)
         ]
         # Mutate: corrected blocks go to scratch buffers (p.grad is only read), then the update.
-        for g, plan in zip(gathered, plans, strict=True):
+        for g, plan, ref in zip(gathered, plans, references, strict=True):
             g.install()
             out = None
             if plan is not None and plan.corrected:
@@ -250,6 +290,7 @@ class HeLoCo(Optimizer):
                 momentum=g.group["momentum"],
                 weight=weight,
                 foreach=g.foreach,
+                reference=ref,
             )
         stats = [plan.stats for plan in plans if plan is not None]
         self.last_stats = CorrectionStats.concat(stats) if stats else None

@@ -10,12 +10,19 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["DELAYED_NESTEROV_DEFAULTS", "HELOCO_DEFAULTS", "HELOCO_PRESETS", "HELOCO_VARIANTS"]
+__all__ = [
+    "CORRECTION_SUPPORTS",
+    "DELAYED_NESTEROV_DEFAULTS",
+    "HELOCO_DEFAULTS",
+    "HELOCO_PRESETS",
+    "HELOCO_VARIANTS",
+]
 
 # The single place where HeLoCo's default hyperparameters live: the authors' reference values (their
 # "Table 3" in the experiment code of arXiv 2606.00271): c_ok 0.2, k_s 0.5, β_max 0.5, k_d 1, κ 3,
 # μ 0.9, η 0.7, the normalised reorientation schedule with cos_bad = −0.2, every arrival corrected,
-# and the arrival weight applied before the correction.
+# and the arrival weight applied before the correction. ``correction_support`` is ours: "all" (the
+# paper) compares Δ with the whole momentum; "nonzero" only where Δ is non-zero (for sparse codecs).
 HELOCO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         "lr": 0.7,
@@ -31,6 +38,7 @@ HELOCO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "cos_bad": -0.2,
         "weight_before_correction": True,
         "variant": "full",
+        "correction_support": "all",
     }
 )
 
@@ -58,6 +66,7 @@ HELOCO_PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     }
 )
 HELOCO_VARIANTS = ("full", "project", "none")
+CORRECTION_SUPPORTS = ("all", "nonzero")
 
 DELAYED_NESTEROV_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {"lr": 0.7, "momentum": 0.9, "buffer_size": 1, "activation": 0.0}

@@ -11,6 +11,7 @@ from typing import Any
 from heloco.aggregator import DISPATCHES
 from heloco.codecs import CODEC_NAMES, TOPK_SCOPES
 from heloco.correction import REORIENT_SCHEDULES
+from heloco.optim import CORRECTION_SUPPORTS
 from heloco.server_policies import DRIFT_NORMALIZATIONS
 from recipes.cli import ConfigError
 from recipes.config_fields import (
@@ -62,6 +63,8 @@ def _validate_choices(config: RecipeConfig) -> None:
         _one_of("dispatch", o.dispatch, DISPATCHES)
     if o.reorient_schedule is not None:
         _one_of("reorient_schedule", o.reorient_schedule, REORIENT_SCHEDULES)
+    if o.correction_support is not None:
+        _one_of("correction_support", o.correction_support, CORRECTION_SUPPORTS)
 
 
 def _validate_outer_knobs(config: RecipeConfig) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from heloco.aggregator import DISPATCHES
 from heloco.codecs import CODEC_NAMES
 from heloco.correction import REORIENT_SCHEDULES
+from heloco.optim import CORRECTION_SUPPORTS
 from heloco.server_policies import DRIFT_NORMALIZATIONS
 from recipes.inner_optimizer import INNER_OPTIMIZERS
 from recipes.method_specs import METHOD_SPECS, METHODS
@@ -123,6 +124,12 @@ class DiLoCoArguments:
     correct_fresh: bool | None = field(default=None, metadata={"help": "Also correct staleness-0 arrivals"})
     weight_before_correction: bool | None = field(
         default=None, metadata={"help": "ρ enters the correction (its confidence) instead of scaling after"}
+    )
+    correction_support: str | None = field(
+        default=None,
+        metadata={
+            "help": f"one of {', '.join(CORRECTION_SUPPORTS)}: where Δ meets the momentum (nonzero: ours)"
+        },
     )
     staleness_weighting: str = field(default="none", metadata={"help": f"one of {', '.join(WEIGHTINGS)}"})
     staleness_a: float = field(default=0.5)

@@ -52,6 +52,7 @@ CORRECTION_FIELDS = (
     "cos_bad",
     "correct_fresh",
     "weight_before_correction",
+    "correction_support",
 )
 
 
@@ -65,7 +66,7 @@ def fields_not_read(method: str) -> set[str]:
     if spec.variant == "none":
         unused |= set(CORRECTION_FIELDS)
     elif spec.variant == "project":  # always projects fully (β = 1) and never reorients
-        unused |= set(CORRECTION_FIELDS) - {"correct_fresh", "weight_before_correction"}
+        unused |= set(CORRECTION_FIELDS) - {"correct_fresh", "weight_before_correction", "correction_support"}
     return unused
 
 

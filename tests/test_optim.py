@@ -5,6 +5,8 @@ import io
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from heloco.optim import HELOCO_DEFAULTS, DelayedNesterov, HeLoCo
 
@@ -209,6 +211,71 @@ def test_heloco_weight_before_the_correction_enters_the_confidence_by_hand():
     assert opt.last_stats.betas == pytest.approx([6 / 11])
 
 
+@pytest.mark.parametrize(
+    ("support", "m2", "theta2"),
+    [
+        # m1 = [.5, .5, .5, .5], θ1 = [−1.25]*4. Δ2 = [0, 0, 0, −2] meets m_S = [0, 0, 0, .5]:
+        #   c = −1, conf = 1 (κ = 0), β = min(0.5·1·1, 0.5) = 0.5, Δ̂ = Δ2 − 0.5·(−1)·2·[0, 0, 0, 1]
+        #   = [0, 0, 0, −1]; m2 = 0.5·m1 + 0.5·Δ̂ = [.25, .25, .25, −.25]; θ2 = θ1 − (Δ̂ + 0.5·m2)
+        ("nonzero", t(0.25, 0.25, 0.25, -0.25), t(-1.375, -1.375, -1.375, -0.125)),
+        # the paper's: c = −1/(2·1) = −0.5, β = 0.25, Δ̂ = Δ2 + 0.25·0.5·2·m1/‖m1‖ = [.125, .125, .125, −1.875]
+        ("all", t(0.3125, 0.3125, 0.3125, -0.6875), t(-1.53125, -1.53125, -1.53125, 0.96875)),
+    ],
+)
+def test_heloco_correction_on_the_support_of_a_sparse_delta_by_hand(support, m2, theta2):
+    p = param(0, 0, 0, 0)
+    opt = HeLoCo(
+        [p], lr=1.0, momentum=0.5, kappa=0.0, shrink_strength=0.5, shrink_max=0.5, correction_support=support
+    )
+    push(opt, p, t(1, 1, 1, 1), staleness=0)
+    push(opt, p, t(0, 0, 0, -2), staleness=1)
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], m2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(p.data, theta2, rtol=1e-6, atol=1e-6)
+    assert opt.last_stats.blocks_shrunk == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    keep=st.floats(0.05, 0.95),
+    threshold=st.sampled_from([0.0, 0.2, 0.9]),
+)
+def test_heloco_nonzero_support_keeps_the_sparse_support_and_equals_all_on_a_dense_delta(
+    seed, keep, threshold
+):
+    """With correction_support="nonzero" the corrected Δ is zero wherever Δ is (weight 1: the
+    momentum then moves exactly to μ·m there); on a Δ without zeros it is the paper's correction."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5), (11,)]
+
+    def run(support: str, sparse: bool) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        opt = HeLoCo(params, keep_threshold=threshold, correction_support=support)
+        g = torch.Generator().manual_seed(seed)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step(staleness=0, weight=1.0)
+        before = [opt.state[p]["momentum_buffer"].clone() for p in params]
+        masks = []
+        for p in params:
+            d = torch.randn(p.shape, generator=g) - opt.state[p]["momentum_buffer"]
+            mask = (
+                torch.rand(p.shape, generator=g) < keep if sparse else torch.ones(p.shape, dtype=torch.bool)
+            )
+            p.grad = torch.where(mask, d, torch.zeros(()))
+            masks.append(mask)
+        opt.step(staleness=2, weight=1.0)
+        if sparse and support == "nonzero":
+            for p, m0, mask in zip(params, before, masks, strict=True):
+                assert torch.equal(opt.state[p]["momentum_buffer"][~mask], 0.9 * m0[~mask])
+        return [p.detach().clone() for p in params] + [opt.state[p]["momentum_buffer"] for p in params]
+
+    del gen
+    run("nonzero", sparse=True)
+    for a, b in zip(run("nonzero", sparse=False), run("all", sparse=False), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_heloco_corrects_a_fresh_arrival_by_default_by_hand():
     # The authors correct every arrival once m exists: staleness 0 gives the corrected θ2 above.
     theta, opt, _ = two_steps({"staleness": 0}, correct_fresh=True)
@@ -361,6 +428,10 @@ def test_state_dict_round_trip_continues_identically(opt_cls, kw):
         ({"kappa": -1.0}, "kappa must be"),
         ({"eps": -1.0}, "eps must be"),
         ({"variant": "pcgrad"}, r"variant must be one of \['full', 'project', 'none'\]"),
+        (
+            {"correction_support": "sparse"},
+            r"correction_support must be one of \['all', 'nonzero'\], got 'sparse'",
+        ),
         ({"correct_fresh": "yes"}, "correct_fresh must be True or False"),
         ({"foreach": 1}, "foreach must be None, True or False"),
     ],

@@ -84,6 +84,17 @@ def test_ablation_overrides_and_our_preset():
         config_from_dict(values(method="heloco", dispatch="ahead"))
     with pytest.raises(ValueError, match="reorient_schedule must be one of"):
         config_from_dict(values(method="heloco", reorient_schedule="linear"))
+    # ours: the correction meets the momentum only where Δ is non-zero (for sparse codecs)
+    support = config_from_dict(values(method="heloco", correction_support="nonzero"))
+    assert (
+        build_aggregator(support, [torch.zeros(2)]).outer_optimizer.defaults["correction_support"]
+        == "nonzero"
+    )
+    assert "correction_support" not in fields_not_read("heloco") and "correction_support" in fields_not_read(
+        "mla"
+    )
+    with pytest.raises(ValueError, match="correction_support must be one of all, nonzero; got 'sparse'"):
+        config_from_dict(values(method="heloco", correction_support="sparse"))
 
 
 def test_worker_cosine_by_hand():
