@@ -174,23 +174,15 @@ def _validate_network(config: RecipeConfig) -> None:
 def _validate_distributed_network(config: RecipeConfig) -> None:
     """Distributed mode takes the codec (encoded Δ on the gloo wire), ``downlink: delta`` (encoded
     replies on the wire), overlap (a background exchange) and the link fields (an emulated slow
-    link: each message sleeps latency + bytes / bandwidth); all but overlap also on workers that are
-    groups of processes (the leader encodes, holds the replies' copy and sleeps for the link);
+    link: each message sleeps latency + bytes / bandwidth); all of them also on workers that are
+    groups of processes (the leader encodes, holds the replies' copy, sleeps for the link and, with
+    overlap, makes its server call on a background thread);
     server_step_time stays simulate-only (the real server takes its real time)."""
     o = config.diloco
     if o.server_step_time != 0.0:
         raise ConfigError(
             f"server_step_time={o.server_step_time} is a simulate-mode option (the real server takes its "
             "real time); leave it at 0 for mode=distributed"
-        )
-    grouped = o.group_sizes is not None and any(p != 1 for p in o.group_sizes)
-    if grouped and o.overlap:
-        raise ConfigError(
-            f"overlap: in mode=distributed it needs one process per worker; group_sizes={o.group_sizes} "
-            "makes workers of several processes, whose leader would broadcast each answer to its group "
-            "from a background thread beside DDP's/FSDP's collectives on the same group (unset "
-            "group_sizes or overlap; the codecs, error_feedback, downlink: delta and the link fields "
-            "work with groups)"
         )
 
 

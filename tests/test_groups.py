@@ -10,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from heloco.codecs import ErrorFeedback, make_codec
 from recipes.config import config_from_dict
 from recipes.data import TokenStream
 from recipes.distributed.checks import check_world_size
+from recipes.distributed.group_exchange import GroupExchange
 from recipes.distributed.groups import GroupLayout, GroupSlice, GroupTransport
 from tests.conftest import free_port
 
@@ -232,23 +235,27 @@ def test_an_async_run_with_groups_2_1_completes_its_budget(parallelism, tmp_path
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(
-    ("parallelism", "group_sizes", "downlink"),
+    ("parallelism", "group_sizes", "downlink", "overlap"),
     [
-        ("ddp", [2, 1], "params"),
-        ("fsdp", [2, 1], "params"),
-        ("ddp", [1, 2], "delta"),
-        ("fsdp", [1, 2], "delta"),
+        ("ddp", [2, 1], "params", False),
+        ("fsdp", [2, 1], "params", False),
+        ("ddp", [1, 2], "delta", False),
+        ("fsdp", [1, 2], "delta", False),
+        ("ddp", [2, 1], "params", True),
+        ("fsdp", [1, 2], "delta", True),
     ],
 )
 def test_a_group_sends_an_int8_delta_with_error_feedback_over_an_emulated_link(
-    parallelism, group_sizes, downlink, tmp_path
+    parallelism, group_sizes, downlink, overlap, tmp_path
 ):
     """A group of 2 with uplink_codec int8 + error feedback and an emulated link: the run completes
     its budget and its loss falls; the group's leader logs each Δ at its encoded size (under 0.3 of
     fp32), its other rank logs the same rounds and sizes, and the leader's link slept for the bytes.
     Groups [2, 1]: the leader is rank 0 (the server's in-process transport); [1, 2] with
     ``downlink: delta`` in int8: the leader is rank 1 (gloo to the server), it holds the replies'
-    copy, and both ranks count each encoded change (under 0.3 of fp32) as the link does."""
+    copy, and both ranks count each encoded change (under 0.3 of fp32) as the link does. With
+    ``overlap`` the same holds while the leader's server call runs on a background thread
+    (recipes/distributed/group_exchange.py) and both ranks log the same rounds."""
     from tests.conftest import build_tiny_shards
     from tests.test_recipe_distributed import read_jsonl, values
 
@@ -256,7 +263,7 @@ def test_a_group_sends_an_int8_delta_with_error_feedback_over_an_emulated_link(
     out = tmp_path / "run"
     v = values(shards, out, num_workers=2, worker_speeds=[1.0, 1.0], group_sizes=group_sizes)
     v.update(budget_tokens=6000, group_parallelism=parallelism, uplink_codec="int8", error_feedback=True)
-    v.update(uplink_bandwidth=[5e7], downlink_bandwidth=[5e7], downlink=downlink)
+    v.update(uplink_bandwidth=[5e7], downlink_bandwidth=[5e7], downlink=downlink, overlap=overlap)
     if downlink == "delta":
         v.update(downlink_codec="int8")
     launch_three_processes(v, tmp_path)
@@ -266,6 +273,7 @@ def test_a_group_sends_an_int8_delta_with_error_feedback_over_an_emulated_link(
     ranks = [read_jsonl(out / f"metrics-rank{r}.jsonl") for r in range(3)]
     leader, member = ([x for x in rank if x["event"] == "arrival"] for rank in ranks[first : first + 2])
     assert leader and [x["uplink_bytes"] for x in leader] == [x["uplink_bytes"] for x in member]
+    assert [x["version"] for x in leader] == [x["version"] for x in member]
     assert [x["downlink_bytes"] for x in leader] == [x["downlink_bytes"] for x in member]
     end = next(x for x in ranks[first] if x["event"] == "end")
     fp32 = end["downlink_bytes"] - sum(x["downlink_bytes"] for x in leader)  # the first pull: in full
@@ -275,7 +283,7 @@ def test_a_group_sends_an_int8_delta_with_error_feedback_over_an_emulated_link(
         assert all(0 < x["downlink_bytes"] < 0.3 * fp32 for x in leader)
     assert end["link_downlink_bytes"] == end["downlink_bytes"]
     assert all(0 < x["uplink_bytes"] < 0.3 * fp32 for x in leader)
-    assert end["uplink_codec"] == "int8" and end["link_sleep_s"] > 0
+    assert end["uplink_codec"] == "int8" and end["link_sleep_s"] > 0 and end["overlap"] is overlap
     logged, largest = sum(x["uplink_bytes"] for x in leader), max(x["uplink_bytes"] for x in leader)
     assert logged <= end["link_uplink_bytes"] <= logged + largest  # + the round the stop cut off
     member_end = next(x for x in ranks[first + 1] if x["event"] == "end")
@@ -456,9 +464,11 @@ class RecordingTransport:
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.params = params
         self.messages: list[Any] = []
+        self.threads: list[threading.Thread] = []
 
     def submit_encoded(self, worker_id: int, message: Any, base_version: int) -> Update:
         self.messages.append((worker_id, message, base_version))
+        self.threads.append(threading.current_thread())
         return Update(params=self.params, version=base_version + 1)
 
     def reply_nbytes(self, worker_id: int) -> int:
@@ -500,6 +510,40 @@ def test_a_group_leader_encodes_the_delta_and_keeps_the_residual():
         with pytest.raises(ValueError):
             group.submit(3, bad, base_version=9)
         assert len(inner.messages) == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_overlapped_group_encodes_on_its_thread_and_only_the_server_call_goes_to_the_background():
+    """GroupExchange on a group's leader (one-rank gloo group, int8 + error feedback): ``start``
+    encodes at once on the worker's thread (the residual has moved before the reply is waited for)
+    and makes the server call on another thread; ``wait`` relays the answer and its encoded size.
+    A non-finite Δ is refused by ``wait`` (as the group's broadcast would tell every rank), unsent."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        params = [torch.zeros(64, 8), torch.zeros(300)]
+        inner = RecordingTransport([p + 1 for p in params])
+        encoder = ErrorFeedback(make_codec("int8", block=64))
+        group = GroupTransport(inner, dist.group.WORLD, 0, True, params, encoder=encoder)
+        marks: list[str] = []
+        worker = SimpleNamespace(worker_id=2, overlap=True, mark_in_flight=lambda: marks.append("in flight"))
+        exchange = GroupExchange(worker, group)
+        delta = [torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) for p in params]
+        exchange.start(SimpleNamespace(pseudo_grads=delta, base_version=4))
+        assert exchange.pending and marks == ["in flight"]
+        assert all(e.abs().max() > 0 for e in encoder.residuals)  # encoded before the wait
+        with pytest.raises(RuntimeError, match="already in flight"):
+            exchange.start(SimpleNamespace(pseudo_grads=delta, base_version=5))
+        update = exchange.wait()
+        assert update.version == 5 and not exchange.pending and exchange.exchanges == 1
+        assert inner.threads[0] is not threading.current_thread()
+        assert group.uplink_nbytes == inner.messages[0][1].nbytes
+        bad = [delta[0].clone(), delta[1].clone()]
+        bad[0][0, 0] = float("inf")
+        exchange.start(SimpleNamespace(pseudo_grads=bad, base_version=5))
+        with pytest.raises(ValueError):
+            exchange.wait()
+        assert len(inner.messages) == 1 and not exchange.pending
     finally:
         dist.destroy_process_group()
 

@@ -156,21 +156,6 @@ def test_codec_in_the_loop_charges_its_bytes_and_resumes_bit_for_bit(codec, down
         ({"int8_block": 0}, r"int8_block must be an integer in \[1, 2\*\*24\]"),
         ({"error_feedback_decay": 1.5}, r"error_feedback_decay must be in \(0, 1\]"),
         ({"mode": "distributed", "server_step_time": 0.5}, "server_step_time=0.5 is a simulate-mode option"),
-        (
-            {"mode": "distributed", "overlap": True, "group_sizes": [2, 1, 1]},
-            r"overlap: in mode=distributed it needs one process per worker; group_sizes=\[2, 1, 1\] .* "
-            "beside DDP's/FSDP's collectives",
-        ),
-        (
-            {
-                "mode": "distributed",
-                "uplink_bandwidth": [1e6],
-                "error_feedback": True,
-                "overlap": True,
-                "group_sizes": [1, 1, 2],
-            },
-            r"^overlap: in mode=distributed it needs one process per worker; group_sizes=\[1, 1, 2\]",
-        ),
     ],
 )
 def test_bad_network_config_is_refused(overrides, match, tiny_shards, tmp_path):
@@ -192,10 +177,10 @@ def test_distributed_mode_takes_the_codec_overlap_and_link_fields(tiny_shards, t
     assert config.diloco.downlink == "delta"
 
 
-def test_groups_take_the_codec_error_feedback_delta_replies_and_link_fields(tiny_shards, tmp_path):
-    """A worker of several processes: its leader encodes Δ, holds the replies' copy and sleeps for
-    the link (recipes/distributed/groups.py), so these are accepted with group_sizes; overlap is not
-    (test_bad_network_config_is_refused)."""
+def test_groups_take_the_codec_error_feedback_delta_replies_link_and_overlap(tiny_shards, tmp_path):
+    """A worker of several processes: its leader encodes Δ, holds the replies' copy, sleeps for the
+    link and makes its server call on a background thread (recipes/distributed/groups.py,
+    group_exchange.py), so all of these are accepted with group_sizes."""
     values = {
         "uplink_codec": "topk",
         "error_feedback": True,
@@ -208,6 +193,9 @@ def test_groups_take_the_codec_error_feedback_delta_replies_and_link_fields(tiny
     values = {"downlink": "delta", "downlink_codec": "int8", "group_sizes": [1, 2, 1]}
     config = config_from_dict(base_values(tiny_shards, tmp_path / "x", mode="distributed", **values))
     assert config.diloco.downlink == "delta" and config.diloco.group_sizes == [1, 2, 1]
+    values = {"overlap": True, "uplink_codec": "int8", "error_feedback": True, "group_sizes": [1, 1, 2]}
+    config = config_from_dict(base_values(tiny_shards, tmp_path / "x", mode="distributed", **values))
+    assert config.diloco.overlap and config.diloco.group_sizes == [1, 1, 2]
 
 
 def test_slow_link_yaml_says_its_arithmetic():

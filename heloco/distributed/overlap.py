@@ -32,6 +32,7 @@ It is a daemon thread, so a worker that ends by an exception is not kept alive b
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
@@ -62,8 +63,10 @@ class BackgroundExchange:
     def pending(self) -> bool:
         return self._future is not None
 
-    def start(self, outgoing: Outgoing) -> None:
-        """Send ``outgoing`` and wait for its reply on a background thread."""
+    def start(self, outgoing: Outgoing, call: Callable[[], Update] | None = None) -> None:
+        """Send ``outgoing`` and wait for its reply on a background thread. ``call`` replaces
+        ``worker.transmit(outgoing)`` as what the thread runs (a group's leader: its server call
+        alone, the group's collectives staying on the worker's thread); the same rule applies to it."""
         if self._future is not None:
             raise RuntimeError("an exchange is already in flight; wait() for it first")
         self.worker.mark_in_flight()
@@ -71,7 +74,7 @@ class BackgroundExchange:
         future.set_running_or_notify_cancel()
         thread = threading.Thread(
             target=self._run,
-            args=(outgoing, future),
+            args=(call or (lambda: self.worker.transmit(outgoing)), future),
             name=f"heloco-exchange-w{self.worker.worker_id}",
             daemon=True,
         )
@@ -79,9 +82,10 @@ class BackgroundExchange:
         self.exchanges += 1
         thread.start()
 
-    def _run(self, outgoing: Outgoing, future: Future[Update]) -> None:
+    @staticmethod
+    def _run(call: Callable[[], Update], future: Future[Update]) -> None:
         try:
-            update = self.worker.transmit(outgoing)
+            update = call()
         except BaseException as e:  # surfaces in wait(), on the worker's thread
             future.set_exception(e)
         else:

@@ -15,6 +15,7 @@ so a group of P on the global batch computes what one process computes on it.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,25 +191,46 @@ class GroupTransport:
         ]
 
     def dispatch(self, worker_id: int) -> Update:
+        self.uplink_nbytes = None
         return self.relay(worker_id, lambda: self.inner.dispatch(worker_id))
 
     def submit(self, worker_id: int, pseudo_grads: Any, base_version: int) -> Update:
+        return self.relay(worker_id, self.prepare_submit(worker_id, pseudo_grads, base_version))
+
+    def prepare_submit(
+        self, worker_id: int, pseudo_grads: Any, base_version: int
+    ) -> Callable[[], Update] | None:
+        """The part of a submission done at the round's end on every rank's own thread: under FSDP
+        the group's gather of the full Δ (a collective), and on the leader the encoding (which moves
+        the error-feedback residual on). Returns the leader's server call, which touches no
+        collective of the group (None on the other ranks): ``submit`` runs it at once, an overlapped
+        group (``GroupExchange``) on a background thread."""
         if self.sharded:  # FSDP: the group gathers the full Δ on every rank (one collective each)
             pseudo_grads = [d.full_tensor() for d in pseudo_grads]
         if not self.is_leader:  # its Δ equals the leader's (DDP) or was gathered by it (FSDP)
-            return self.relay(worker_id, None)
+            return None
+        self.uplink_nbytes = None  # set by an encoded submission
         if self.encoder is None:
-            return self.relay(worker_id, lambda: self.inner.submit(worker_id, pseudo_grads, base_version))
-        return self.relay(worker_id, lambda: self.submit_encoded(worker_id, pseudo_grads, base_version))
+            return lambda: self.inner.submit(worker_id, pseudo_grads, base_version)
+        try:
+            message = self.encode(pseudo_grads)
+        except ValueError as refused:  # raised by the call, so that the relay tells the whole group
+            error = refused
 
-    def submit_encoded(self, worker_id: int, deltas: Any, base_version: int) -> Update:
-        """The leader's encoded submission: Δ on the CPU (where codecs work), encoded into the inner
+            def refuse() -> Update:
+                raise error
+
+            return refuse
+        return lambda: self.inner.submit_encoded(worker_id, message, base_version)
+
+    def encode(self, deltas: Any) -> Any:
+        """The leader's message: Δ on the CPU (where codecs work), encoded into the inner
         transport's send buffer when it offers one, as ``DiLoCoWorker.outgoing`` does."""
         deltas = [d.detach().to("cpu") for d in deltas]
         wire = getattr(self.inner, "encoded_buffer", None)
         message = self.encoder.encode(deltas, out=wire()) if callable(wire) else self.encoder.encode(deltas)
         self.uplink_nbytes = int(message.nbytes)
-        return self.inner.submit_encoded(worker_id, message, base_version)
+        return message
 
     @property
     def link(self) -> Any:
@@ -227,11 +249,12 @@ class GroupTransport:
         if self.is_leader:
             self.inner.leave(worker_id) if worker_id is not None else self.inner.leave()
 
-    def relay(self, worker_id: int, call: Any) -> Update:
+    def relay(self, worker_id: int, call: Callable[[], Update] | None) -> Update:
+        """The leader's ``call`` (the server call, or waiting for it), its answer or error broadcast
+        to the group; every rank returns the same ``Update`` or raises the same error."""
         header: list[Any] = [None]
         update = None
         if self.is_leader:
-            self.uplink_nbytes = None  # set by an encoded submission
             try:
                 update = call()
                 measured = getattr(self.inner, "reply_nbytes", None)

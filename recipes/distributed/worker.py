@@ -19,6 +19,7 @@ from heloco.distributed.link import EmulatedLink, reply_payload_nbytes, wire_ite
 from heloco.distributed.overlap import BackgroundExchange
 from heloco.transport import QuorumUnreachable, ServerStopped
 from recipes.config import RecipeConfig
+from recipes.distributed.group_exchange import GroupExchange
 from recipes.distributed.groups import GroupTransport
 from recipes.distributed.network import worker_encoder
 from recipes.distributed.pacing import emulate_slowdown, synchronize
@@ -163,7 +164,9 @@ def train_worker(
     checkpoints.encoder = encoder  # its error-feedback residual goes into the worker's state
     if resumed is not None:
         resumed.restore_encoder(encoder)
-    exchange = BackgroundExchange(worker) if o.overlap else None
+    exchange = None
+    if o.overlap:  # a group's: only its leader's server call goes to the background thread
+        exchange = GroupExchange(worker, transport) if grouped else BackgroundExchange(worker)
     in_flight: tuple[Any, int, WorkerState | None] | None = None  # overlap: the round being exchanged
     tokens_per_step = loop.stream.tokens_per_batch
     global_tokens = 0.0
@@ -190,8 +193,11 @@ def train_worker(
         return own_gate is not None and own_gate.closed.is_set()
 
     def arrived(update: Any, result: Any, nbytes: int, state: WorkerState | None) -> bool:
-        """A submission was answered: count it, keep its state, log it; whether the run is over."""
+        """A submission was answered: count it, keep its state, log it; whether the run is over.
+        ``nbytes``: Δ's size as the worker made it; a group's leader's encoded size replaces it."""
         nonlocal rounds, global_tokens, uplink_bytes
+        if grouped and transport.uplink_nbytes is not None:  # relayed with the answer
+            nbytes = transport.uplink_nbytes
         rounds += 1
         uplink_bytes += nbytes
         reply_nbytes = received(update)
@@ -246,9 +252,9 @@ def train_worker(
             try:
                 with timer.blocked():
                     outgoing = worker.outgoing()
-                    if exchange is not None:
-                        state = checkpoints.snapshot(loop.local_step, loop.optimizer, loop.stream)
+                    if exchange is not None:  # the state is taken after the encoding (its residual)
                         exchange.start(outgoing)
+                        state = checkpoints.snapshot(loop.local_step, loop.optimizer, loop.stream)
                         in_flight = (result, outgoing.nbytes, state)
                         continue
                     update = worker.send(outgoing)
@@ -257,8 +263,7 @@ def train_worker(
                 skip_refused_round(worker, rank_log, rank, rounds, refused)
                 rejected += 1
                 continue
-            sent = transport.uplink_nbytes if grouped else None  # a group's: the leader's encoded size
-            if arrived(update, result, outgoing.nbytes if sent is None else sent, None):
+            if arrived(update, result, outgoing.nbytes, None):
                 reason = "budget_tokens"
                 break
     except (ServerStopped, QuorumUnreachable, TimeoutError) as e:  # the round in flight is lost
