@@ -195,10 +195,15 @@ class HeLoCo(Optimizer):
         """A reusable buffer for p's corrected pseudo-gradient."""
         return self._buffer_in(self._scratch, p, grad)
 
-    def _reference(self, g: _Gathered) -> list[Tensor] | None:
+    def _reference(self, g: _Gathered, staleness: int | None) -> list[Tensor] | None:
         """What the group's correction compares Δ with: ``None`` (the momentum itself) for
-        ``correction_support="all"``, else m_S = m·1[Δ ≠ 0] in reusable buffers."""
-        if g.group["correction_support"] == "all" or g.group["variant"] == "none":
+        ``correction_support="all"`` or a step that corrects nothing, else m_S = m·1[Δ ≠ 0] in
+        reusable buffers (one more momentum-sized buffer, kept only with "nonzero")."""
+        group = g.group
+        corrects = group["variant"] != "none" and (
+            staleness is None or staleness > 0 or group["correct_fresh"]
+        )
+        if group["correction_support"] == "all" or not corrects:
             return None
         out = []
         for p, d, m in zip(g.params, g.grads, g.momentum_buffers, strict=True):
@@ -258,7 +263,7 @@ class HeLoCo(Optimizer):
 
         # Validate: gather and plan every group's correction (raises on NaN/Inf; nothing changes).
         gathered = [g for g in (_Gathered(self, group) for group in self.param_groups) if g.params]
-        references = [self._reference(g) for g in gathered]
+        references = [self._reference(g, staleness) for g in gathered]
         plans = [
             plan_heloco_correction(
                 g.grads,

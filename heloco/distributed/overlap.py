@@ -10,7 +10,9 @@ reply to round k is merged at the end of round k+1, ``θ ← θ_reply + (θ_now 
 
 Thread safety, by ownership:
 
-- the background thread runs ``DiLoCoWorker.transmit(outgoing)`` only: it reads the message (an
+- the background thread runs ``DiLoCoWorker.transmit(outgoing)`` only (or the ``call`` given to
+  ``start`` in its place, bound by the same rule: a group's leader passes its server call, its
+  message already encoded): it reads the message (an
   encoded payload already in the transport's send buffer, or Δ's buffers, which the worker does not
   write again before the next round's end), uses the transport (its gloo pair group and buffers;
   ``DistributedTransport`` talks to the server over a two-member group of its own, so no other

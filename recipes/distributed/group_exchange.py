@@ -39,6 +39,7 @@ class GroupExchange:
 
     @property
     def pending(self) -> bool:
+        """An exchange was started and not yet waited for (on every rank of the group alike)."""
         return self.background.pending or self._member_pending
 
     def start(self, outgoing: Outgoing) -> None:

@@ -214,7 +214,7 @@ class GroupTransport:
             return lambda: self.inner.submit(worker_id, pseudo_grads, base_version)
         try:
             message = self.encode(pseudo_grads)
-        except ValueError as refused:  # raised by the call, so that the relay tells the whole group
+        except Exception as refused:  # raised by the call, so that the relay tells the whole group
             error = refused
 
             def refuse() -> Update:
@@ -251,7 +251,8 @@ class GroupTransport:
 
     def relay(self, worker_id: int, call: Callable[[], Update] | None) -> Update:
         """The leader's ``call`` (the server call, or waiting for it), its answer or error broadcast
-        to the group; every rank returns the same ``Update`` or raises the same error."""
+        to the group; every rank returns the same ``Update`` or raises the same error (an error of a
+        kind not in ``_ERRORS`` as ``TransportError`` on the other ranks, the original on the leader)."""
         header: list[Any] = [None]
         update = None
         if self.is_leader:
@@ -263,7 +264,7 @@ class GroupTransport:
                     "reply_nbytes": int(measured(worker_id)) if callable(measured) else None,
                 }
                 header[0] = ("ok", {**self.describe(update), **sizes})
-            except tuple(_ERRORS.values()) as e:
+            except Exception as e:  # any error reaches the group (others as TransportError), or it would hang
                 header[0] = (
                     "error",
                     type(e).__name__ if type(e).__name__ in _ERRORS else "TransportError",

@@ -254,6 +254,7 @@ def train_worker(
                     outgoing = worker.outgoing()
                     if exchange is not None:  # the state is taken after the encoding (its residual)
                         exchange.start(outgoing)
+                        in_flight = (result, outgoing.nbytes, None)
                         state = checkpoints.snapshot(loop.local_step, loop.optimizer, loop.stream)
                         in_flight = (result, outgoing.nbytes, state)
                         continue
