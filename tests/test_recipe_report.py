@@ -16,6 +16,7 @@ from recipes.analysis.report import (
     grid_table,
     paired_improvement,
     slow_worker_table,
+    sweep_table,
 )
 from recipes.cli import UserError
 
@@ -31,6 +32,19 @@ def fake_run(compare_dir: Path, label: str, seed: int, final: float, at_time: fl
     ]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (run / "summary.json").write_text(json.dumps({"config": {"eval_times": [wallclock]}}))
+
+
+def test_sweep_table_reads_name_at_lr_labels_and_a_plain_label_s_own_lr(tmp_path):
+    """``name@lr`` labels give (method, η); a plain label is its method at the η its runs used, so a
+    ladder can sit beside the default runs it is compared with; the best η per method is bold."""
+    for label, final in (("topk@1.4", 8.5), ("topk@2.8", 8.3), ("mla", 7.8)):
+        fake_run(tmp_path, label, 100, final, final)
+    summary = tmp_path / "runs" / "mla-seed100" / "summary.json"
+    summary.write_text(json.dumps({"outer_lr": 0.7, "config": {"eval_times": [50.0]}}))
+    table = sweep_table(tmp_path, tmp_path / "out")
+    assert "| topk | — | 8.5000 | **8.3000** | 2.8 |" in table
+    assert "| mla | **7.8000** | — | — | 0.7 |" in table
+    assert (tmp_path / "out" / "lr_sweep.png").exists()
 
 
 def test_cell_losses_reads_the_final_and_the_wallclock_evaluation(tmp_path):

@@ -13,6 +13,7 @@ Labels of the form ``name@lr`` are read as (method, outer lr).
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,12 +35,21 @@ from recipes.analysis.plots import (
 from recipes.cli import UserError, run_cli
 
 
+def run_outer_lr(run_dir: Path) -> float:
+    """The outer learning rate a finished run used (its summary's effective value)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return float(summary.get("outer_lr", summary["config"].get("outer_lr")))
+
+
 def sweep_table(compare_dir: Path, out_dir: Path) -> str:
-    """Final mean validation loss for every (method, lr), best per method in bold, and a heat map."""
+    """Final mean validation loss for every (method, lr), best per method in bold, and a heat map. A
+    label ``name@lr`` gives both; a plain label is the method at the outer lr its runs used."""
     runs = finished_runs(compare_dir)
     losses: dict[str, dict[float, float]] = defaultdict(dict)
     for label, seeds in runs.items():
-        method, lr = label.rsplit("@", 1)
+        method, lr = (
+            label.rsplit("@", 1) if "@" in label else (label, run_outer_lr(next(iter(seeds.values()))))
+        )
         losses[method][float(lr)] = float(
             np.mean([final_eval(read_evals(p))["val_loss/mean"] for p in seeds.values()])
         )
