@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from data_prep.config import CONFIG_DIR, BuildConfig, load_config, parse_args
@@ -210,17 +211,22 @@ def ensure_sample_shards(out_dir: str | Path, **overrides: Any) -> Path:
     """
     config = load_config(SAMPLE_CONFIG, **{**overrides, "output_dir": str(out_dir)})
     out = Path(out_dir).expanduser()
-    if (out / "metadata.json").is_file() and not config.overwrite:
-        built = read_metadata(out).get("build_config", {})
-        wanted = config.data_fields()
-        diff = {k: (built.get(k), v) for k, v in wanted.items() if built.get(k) != v}
-        if diff:
-            details = ", ".join(f"{k}: built {a!r}, requested {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise ConfigError(
-                f"shards at {str(out)!r} were built with other parameters ({details}); pass overwrite=True"
-            )
-        return out
-    return build_shards(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Runs started together build once: the others wait here, then find the shards.
+    with FileLock(out.parent / f".{out.name}.lock"):
+        if (out / "metadata.json").is_file() and not config.overwrite:
+            built = read_metadata(out).get("build_config", {})
+            wanted = config.data_fields()
+            diff = {k: (built.get(k), v) for k, v in wanted.items() if built.get(k) != v}
+            if diff:
+                details = ", ".join(
+                    f"{k}: built {a!r}, requested {b!r}" for k, (a, b) in sorted(diff.items())
+                )
+                raise ConfigError(
+                    f"shards at {str(out)!r} were built with other parameters ({details}); pass overwrite=True"
+                )
+            return out
+        return build_shards(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from data_prep.clean import ParagraphFilter, dedup_key, normalize_paragraph
@@ -134,43 +135,58 @@ def build_sample_corpus(
         "filter": asdict(paragraph_filter),
         "max_document_chars": max_document_chars,
     }
-    manifest_path = corpus_dir / "manifest.json"
-    files = corpus_files(corpus_dir, languages)
-    if not force and manifest_path.is_file() and all(f.is_file() for f in files.values()):
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("params") == params:
-            return {lang: LanguageStats(**manifest["stats"][lang]) for lang in languages}
-
     cache_dir = Path(cache_dir or default_cache_dir()).expanduser()
-    needed = sorted({name for names in packages.values() for name in names})
-    debs = download_packages(needed, cache_dir, apt_update=apt_update)
-    roots = {name: extract_package(debs[name], cache_dir / "extracted") for name in needed}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Runs started together (compare.py lanes) share the cache: one builds, the others wait, then reuse.
+    with FileLock(cache_dir / ".build.lock"):
+        manifest_path = corpus_dir / "manifest.json"
+        files = corpus_files(corpus_dir, languages)
+        if not force and manifest_path.is_file() and all(f.is_file() for f in files.values()):
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("params") == params:
+                return {lang: LanguageStats(**manifest["stats"][lang]) for lang in languages}
 
-    seen: set[bytes] = set()
-    stats = {lang: LanguageStats() for lang in languages}
-    files[languages[0]].parent.mkdir(parents=True, exist_ok=True)
-    for lang in languages:
-        sources = [(name, roots[name], *_package_files(name, roots[name], lang)) for name in packages[lang]]
-        bar = tqdm(total=sum(len(paths) for *_, paths in sources), desc=f"sample corpus {lang}", unit="file")
-        tmp = files[lang].with_suffix(".tmp")
-        # mtime=0 keeps the gzip bytes identical across rebuilds.
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-            for name, root, kind, paths in sources:
-                for path in paths:
-                    for doc in _file_documents(
-                        name, root, path, kind, lang, paragraph_filter, seen, stats[lang], max_document_chars
-                    ):
-                        gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
-                        stats[lang].documents += 1
-                        stats[lang].bytes += len(doc["text"].encode())
-                    bar.update()
-        bar.close()
-        os.replace(tmp, files[lang])
-    manifest = {"params": params, "stats": {lang: asdict(s) for lang, s in stats.items()}}
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
-    return stats
+        needed = sorted({name for names in packages.values() for name in names})
+        debs = download_packages(needed, cache_dir, apt_update=apt_update)
+        roots = {name: extract_package(debs[name], cache_dir / "extracted") for name in needed}
+
+        seen: set[bytes] = set()
+        stats = {lang: LanguageStats() for lang in languages}
+        files[languages[0]].parent.mkdir(parents=True, exist_ok=True)
+        for lang in languages:
+            sources = [
+                (name, roots[name], *_package_files(name, roots[name], lang)) for name in packages[lang]
+            ]
+            bar = tqdm(
+                total=sum(len(paths) for *_, paths in sources), desc=f"sample corpus {lang}", unit="file"
+            )
+            tmp = files[lang].with_suffix(".tmp")
+            # mtime=0 keeps the gzip bytes identical across rebuilds.
+            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+                for name, root, kind, paths in sources:
+                    for path in paths:
+                        for doc in _file_documents(
+                            name,
+                            root,
+                            path,
+                            kind,
+                            lang,
+                            paragraph_filter,
+                            seen,
+                            stats[lang],
+                            max_document_chars,
+                        ):
+                            gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
+                            stats[lang].documents += 1
+                            stats[lang].bytes += len(doc["text"].encode())
+                        bar.update()
+            bar.close()
+            os.replace(tmp, files[lang])
+        manifest = {"params": params, "stats": {lang: asdict(s) for lang, s in stats.items()}}
+        tmp = manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, manifest_path)
+        return stats
 
 
 def format_stats(stats: Mapping[str, LanguageStats]) -> str:

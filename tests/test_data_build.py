@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +275,26 @@ def test_ensure_sample_shards_builds_once(corpus, tmp_path, monkeypatch):
         ValueError, match=r"built with other parameters \(num_workers: built 3, requested 4\)"
     ):
         ensure_sample_shards(tmp_path / "demo", **(overrides | {"num_workers": 4}))
+
+
+def test_ensure_sample_shards_started_together_builds_once(corpus, tmp_path, monkeypatch):
+    """Two compare.py lanes launched at once used to build into the same folder and crash."""
+    overrides = {"source": "local", "local_path": str(corpus), "languages": LANGS, "vocab_size": 300}
+    overrides |= {"seq_len": 32, "num_workers": 3, "validation_fraction": 0.1}
+    builds = []
+    real_build = build_module.build_shards
+
+    def counted_build(config):
+        builds.append(config.output_dir)
+        time.sleep(0.2)  # a slow build: the other caller arrives while it runs
+        return real_build(config)
+
+    monkeypatch.setattr(build_module, "build_shards", counted_build)
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: ensure_sample_shards(tmp_path / "demo", **overrides), range(2)))
+    assert outs[0] == outs[1] == tmp_path / "demo"
+    assert len(builds) == 1
+    assert load_shards(outs[0], num_workers=3)[2]["build_config"]["num_workers"] == 3
 
 
 def test_hub_card_and_splits(built):
