@@ -43,9 +43,10 @@ from accelerate import Accelerator
 
 from heloco.aggregator import AsyncAggregator, Update
 from heloco.codecs import Codec, ErrorFeedback, make_codec
+from heloco.outgoing import Encoder, Outgoing, tensor_bytes
 from heloco.simulation import COMPUTED, DELIVERED, RECEIVED, Event, NetworkModel, VirtualClock
 from heloco.transport import DeltaDownlink, InProcessTransport
-from heloco.worker import DiLoCoWorker, Encoder, Outgoing, tensor_bytes
+from heloco.worker import DiLoCoWorker
 from recipes.config import NETWORK_FIELDS, RecipeConfig
 from recipes.worker_round import InnerLoop, RoundResult
 

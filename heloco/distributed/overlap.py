@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from heloco.aggregator import Update
-    from heloco.worker import DiLoCoWorker, Outgoing
+    from heloco.outgoing import Outgoing
+    from heloco.worker import DiLoCoWorker
 
 __all__ = ["BackgroundExchange"]
 

@@ -20,7 +20,8 @@ from heloco.distributed.overlap import BackgroundExchange
 
 if TYPE_CHECKING:
     from heloco.aggregator import Update
-    from heloco.worker import DiLoCoWorker, Outgoing
+    from heloco.outgoing import Outgoing
+    from heloco.worker import DiLoCoWorker
     from recipes.distributed.groups import GroupTransport
 
 __all__ = ["GroupExchange"]

@@ -13,7 +13,7 @@ import torch
 
 from heloco.codecs import Codec
 from heloco.distributed.link import EmulatedLink, wire_itemsize
-from heloco.worker import Encoder
+from heloco.outgoing import Encoder
 from recipes.config import NETWORK_FIELDS, RecipeConfig
 from recipes.simulator import configured_codec, uplink_codec, uplink_encoder
 
