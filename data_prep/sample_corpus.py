@@ -139,54 +139,78 @@ def build_sample_corpus(
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Runs started together (compare.py lanes) share the cache: one builds, the others wait, then reuse.
     with FileLock(cache_dir / ".build.lock"):
-        manifest_path = corpus_dir / "manifest.json"
-        files = corpus_files(corpus_dir, languages)
-        if not force and manifest_path.is_file() and all(f.is_file() for f in files.values()):
-            manifest = json.loads(manifest_path.read_text())
-            if manifest.get("params") == params:
-                return {lang: LanguageStats(**manifest["stats"][lang]) for lang in languages}
-
+        built = None if force else _built_corpus(corpus_dir, languages, params)
+        if built is not None:
+            return built
         needed = sorted({name for names in packages.values() for name in names})
         debs = download_packages(needed, cache_dir, apt_update=apt_update)
         roots = {name: extract_package(debs[name], cache_dir / "extracted") for name in needed}
-
-        seen: set[bytes] = set()
+        seen: set[bytes] = set()  # dedup keys across languages
         stats = {lang: LanguageStats() for lang in languages}
-        files[languages[0]].parent.mkdir(parents=True, exist_ok=True)
+        files = corpus_files(corpus_dir, languages)
         for lang in languages:
             sources = [
                 (name, roots[name], *_package_files(name, roots[name], lang)) for name in packages[lang]
             ]
-            bar = tqdm(
-                total=sum(len(paths) for *_, paths in sources), desc=f"sample corpus {lang}", unit="file"
+            _write_language(
+                files[lang], sources, lang, paragraph_filter, seen, stats[lang], max_document_chars
             )
-            tmp = files[lang].with_suffix(".tmp")
-            # mtime=0 keeps the gzip bytes identical across rebuilds.
-            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-                for name, root, kind, paths in sources:
-                    for path in paths:
-                        for doc in _file_documents(
-                            name,
-                            root,
-                            path,
-                            kind,
-                            lang,
-                            paragraph_filter,
-                            seen,
-                            stats[lang],
-                            max_document_chars,
-                        ):
-                            gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
-                            stats[lang].documents += 1
-                            stats[lang].bytes += len(doc["text"].encode())
-                        bar.update()
-            bar.close()
-            os.replace(tmp, files[lang])
-        manifest = {"params": params, "stats": {lang: asdict(s) for lang, s in stats.items()}}
-        tmp = manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, manifest_path)
+        _write_atomic(
+            corpus_dir / "manifest.json",
+            {"params": params, "stats": {k: asdict(v) for k, v in stats.items()}},
+        )
         return stats
+
+
+def _built_corpus(
+    corpus_dir: Path, languages: Sequence[str], params: Mapping[str, object]
+) -> dict[str, LanguageStats] | None:
+    """The statistics of a corpus already built with the same ``params``, or None."""
+    manifest_path = corpus_dir / "manifest.json"
+    if not manifest_path.is_file() or not all(
+        f.is_file() for f in corpus_files(corpus_dir, languages).values()
+    ):
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("params") != params:
+        return None
+    return {lang: LanguageStats(**manifest["stats"][lang]) for lang in languages}
+
+
+def _write_language(
+    path: Path,
+    sources: Sequence[tuple[str, Path, str, Sequence[Path]]],
+    lang: str,
+    paragraph_filter: ParagraphFilter,
+    seen: set[bytes],
+    stats: LanguageStats,
+    max_document_chars: int,
+) -> None:
+    """One language's documents, from (package, unpacked root, kind, files) sources, into ``path``
+    (C4 layout, gzipped JSON lines), written to a temporary file and moved into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=sum(len(paths) for *_, paths in sources), desc=f"sample corpus {lang}", unit="file")
+    tmp = path.with_suffix(".tmp")
+    # mtime=0 keeps the gzip bytes identical across rebuilds.
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        for name, root, kind, paths in sources:
+            for file in paths:
+                for doc in _file_documents(
+                    name, root, file, kind, lang, paragraph_filter, seen, stats, max_document_chars
+                ):
+                    gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode())
+                    stats.documents += 1
+                    stats.bytes += len(doc["text"].encode())
+                bar.update()
+    bar.close()
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, content: Mapping[str, object]) -> None:
+    """``content`` as indented JSON, through a temporary file so a reader never sees half of it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(content, indent=2))
+    os.replace(tmp, path)
 
 
 def format_stats(stats: Mapping[str, LanguageStats]) -> str:
