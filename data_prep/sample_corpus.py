@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from data_prep.clean import ParagraphFilter, dedup_key, normalize_paragraph
 from data_prep.langcheck import LANGUAGES, detect_language
 from data_prep.textextract import fortune_entries, html_sections
+from heloco import checkpoint
 
 CACHE_ENV = "HELOCO_CACHE_DIR"  # where the sample's downloads and corpus go; default ~/.cache/heloco
 
@@ -155,10 +156,8 @@ def build_sample_corpus(
             _write_language(
                 files[lang], sources, lang, paragraph_filter, seen, stats[lang], max_document_chars
             )
-        _write_atomic(
-            corpus_dir / "manifest.json",
-            {"params": params, "stats": {k: asdict(v) for k, v in stats.items()}},
-        )
+        manifest = {"params": params, "stats": {lang: asdict(s) for lang, s in stats.items()}}
+        checkpoint.atomic_write_text(corpus_dir / "manifest.json", json.dumps(manifest, indent=2))
         return stats
 
 
@@ -203,13 +202,6 @@ def _write_language(
                     stats.bytes += len(doc["text"].encode())
                 bar.update()
     bar.close()
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, content: Mapping[str, object]) -> None:
-    """``content`` as indented JSON, through a temporary file so a reader never sees half of it."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content, indent=2))
     os.replace(tmp, path)
 
 
