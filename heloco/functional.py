@@ -73,15 +73,16 @@ def heloco_step(
     weight: float | None,
     foreach: bool,
     reference: list[Tensor] | None = None,
+    step_momentum: float | None = None,
 ) -> None:
     """HeLoCo's update of one param group: Δ̂ = Δ corrected as ``plan`` says (corrected blocks
     written to ``correction_out``, ``grads`` then only read; with ``correction_out=None`` they are
     corrected in ``grads`` in place), G = w·Δ̂, then the EMA-form Nesterov step::
 
         m ← μ·m + (1 − μ)·G
-        θ ← θ − η·(G + μ·m)
+        θ ← θ − η·(G + μ_s·m)
 
-    ``reference`` is what the plan compared Δ with (Δ̂_b = s_b·Δ_b + r_b·reference_b); ``None``: the
+    with μ_s = ``step_momentum``, or μ when it is ``None`` (the paper). ``reference`` is what the plan compared Δ with (Δ̂_b = s_b·Δ_b + r_b·reference_b); ``None``: the
     momentum buffers, as in the paper.
     """
     updates = grads
@@ -90,7 +91,8 @@ def heloco_step(
         with record_function("heloco.correction"):
             updates = apply_correction(plan, grads, ref, out=correction_out, foreach=foreach)
     impl = _multi_tensor_heloco if foreach else _single_tensor_heloco
-    impl(params, updates, momentum_buffers, lr=lr, mu=momentum, weight=weight)
+    mu_step = momentum if step_momentum is None else step_momentum
+    impl(params, updates, momentum_buffers, lr=lr, mu=momentum, mu_step=mu_step, weight=weight)
 
 
 def _single_tensor_heloco(
@@ -100,6 +102,7 @@ def _single_tensor_heloco(
     *,
     lr: float,
     mu: float,
+    mu_step: float,
     weight: float | None,
 ) -> None:
     w = 1.0 if weight is None else weight
@@ -109,7 +112,8 @@ def _single_tensor_heloco(
         else:
             m.mul_(mu).add_(g, alpha=(1.0 - mu) * w)
         p.add_(g, alpha=-lr * w)
-        p.add_(m, alpha=-lr * mu)
+        if mu_step:
+            p.add_(m, alpha=-lr * mu_step)
 
 
 def _multi_tensor_heloco(
@@ -119,6 +123,7 @@ def _multi_tensor_heloco(
     *,
     lr: float,
     mu: float,
+    mu_step: float,
     weight: float | None,
 ) -> None:
     w = 1.0 if weight is None else weight
@@ -130,7 +135,8 @@ def _multi_tensor_heloco(
             torch._foreach_mul_(m, mu)
             torch._foreach_add_(m, g, alpha=(1.0 - mu) * w)
         torch._foreach_add_(p, g, alpha=-lr * w)
-        torch._foreach_add_(p, m, alpha=-lr * mu)
+        if mu_step:
+            torch._foreach_add_(p, m, alpha=-lr * mu_step)
 
 
 # ---------------------------------------------------------------------------------- Delayed Nesterov

@@ -115,7 +115,11 @@ class HeLoCo(Optimizer):
     authors' experiments; otherwise it sees Δ and w scales the result. Then, with G = w·Δ̂::
 
         m ← μ·m + (1 − μ)·G
-        θ ← θ − η·(G + μ·m)
+        θ ← θ − η·(G + μ_s·m)
+
+    with μ_s = ``step_momentum``, μ unless set (the paper). ``step_momentum=0.0`` (ours) steps by the
+    corrected Δ alone, plain SGD as in SparseLoCo's server, while m still tracks the arrivals as the
+    correction's reference direction: the two jobs of the momentum are separated.
 
     ``correction_support="nonzero"`` (ours, for sparse codecs such as top-k) compares Δ with the
     momentum only where Δ is non-zero, m_S = m·1[Δ ≠ 0], and corrects with it (Δ̂_b = s_b·Δ_b +
@@ -149,6 +153,7 @@ class HeLoCo(Optimizer):
         weight_before_correction: bool = HELOCO_DEFAULTS["weight_before_correction"],
         variant: str = HELOCO_DEFAULTS["variant"],
         correction_support: str = HELOCO_DEFAULTS["correction_support"],
+        step_momentum: float | None = HELOCO_DEFAULTS["step_momentum"],
         foreach: bool | None = None,
     ) -> None:
         defaults = {
@@ -166,6 +171,7 @@ class HeLoCo(Optimizer):
             "weight_before_correction": weight_before_correction,
             "variant": variant,
             "correction_support": correction_support,
+            "step_momentum": step_momentum,
             "foreach": foreach,
         }
         self._validate(defaults)
@@ -216,6 +222,8 @@ class HeLoCo(Optimizer):
     def _validate(group: Mapping[str, Any]) -> None:
         check_number("lr", group["lr"], 0.0)
         check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        if group["step_momentum"] is not None:
+            check_number("step_momentum", group["step_momentum"], 0.0, 1.0, high_open=True)
         validate_correction_hparams(**_correction_kwargs(group), variants=HELOCO_VARIANTS)
         if group["correction_support"] not in CORRECTION_SUPPORTS:
             raise ValueError(
@@ -293,6 +301,7 @@ class HeLoCo(Optimizer):
                 correction_out=out,
                 lr=g.group["lr"],
                 momentum=g.group["momentum"],
+                step_momentum=g.group["step_momentum"],
                 weight=weight,
                 foreach=g.foreach,
                 reference=ref,

@@ -23,6 +23,7 @@ __all__ = [
 # μ 0.9, η 0.7, the normalised reorientation schedule with cos_bad = −0.2, every arrival corrected,
 # and the arrival weight applied before the correction. ``correction_support`` is ours: "all" (the
 # paper) compares Δ with the whole momentum; "nonzero" only where Δ is non-zero (for sparse codecs).
+# ``step_momentum`` is ours too: the weight of m in the step, None (the paper) meaning μ.
 HELOCO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
     {
         "lr": 0.7,
@@ -39,6 +40,7 @@ HELOCO_DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "weight_before_correction": True,
         "variant": "full",
         "correction_support": "all",
+        "step_momentum": None,
     }
 )
 

@@ -222,6 +222,15 @@ def _validate_the_rest(config: RecipeConfig) -> None:
         raise ConfigError(f"outer_lr must be > 0, got {config.outer_lr}")
     if not (0.0 <= o.outer_momentum < 1.0):
         raise ConfigError(f"outer_momentum must be in [0, 1), got {o.outer_momentum}")
+    if o.outer_step_momentum is not None:
+        if not (0.0 <= o.outer_step_momentum < 1.0):
+            raise ConfigError(f"outer_step_momentum must be in [0, 1) or unset, got {o.outer_step_momentum}")
+        if METHOD_SPECS[o.method].optimizer != "heloco":
+            raise ConfigError(
+                f"outer_step_momentum is only read by HeLoCo's optimizer (methods "
+                f"{', '.join(m for m in METHODS if METHOD_SPECS[m].optimizer == 'heloco')}), "
+                f"not by {o.method!r}; leave it unset"
+            )
     if o.comm_timeout_s <= 0 or o.rejoin_timeout_s < 0:
         raise ConfigError(
             f"comm_timeout_s must be > 0 and rejoin_timeout_s >= 0 seconds, "

@@ -103,6 +103,13 @@ class DiLoCoArguments:
         default=None, metadata={"help": "Outer learning rate (method default if unset)"}
     )
     outer_momentum: float = field(default=0.9)
+    outer_step_momentum: float | None = field(
+        default=None,
+        metadata={
+            "help": "HeLoCo/MLA: weight of the momentum in the step (unset: outer_momentum; "
+            "0: plain SGD on the corrected Δ, the momentum kept as the correction's reference; ours)"
+        },
+    )
     dn_buffer_size: int | None = field(default=None, metadata={"help": "Delayed Nesterov N (default K)"})
     dn_activation: float = field(default=0.0, metadata={"help": "Delayed Nesterov c in [0, 1/N]"})
     dispatch: str | None = field(

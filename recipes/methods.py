@@ -63,6 +63,8 @@ def fields_not_read(method: str) -> set[str]:
     unused = set()
     if spec.optimizer != "delayed_nesterov":
         unused |= {"dn_buffer_size", "dn_activation"}
+    if spec.optimizer != "heloco":
+        unused.add("outer_step_momentum")
     if spec.variant == "none":
         unused |= set(CORRECTION_FIELDS)
     elif spec.variant == "project":  # always projects fully (β = 1) and never reorients
@@ -79,6 +81,8 @@ def heloco_hyperparameters(config: RecipeConfig) -> dict[str, object]:
         if getattr(o, name) is not None:
             values[name] = getattr(o, name)
     values.update(lr=config.outer_lr, momentum=o.outer_momentum, variant=spec.variant)
+    if o.outer_step_momentum is not None:
+        values["step_momentum"] = o.outer_step_momentum
     return values
 
 

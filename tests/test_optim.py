@@ -2,6 +2,7 @@
 
 import copy
 import io
+import itertools
 
 import pytest
 import torch
@@ -287,6 +288,61 @@ def test_a_state_dict_from_before_correction_support_loads_as_the_paper_s():
     assert twin.param_groups[0]["correction_support"] == "all"
 
 
+def test_heloco_step_momentum_zero_is_plain_sgd_with_the_momentum_kept_by_hand():
+    # step_momentum 0 (ours): θ ← θ − η·G, while m ← μ·m + (1 − μ)·G still runs (variant "none": G = Δ).
+    # θ0 = [1, 2], η = 0.5, μ = 0.5
+    # g1 = [1, −2]: m1 = [0.5, −1];    θ1 = [1, 2] − 0.5·[1, −2] = [0.5, 3]
+    # g2 = [2, 0]:  m2 = [1.25, −0.5]; θ2 = [0.5, 3] − 0.5·[2, 0] = [−0.5, 3]
+    for foreach in (False, True):
+        p = param(1, 2)
+        opt = HeLoCo([p], lr=0.5, momentum=0.5, step_momentum=0.0, variant="none", foreach=foreach)
+        push(opt, p, t(1, -2))
+        assert torch.equal(p.data, t(0.5, 3)) and torch.equal(opt.state[p]["momentum_buffer"], t(0.5, -1))
+        push(opt, p, t(2, 0))
+        assert torch.equal(p.data, t(-0.5, 3)) and torch.equal(opt.state[p]["momentum_buffer"], t(1.25, -0.5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), foreach=st.booleans(), support=st.sampled_from(["all", "nonzero"]))
+def test_heloco_step_momentum_changes_the_step_and_nothing_else(seed, foreach, support):
+    """The corrections and the momentum do not depend on θ, so on the same arrivals a run with
+    step_momentum 0 holds the same m as the paper's step; its θ moved by exactly −η·Σ G, with each
+    G read back from m (G_t = (m_t − μ·m_{t−1}) / (1 − μ)). step_momentum = μ is the paper's step, bit
+    for bit."""
+    g = torch.Generator().manual_seed(seed)
+    arrivals = [torch.randn(4, 3, generator=g) * (torch.rand(4, 3, generator=g) < 0.6) for _ in range(5)]
+    stalenesses = [0, 2, 1, 3, 0]
+
+    def run(**kw):
+        p = torch.nn.Parameter(torch.ones(4, 3))
+        opt = HeLoCo([p], lr=0.3, momentum=0.8, correction_support=support, foreach=foreach, **kw)
+        ms = [torch.zeros(4, 3)]
+        for d, s in zip(arrivals, stalenesses, strict=True):
+            push(opt, p, d, staleness=s, weight=0.5)
+            ms.append(opt.state[p]["momentum_buffer"].clone())
+        return p.detach(), ms
+
+    paper, paper_ms = run()
+    same, same_ms = run(step_momentum=0.8)
+    sgd, sgd_ms = run(step_momentum=0.0)
+    assert torch.equal(paper, same) and all(torch.equal(a, b) for a, b in zip(paper_ms, same_ms, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(paper_ms, sgd_ms, strict=True))
+    steps = sum((m1 - 0.8 * m0) / 0.2 for m0, m1 in itertools.pairwise(sgd_ms))
+    torch.testing.assert_close(sgd, torch.ones(4, 3) - 0.3 * steps, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(sgd, paper)
+
+
+def test_a_state_dict_from_before_step_momentum_loads_as_the_paper_s():
+    p = param(1.0, 2.0)
+    opt = HeLoCo([p])
+    push(opt, p, t(1.0, -1.0), staleness=0)
+    state = opt.state_dict()
+    del state["param_groups"][0]["step_momentum"]
+    twin = HeLoCo([p], step_momentum=0.0)
+    twin.load_state_dict(state)
+    assert twin.param_groups[0]["step_momentum"] is None
+
+
 def test_heloco_corrects_a_fresh_arrival_by_default_by_hand():
     # The authors correct every arrival once m exists: staleness 0 gives the corrected θ2 above.
     theta, opt, _ = two_steps({"staleness": 0}, correct_fresh=True)
@@ -443,6 +499,7 @@ def test_state_dict_round_trip_continues_identically(opt_cls, kw):
             {"correction_support": "sparse"},
             r"correction_support must be one of \['all', 'nonzero'\], got 'sparse'",
         ),
+        ({"step_momentum": 1.0}, r"step_momentum must be in \[0, 1\), got 1.0"),
         ({"correct_fresh": "yes"}, "correct_fresh must be True or False"),
         ({"foreach": 1}, "foreach must be None, True or False"),
     ],

@@ -95,6 +95,17 @@ def test_ablation_overrides_and_our_preset():
     )
     with pytest.raises(ValueError, match="correction_support must be one of all, nonzero; got 'sparse'"):
         config_from_dict(values(method="heloco", correction_support="sparse"))
+    # ours: the momentum kept as the correction's reference only, the step plain SGD
+    sgd_step = config_from_dict(values(method="heloco", outer_step_momentum=0.0))
+    assert build_aggregator(sgd_step, [torch.zeros(2)]).outer_optimizer.defaults["step_momentum"] == 0.0
+    assert build_aggregator(support, [torch.zeros(2)]).outer_optimizer.defaults["step_momentum"] is None
+    assert "outer_step_momentum" in fields_not_read("async_nesterov") and "outer_step_momentum" not in (
+        fields_not_read("mla")
+    )
+    with pytest.raises(ValueError, match=r"outer_step_momentum must be in \[0, 1\) or unset, got 1.0"):
+        config_from_dict(values(method="heloco", outer_step_momentum=1.0))
+    with pytest.raises(ValueError, match=r"outer_step_momentum is only read by HeLoCo's optimizer .*'sync'"):
+        config_from_dict(values(method="sync", outer_step_momentum=0.0))
 
 
 def test_worker_cosine_by_hand():
