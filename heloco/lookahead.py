@@ -9,6 +9,11 @@ With η and μ the ``lr`` and ``momentum`` of a parameter's group and m its
 * ``"scaled_lookahead"``: θ − η·τ̂_i·μ·m with τ̂_i the running mean of worker i's observed staleness:
   heloco's own reading of momentum look-ahead (ICLR 2025 MCDC workshop; the published rule is not
   public), the point the model is expected to reach while the worker trains.
+
+μ here is the momentum's weight in the outer *step*: a group's ``step_momentum`` where it is set
+(HeLoCo's, ours), else its ``momentum``. A look-ahead predicts where the steps will take θ, so a
+HeLoCo that steps by Δ alone (``step_momentum=0``) while its momentum serves only as the
+correction's reference extrapolates nowhere: its dispatch is plain θ.
 """
 
 from __future__ import annotations
@@ -56,9 +61,14 @@ def lookahead_coefs(
         if scale == 0.0:
             return {}
     return {
-        g_idx: float(group["lr"]) * scale * float(group["momentum"])
-        for g_idx, group in enumerate(param_groups)
+        g_idx: float(group["lr"]) * scale * _step_momentum(group) for g_idx, group in enumerate(param_groups)
     }
+
+
+def _step_momentum(group: Mapping[str, Any]) -> float:
+    """The weight of m in the group's outer step: ``step_momentum`` where set, else ``momentum``."""
+    step_momentum = group.get("step_momentum")
+    return float(group["momentum"] if step_momentum is None else step_momentum)
 
 
 def dispatched_params(

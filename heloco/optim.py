@@ -119,7 +119,8 @@ class HeLoCo(Optimizer):
 
     with μ_s = ``step_momentum``, μ unless set (the paper). ``step_momentum=0.0`` (ours) steps by the
     corrected Δ alone, plain SGD as in SparseLoCo's server, while m still tracks the arrivals as the
-    correction's reference direction: the two jobs of the momentum are separated.
+    correction's reference direction: the two jobs of the momentum are separated. A look-ahead
+    dispatch (``heloco.lookahead``) extrapolates by μ_s too, so with μ_s = 0 workers get θ itself.
 
     ``correction_support="nonzero"`` (ours, for sparse codecs such as top-k) compares Δ with the
     momentum only where Δ is non-zero, m_S = m·1[Δ ≠ 0], and corrects with it (Δ̂_b = s_b·Δ_b +

@@ -1082,6 +1082,25 @@ def test_fixed_lookahead_dispatch_by_hand():
     assert agg2.submit(0, delta(2), 0).params[0].tolist() == [-2.5, -2.5]
 
 
+def test_lookahead_extrapolates_by_the_steps_momentum_weight():
+    """A look-ahead predicts where the steps take θ, so it uses HeLoCo's ``step_momentum`` μ_s when set.
+
+    EMA step, η = 1, μ = 0.5, θ0 = 0, no correction, worker 0 sends Δ = 2 (m1 = 0.5·2 = 1):
+      μ_s = 0.25: θ1 = 0 − (2 + 0.25·1) = −2.25, the reply θ1 − 1·0.25·m1 = −2.5 (μ would give −2.75);
+      μ_s = 0: θ1 = −2 and the reply is θ1 itself, though m1 = 1 is kept as the reference.
+    """
+    for step_momentum, theta, reply in ((0.25, -2.25, -2.5), (0.0, -2.0, -2.0)):
+        params = masters()
+        opt = HeLoCo(params, lr=1.0, momentum=0.5, variant="none", step_momentum=step_momentum)
+        agg = AsyncAggregator(params, opt, 2, dispatch="lookahead")
+        update = agg.submit(0, delta(2), 0)
+        assert params[0].tolist() == [theta, theta]
+        assert update.params[0].tolist() == [reply, reply]
+        assert opt.state[params[0]]["momentum_buffer"].tolist() == [1.0, 1.0]
+        out = [torch.empty(s, dtype=torch.float32) for s in SHAPES]
+        assert agg.dispatch(1, out=out).params[0].tolist() == [reply, reply]  # the buffer path agrees
+
+
 def test_bad_dispatch_and_arrival_weight_are_refused():
     params = masters()
     with pytest.raises(ValueError, match="dispatch must be one of"):
