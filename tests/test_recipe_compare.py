@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.analysis.compare import equal_wallclock, main
+from recipes.analysis.compare import equal_wallclock, load_matrix, main, run_configs
 from recipes.analysis.plots import final_eval, read_evals
 from recipes.cli import ConfigError
 from tests.test_recipe_train import base_values
@@ -155,3 +155,25 @@ def test_an_interrupted_comparison_continues_from_the_newest_checkpoint(tiny_sha
     assert "resumed from" in (cut / "train.log").read_text()
     whole = tmp_path / "whole" / "runs" / "heloco-seed0"
     assert (cut / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
+
+
+COMMUNICATION = Path(__file__).parents[1] / "recipes" / "configs" / "communication"
+
+
+@pytest.mark.parametrize("path", sorted(COMMUNICATION.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_communication_matrix_validates(path):
+    """Each label of each communication comparison builds a valid train config for every seed."""
+    spec = load_matrix(path)
+    runs = run_configs(spec)
+    assert len(runs) == len(spec["methods"]) * len(spec["seeds"]) > 0
+
+
+def test_head_to_head_matrix_reads_the_full_budget_runs():
+    """topk2pct_full_budget.yaml reports runs made by topk_full_budget.yaml: each (label, seed) it
+    names must be the very same train config, or its table would mix runs of another setting."""
+    full = load_matrix(COMMUNICATION / "topk_full_budget.yaml")
+    head = load_matrix(COMMUNICATION / "topk2pct_full_budget.yaml")
+    full["seeds"] = head["seeds"]
+    made = {(label, seed): values for label, seed, values in run_configs(full)}
+    for label, seed, values in run_configs(head):
+        assert made[(label, seed)] == values, (label, seed)
