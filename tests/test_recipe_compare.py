@@ -168,11 +168,16 @@ def test_every_communication_matrix_validates(path):
     assert len(runs) == len(spec["methods"]) * len(spec["seeds"]) > 0
 
 
-def test_head_to_head_matrix_reads_the_full_budget_runs():
-    """topk2pct_full_budget.yaml reports runs made by topk_full_budget.yaml: each (label, seed) it
-    names must be the very same train config, or its table would mix runs of another setting."""
-    full = load_matrix(COMMUNICATION / "topk_full_budget.yaml")
-    head = load_matrix(COMMUNICATION / "topk2pct_full_budget.yaml")
+@pytest.mark.parametrize(
+    ("report", "runs"),
+    [("topk2pct_full_budget.yaml", "topk_full_budget.yaml"), ("topk2pct_10pct.yaml", "topk_levers.yaml")],
+)
+def test_head_to_head_matrices_read_the_runs_of_their_source(report, runs):
+    """The 2% head-to-head configs report runs made by another config: each (label, seed) they name
+    must be the very same train config, or their tables would mix runs of another setting."""
+    full = load_matrix(COMMUNICATION / runs)
+    head = load_matrix(COMMUNICATION / report)
+    assert head["output_dir"] == full["output_dir"]
     full["seeds"] = head["seeds"]
     made = {(label, seed): values for label, seed, values in run_configs(full)}
     for label, seed, values in run_configs(head):
