@@ -164,6 +164,8 @@ now = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in mod
 delta = [s - n for s, n in zip(start, now)]
 if rank == 0:
     torch.save(delta, os.path.join(os.environ["OUT"], mode + ".pt"))
+del model, opt  # the DDP reducer / FSDP hooks go before the process group does, not at interpreter exit
+dist.barrier()
 dist.destroy_process_group()
 """
 
