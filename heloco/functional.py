@@ -82,8 +82,9 @@ def heloco_step(
         m ← μ·m + (1 − μ)·G
         θ ← θ − η·(G + μ_s·m)
 
-    with μ_s = ``step_momentum``, or μ when it is ``None`` (the paper). ``reference`` is what the plan compared Δ with (Δ̂_b = s_b·Δ_b + r_b·reference_b); ``None``: the
-    momentum buffers, as in the paper.
+    with μ_s = ``step_momentum``, or μ when it is ``None`` (the paper). ``reference`` is what the
+    plan compared Δ with (Δ̂_b = s_b·Δ_b + r_b·reference_b); ``None``: the momentum buffers, as in
+    the paper.
     """
     updates = grads
     if plan is not None and plan.corrected:
